@@ -1,0 +1,218 @@
+"""DCP checkpoints in `<run>/<folder>/step-N/`: model, optimizer, lr schedule, step, per-rank loader + RNG.
+
+A save is written to `step-N.partial/` and renamed to `step-N/` by rank 0 only after every rank finished,
+so a crash mid-save leaves the previous checkpoint the newest usable one (a rename is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from titan_mem.distributed import barrier
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line naming the path and the problem."""
+
+
+class ModelState(Stateful):
+    def __init__(self, model: torch.nn.Module, strict: bool = True):
+        self.model, self.strict = model, strict
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, sd, options=StateDictOptions(strict=self.strict))
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, sd)
+
+
+class SchedulerState(Stateful):
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.scheduler.state_dict()
+        return {k: v for k, v in sd.items() if k != "lr_lambdas"}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **sd})
+
+
+class RankState(Stateful):
+    """Objects that differ per rank (data loader position, RNG), stored under a rank-specific key."""
+
+    def __init__(self, rank: int, get: Any, put: Any):
+        self.key, self.get, self.put = f"rank{rank}", get, put
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.key: pickle.dumps(self.get())}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.put(pickle.loads(sd[self.key]))
+
+
+def step_dirs(folder: Path) -> dict[int, Path]:
+    """Complete checkpoints (those with DCP's .metadata) by step."""
+    found = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / ".metadata").is_file():
+                found[int(m.group(1))] = p
+    return found
+
+
+def read_metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a DCP checkpoint (no .metadata)") from None
+    except Exception as e:  # a truncated or foreign file: DCP raises pickle/EOF/ValueError/...
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+
+
+def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: set[str] = frozenset()) -> None:
+    """Refuse a checkpoint whose model tensors do not match this model by name and global shape."""
+    saved = read_metadata(path).state_dict_metadata
+    expected = get_model_state_dict(model)
+    for name, tensor in expected.items():
+        key = f"model.{name}"
+        if key not in saved:
+            if name in allow_missing:
+                continue
+            raise CheckpointError(f"{path}: has no tensor '{name}' (a checkpoint of a different model?)")
+        shape = tuple(getattr(saved[key], "size", ()))
+        if shape != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: '{name}' has shape {shape} but this model expects {tuple(tensor.shape)}"
+            )
+
+
+class CheckpointManager:
+    def __init__(self, folder: Path, *, rank: int, dp_world_size: int, keep_latest_k: int, enabled: bool = True):
+        self.folder, self.rank, self.dp_world_size = folder, rank, dp_world_size
+        self.keep_latest_k, self.enabled = keep_latest_k, enabled
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, states: dict[str, Stateful], extra: dict[str, Any]) -> Path:
+        """Write all `states` for `step`; atomic by write-then-rename."""
+        final = self.folder / f"step-{step}"
+        partial = self.folder / f"step-{step}.partial"
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        barrier()
+        train_state = {"step": step, "dp_world_size": self.dp_world_size, "extra": json.dumps(extra)}
+        dcp.save({**states, "train_state": train_state}, checkpoint_id=str(partial))
+        if os.environ.get("TITAN_MEM_TEST_KILL_IN_SAVE") == "1":
+            # Fault injection for the crash-safety test: die with the data written but not committed.
+            os.kill(os.getpid(), signal.SIGKILL)
+        barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._purge()
+        barrier()
+        return final
+
+    def _purge(self) -> None:
+        if self.keep_latest_k <= 0:
+            return
+        steps = sorted(step_dirs(self.folder))
+        for s in steps[: -self.keep_latest_k]:
+            shutil.rmtree(self.folder / f"step-{s}", ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def resume_path(self, load_step: int) -> Path | None:
+        """The checkpoint to resume from: `load_step`, or the newest complete one, or None."""
+        found = step_dirs(self.folder)
+        if load_step >= 0:
+            if load_step not in found:
+                raise CheckpointError(
+                    f"checkpoint.load_step={load_step}: no complete checkpoint {self.folder}/step-{load_step}"
+                )
+            return found[load_step]
+        return found[max(found)] if found else None
+
+    def load_full(self, path: Path, model: torch.nn.Module, states: dict[str, Stateful]) -> dict[str, Any]:
+        """Restore everything saved at `path`; returns the train state (step, extra)."""
+        check_model_compatible(path, model)
+        train_state = {"step": 0, "dp_world_size": 0, "extra": ""}
+        self._load({"train_state": train_state}, path)
+        if train_state["dp_world_size"] != self.dp_world_size:
+            raise CheckpointError(
+                f"{path}: saved with {train_state['dp_world_size']} data-parallel ranks, resuming with "
+                f"{self.dp_world_size}; the data loader position cannot be mapped (use the same world size, "
+                "or start a new run from it with checkpoint.initial_load_path)"
+            )
+        self._load(states, path)
+        return {"step": int(train_state["step"]), "extra": json.loads(train_state["extra"] or "{}")}
+
+    def load_model_only(self, path: Path, model: torch.nn.Module, allow_missing: set[str] = frozenset()) -> None:
+        """Load only the model weights (the start of a finetuning run or an evaluation)."""
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint folder not found")
+        check_model_compatible(path, model, allow_missing)
+        self._load({"model": ModelState(model, strict=not allow_missing)}, path)
+
+    def _load(self, states: dict[str, Any], path: Path) -> None:
+        try:
+            dcp.load(states, checkpoint_id=str(path))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: failed to load ({type(e).__name__}: {msg[:300]})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,92 @@
+"""Parameter counts, FLOPs per token and a per-GPU memory estimate, from ModelArgs alone (no weights needed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from titan_mem.models.args import ModelArgs
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    embedding: int  # input embedding (+ untied output projection)
+    dense: int  # every other non-value parameter: attention, FFNs, norms, memory query/keys/gate/proj
+    memory_values: int  # value tables (the rows sparse finetuning updates)
+    active_per_token: int  # parameters one token's forward touches: all but embedding/values + rows read
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _memory_layer_params(args: ModelArgs) -> tuple[int, int]:
+    """(non-value params, value params) of one memory layer."""
+    m = args.memory
+    dense = args.dim * m.heads * m.k_dim + m.heads * m.n_keys * m.k_dim
+    if m.query_norm == "rms":
+        dense += m.k_dim
+    elif m.query_norm == "batchnorm":
+        dense += 2 * m.heads * m.k_dim
+    if m.plus:
+        dense += 2 * args.dim * args.v_dim
+    return dense, m.n_slots * args.v_dim
+
+
+def param_counts(args: ModelArgs) -> ParamCounts:
+    d, m = args.dim, args.memory
+    attn = d * args.n_heads * args.head_dim + 2 * d * args.kv_heads * args.head_dim + args.n_heads * args.head_dim * d
+    ffn = 3 * d * args.ffn_hidden_dim
+    mem_dense, mem_values = _memory_layer_params(args)
+    n_mem = len(m.layers)
+    dense = args.n_layers * (attn + 2 * d) + (args.n_layers - n_mem) * ffn + n_mem * mem_dense + d
+    values = (1 if m.shared_values and n_mem else n_mem) * mem_values
+    emb_in = args.vocab_size * d
+    emb_out = 0 if args.tie_embeddings else args.vocab_size * d
+    rows_read = n_mem * m.heads * m.topk * args.v_dim
+    return ParamCounts(
+        total=emb_in + emb_out + dense + values,
+        embedding=emb_in + emb_out,
+        dense=dense,
+        memory_values=values,
+        active_per_token=dense + args.vocab_size * d + rows_read,
+    )
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul params touched per token) + attention (torchtitan/PaLM form).
+
+    Memory layers are counted honestly: every half-key is scored (n_keys x k_dim per head, a dense matmul),
+    and heads x topk value rows are read and weighted. Attention: 12 * layers * heads * head_dim * seq_len
+    (PaLM appendix B; the causal half is not subtracted, as in torchtitan).
+    """
+    c = param_counts(args)
+    matmul_params = c.active_per_token  # output projection counted, input embedding lookup not
+    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def estimate_memory_gib(
+    args: ModelArgs, *, world_size: int, seq_len: int, micro_batch_size: int, activation_checkpoint: bool,
+    optimizer_states: int = 2, param_bytes: int = 2,
+) -> dict[str, float]:
+    """Rough per-GPU peak: sharded fp32 params+grads+optimizer states, one gathered block, activations.
+
+    Activations per block follow Korthikanti et al. 2022 (eq. 2) without the attention-score term (SDPA is
+    fused): 34 * s * b * h bytes in 16-bit; with full recompute only the block input (2 * s * b * h) stays.
+    """
+    c = param_counts(args)
+    gib = 1024**3
+    state = c.total * (4 + 4 + 4 * optimizer_states) / world_size
+    biggest_block = max(
+        _memory_layer_params(args)[0] + _memory_layer_params(args)[1] if args.memory.layers else 0,
+        3 * args.dim * args.ffn_hidden_dim,
+    ) + 4 * args.dim * args.dim
+    gathered = 2 * biggest_block * param_bytes  # current + prefetched block
+    tokens = seq_len * micro_batch_size
+    per_block = (2 if activation_checkpoint else 34) * tokens * args.dim
+    acts = args.n_layers * per_block + 34 * tokens * args.dim + tokens * args.vocab_size * (2 + 4)
+    return {
+        "sharded_states_gib": state / gib,
+        "gathered_params_gib": gathered / gib,
+        "activations_gib": acts / gib,
+        "total_gib": (state + gathered + acts) / gib,
+    }

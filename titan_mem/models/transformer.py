@@ -1,0 +1,172 @@
+"""Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with memory layers in place of FFNs.
+
+Built on the meta device and materialised with `to_empty` + `init_weights()` after sharding, so a 1.3B model
+never exists unsharded on one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from titan_mem.models.args import ModelArgs
+from titan_mem.models.memory import MemoryLayer, MemoryValues
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """[max_seq_len, head_dim] table: cos in the first half, sin in the second (Su et al. 2021, eq. 34)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x: [B, T, H, D] by position; cache: [T, D]."""
+    half = cache.shape[-1] // 2
+    cos = cache[:, :half].view(1, x.shape[1], 1, half)
+    sin = cache[:, half:].view(1, x.shape[1], 1, half)
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def init_weights(self, init_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=0.02)
+        nn.init.trunc_normal_(self.w3.weight, std=init_std)
+        nn.init.trunc_normal_(self.w2.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, shared_values: MemoryValues | None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.is_memory = layer_id in args.memory.layers
+        if self.is_memory:
+            self.feed_forward: nn.Module = MemoryLayer(args.dim, args.memory, args.v_dim, shared_values)
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        # Depth-scaled init of output projections (as in torchtitan/Llama: 0.02 / sqrt(2 * (layer + 1))).
+        self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+        self.activation_checkpoint = False
+
+    def init_weights(self) -> None:
+        self.attention.init_weights(self.init_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.init_weights(self.init_std)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        # Checkpointing inside the block keeps FSDP's hooks outside it, so recompute never re-gathers.
+        if self.activation_checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        mem = args.memory
+        self.shared_memory_values = (
+            MemoryValues(mem.n_slots, args.v_dim) if mem.shared_values and mem.layers else None
+        )
+        # ModuleDict keyed by str(index), as torchtitan does, so FSDP/AC wrap blocks by name.
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args, self.shared_memory_values) for i in range(args.n_layers)}
+        )
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
+
+    def memory_layers(self) -> dict[str, MemoryLayer]:
+        """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""
+        return {f"layers.{k}.feed_forward": b.feed_forward for k, b in self.layers.items() if b.is_memory}
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Blocks in order, then the root's own weights: `parallel.fsdp` materialises in the same order, so a
+        model sharded over any number of ranks starts from the same numbers as an unsharded one."""
+        for block in self.layers.values():
+            block.init_weights()
+        self.init_root_weights(buffer_device)
+
+    def root_modules(self) -> list[nn.Module]:
+        """Everything the root owns outside the blocks (materialised after the blocks by parallel.fsdp)."""
+        mods = [self.tok_embeddings, self.norm, self.output]
+        return mods + ([self.shared_memory_values] if self.shared_memory_values is not None else [])
+
+    def init_root_weights(self, buffer_device: torch.device | None = None) -> None:
+        device = buffer_device or self.tok_embeddings.weight.device
+        if self.args.tie_embeddings:  # to_empty replaces each module's parameter separately: re-tie
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0 if not self.args.tie_embeddings else 0.02)
+        if self.shared_memory_values is not None:
+            self.shared_memory_values.init_weights()
+        self.norm.reset_parameters()
+        if not self.args.tie_embeddings:
+            std = self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[:t]
+        for block in self.layers.values():
+            h = block(h, rope)
+        return self.output(self.norm(h))

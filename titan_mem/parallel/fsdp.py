@@ -1,0 +1,56 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to a meta-device Transformer, then materialise it.
+
+Materialisation is block by block (to_empty -> init_weights on full tensors -> fully_shard), so initial
+weights do not depend on the number of ranks (DTensor random ops on CPU would), while no rank ever holds
+more than one unsharded block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from titan_mem.models.transformer import Transformer
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def mixed_precision_policy(device: torch.device, param_dtype: str, reduce_dtype: str) -> MixedPrecisionPolicy:
+    """bf16 compute / fp32 reduce on GPU; plain fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+
+
+def parallelize_and_init(
+    model: Transformer,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    seed: int,
+    mp_policy: MixedPrecisionPolicy,
+    activation_checkpoint: bool = False,
+    compile_blocks: bool = False,
+) -> Transformer:
+    """Shard `model` (built on meta) with FSDP2 over `mesh` and fill it with seeded initial weights."""
+    torch.manual_seed(seed)
+    for block in model.layers.values():
+        block.activation_checkpoint = activation_checkpoint
+        block.to_empty(device=device)
+        with torch.no_grad():
+            block.init_weights()
+        if compile_blocks:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True)
+    for mod in model.root_modules():
+        mod.to_empty(device=device)
+    with torch.no_grad():
+        model.init_root_weights(device)
+    # The root stays gathered after forward: its output layer is used again at once in backward.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    # The loss is already divided by the global token count, so gradients must be summed, not averaged.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    return model

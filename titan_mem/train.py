@@ -1,0 +1,304 @@
+"""The one Trainer: pretraining now, finetuning modes through `titan_mem.modes` (same loop, same data path,
+same checkpoints). Run as `python -m titan_mem.train CONFIG.toml [--section.key=value ...]` or via
+`run_train.sh` (torchrun).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from titan_mem import config as config_mod
+from titan_mem.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    RankState,
+    SchedulerState,
+    rng_state,
+    set_rng_state,
+)
+from titan_mem.components.lr import build_lr_scheduler
+from titan_mem.components.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from titan_mem.config import Config, ConfigError
+from titan_mem.data import build_dataloader, build_tokenizer
+from titan_mem.data.tokenizer import padded_vocab_size
+from titan_mem.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from titan_mem.models.args import ModelArgs, build_model_args
+from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
+from titan_mem.models.transformer import Transformer
+from titan_mem.modes import build_mode
+from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
+
+IGNORE_INDEX = -100
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
+
+
+def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of gradients (DTensor-aware), clipping in place when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
+    return norm
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.job.dump_folder)
+        if cfg.job.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.dist: DistInfo = init_distributed(cfg.training.device)
+        self.device = self.dist.device
+        self.rank0 = self.dist.rank == 0
+        self.grad_accum = config_mod.validate_batch(cfg, self.dist.world_size)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.model_args: ModelArgs = build_model_args(cfg.model, padded_vocab_size(self.tokenizer.n_words))
+        if cfg.training.seq_len > self.model_args.max_seq_len:
+            raise ConfigError(
+                f"training.seq_len: {cfg.training.seq_len} exceeds the model's max_seq_len "
+                f"{self.model_args.max_seq_len}"
+            )
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        self.mode = build_mode(cfg, model)
+        self.mode.prepare_model(model)
+        mp = mixed_precision_policy(
+            self.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
+        )
+        self.model = parallelize_and_init(
+            model,
+            self.dist.mesh,
+            self.device,
+            seed=cfg.job.seed,
+            mp_policy=mp,
+            activation_checkpoint=cfg.training.activation_checkpoint == "full",
+            compile_blocks=cfg.training.compile,
+        )
+        self.ckpt = CheckpointManager(
+            self.run_dir / cfg.checkpoint.folder,
+            rank=self.dist.rank,
+            dp_world_size=self.dist.world_size,
+            keep_latest_k=cfg.checkpoint.keep_latest_k,
+            enabled=cfg.checkpoint.enable,
+        )
+        self.dataloader = build_dataloader(
+            cfg.data,
+            self.tokenizer,
+            seq_len=cfg.training.seq_len,
+            micro_batch_size=cfg.training.micro_batch_size,
+            dp_rank=self.dist.rank,
+            dp_world_size=self.dist.world_size,
+        )
+        self.step = 0
+        resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None
+        if resume is None and cfg.checkpoint.initial_load_path:
+            # A new run (e.g. finetuning) starting from another run's weights.
+            path = Path(cfg.checkpoint.initial_load_path)
+            if not cfg.checkpoint.initial_load_model_only:
+                raise ConfigError(
+                    "checkpoint.initial_load_model_only=false: start a run from another run's full state by "
+                    "copying its step folder into this run's checkpoint folder instead"
+                )
+            self.ckpt.load_model_only(path, self.model, allow_missing=self.mode.missing_ok_on_initial_load())
+            self._log(f"loaded model weights from {path}")
+        self.mode.after_load(self.model)
+        self.optimizer = self.mode.build_optimizer(self.model)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        if resume is not None:
+            state = self.ckpt.load_full(resume, self.model, self._states())
+            self.step = state["step"]
+            self._log(f"resumed from {resume} at step {self.step}")
+        self.data_iter = iter(self.dataloader)
+
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, tensorboard=cfg.metrics.tensorboard)
+        self.flops_per_token = flops_per_token(self.model_args, cfg.training.seq_len)
+        self.peak_flops = peak_flops(self.device)
+        if self.rank0:
+            config_mod.dump(cfg, self.run_dir / "config.json")
+            counts = param_counts(self.model_args)
+            self._log(
+                f"model {cfg.model.flavor}: {counts.total:,} params ({counts.memory_values:,} memory values), "
+                f"{self.dist.world_size} rank(s) on {self.device.type}, grad accumulation {self.grad_accum}"
+            )
+
+    # ------------------------------------------------------------------ pieces
+
+    def _log(self, msg: str) -> None:
+        if self.rank0:
+            print(msg, flush=True)
+
+    def _states(self) -> dict[str, Any]:
+        def get_rank_state() -> dict[str, Any]:
+            return {"dataloader": self.dataloader.state_dict(), "rng": rng_state()}
+
+        def put_rank_state(state: dict[str, Any]) -> None:
+            self.dataloader.load_state_dict(state["dataloader"])
+            set_rng_state(state["rng"])
+
+        return {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.model, self.optimizer),
+            "lr_scheduler": SchedulerState(self.scheduler),
+            "rank_state": RankState(self.dist.rank, get_rank_state, put_rank_state),
+            **self.mode.extra_states(),
+        }
+
+    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for _ in range(self.grad_accum):
+            try:
+                batch = next(self.data_iter)
+            except StopIteration:
+                raise TrainingError(
+                    f"data: the source ran out at step {self.step + 1} (set data.repeat=true or fewer steps)"
+                ) from None
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches.
+
+        Loss = sum of token losses / number of loss tokens in the *global* batch (all-reduced first), and
+        FSDP sums gradients (divide factor 1): every token weighs the same whatever the rank or micro-batch.
+        """
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        global_tokens = int(all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item())
+        if global_tokens == 0:
+            raise TrainingError(f"step {self.step + 1}: the global batch has no loss tokens")
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.mode.before_forward(self.model, batches)
+        for batch in batches:
+            logits = self.model(batch["input_ids"])
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ) / global_tokens
+            loss.backward()
+            self.mode.after_micro_batch(self.model, batch)
+            loss_sum += loss.detach().double()
+        loss_value = float(all_reduce_sum(loss_sum).item())
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise TrainingError(f"step {self.step + 1}: loss is {loss_value}; stopping without saving this step")
+        grad_norm = _grad_norm(self.mode.trainable_params(self.model), self.cfg.training.max_norm)
+        step_info = self.mode.before_optimizer_step(self.model, self.optimizer)
+        self.optimizer.step()
+        self.mode.after_optimizer_step(self.model, self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": global_tokens, **step_info}
+
+    def save(self) -> None:
+        if self.cfg.checkpoint.enable:
+            path = self.ckpt.save(self.step, self._states(), {"model_args": repr(self.model_args)})
+            self._log(f"saved checkpoint {path}")
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> list[float]:
+        """Run until `training.steps`; returns the per-step losses of this launch."""
+        cfg = self.cfg
+        losses: list[float] = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_last, tokens_since = time.perf_counter(), 0
+        while self.step < cfg.training.steps:
+            info = self.train_step(self._next_batches())
+            self.step += 1
+            losses.append(info["loss"])
+            tokens_since += info["tokens"]
+            last = self.step == cfg.training.steps
+            if self.step % cfg.metrics.log_freq == 0 or self.step == 1 or last:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - t_last
+                tps = tokens_since / max(elapsed, 1e-9)
+                per_device = tps / self.dist.world_size
+                mfu = None
+                if self.peak_flops:
+                    mfu = 100.0 * self.flops_per_token * per_device / self.peak_flops
+                self.metrics.log(
+                    self.step,
+                    {
+                        "loss": info["loss"],
+                        "grad_norm": info["grad_norm"],
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": tps,
+                        "tokens_per_s_per_device": per_device,
+                        "mfu_pct": mfu,
+                        "peak_mem_gib": peak_memory_gib(self.device),
+                        **{k: v for k, v in info.items() if k not in ("loss", "grad_norm", "tokens")},
+                    },
+                )
+                t_last, tokens_since = time.perf_counter(), 0
+            if self.step % cfg.checkpoint.interval == 0 or last:
+                self.save()
+        self.metrics.close()
+        return losses
+
+
+def dry_run(cfg: Config) -> None:
+    """Print parameter counts and a per-GPU memory estimate from the meta-device model; allocate nothing."""
+    import os
+
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
+    with torch.device("meta"):
+        Transformer(args)  # builds the real module tree: a shape error here is a real error
+    counts = param_counts(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = world if cfg.parallelism.data_parallel_shard_degree == -1 else cfg.parallelism.data_parallel_shard_degree
+    grad_accum = config_mod.validate_batch(cfg, dp)
+    mem = estimate_memory_gib(
+        args,
+        world_size=dp,
+        seq_len=cfg.training.seq_len,
+        micro_batch_size=cfg.training.micro_batch_size,
+        activation_checkpoint=cfg.training.activation_checkpoint == "full",
+    )
+    print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {tokenizer.n_words})")
+    for key, value in counts.as_dict().items():
+        print(f"  params {key:<18} {value:>16,}")
+    print(f"  training FLOPs/token   {flops_per_token(args, cfg.training.seq_len):>16,.0f}")
+    print(f"  data-parallel ranks {dp}, grad accumulation {grad_accum}")
+    for key, value in mem.items():
+        print(f"  est. per-GPU {key:<20} {value:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_mod.help_text())
+        return 0
+    trainer = None
+    try:
+        cfg = config_mod.parse_args(argv)
+        if cfg.job.dry_run:
+            dry_run(cfg)
+            return 0
+        trainer = Trainer(cfg)
+        trainer.train()
+        return 0
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
