@@ -49,7 +49,9 @@ def test_value_lookup_matches_naive_sum_and_grads_touch_only_used_rows():
 
 
 def _layer(plus=True, query_norm="rms", v_dim=16):
-    args = MemoryArgs(layers=[0], n_keys=8, heads=2, topk=3, k_dim=8, v_dim=v_dim, plus=plus, query_norm=query_norm)
+    args = MemoryArgs(
+        layers=[0], n_keys=8, heads=2, topk=3, k_dim=8, v_dim=v_dim, plus=plus, query_norm=query_norm
+    )
     layer = MemoryLayer(16, args, v_dim)
     torch.manual_seed(0)
     layer.init_weights()
@@ -66,7 +68,9 @@ def test_memory_layer_output_is_weighted_bag_of_selected_rows(plus, query_norm):
     weights, slots = layer.lookup_slots(x.reshape(-1, 16))
     assert torch.allclose(weights.sum(-1), torch.ones(10, 2))
     bag = (layer.value_table.weight[slots] * weights.unsqueeze(-1)).sum((1, 2))
-    expected = layer.value_proj(bag * torch.nn.functional.silu(layer.gate_proj(x.reshape(-1, 16)))) if plus else bag
+    expected = (
+        layer.value_proj(bag * torch.nn.functional.silu(layer.gate_proj(x.reshape(-1, 16)))) if plus else bag
+    )
     torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -135,3 +139,19 @@ def test_model_init_is_seeded_and_causal():
     changed[0, 8:] = (changed[0, 8:] + 1) % 256
     # Positions before the change must not see it (causal attention, per-token memory lookup).
     torch.testing.assert_close(a(changed)[0, :8], full[0, :8])
+
+
+def test_sparse_grad_lookup_matches_dense_and_keeps_only_touched_rows():
+    torch.manual_seed(3)
+    values = torch.randn(40, 5, requires_grad=True)
+    idx = torch.randint(0, 40, (6, 4))
+    w = torch.rand(6, 4, requires_grad=True)
+    g = torch.randn(6, 5)
+    (value_lookup(values, idx, w) * g).sum().backward()
+    dense_values, dense_w = values.grad.clone(), w.grad.clone()
+    values.grad = w.grad = None
+    (value_lookup(values, idx, w, sparse_grad=True) * g).sum().backward()
+    assert values.grad.is_sparse
+    assert values.grad._nnz() == idx.unique().numel()  # one row per unique slot, not per access
+    torch.testing.assert_close(values.grad.to_dense(), dense_values)
+    torch.testing.assert_close(w.grad, dense_w)

@@ -121,7 +121,9 @@ def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: se
 
 
 class CheckpointManager:
-    def __init__(self, folder: Path, *, rank: int, dp_world_size: int, keep_latest_k: int, enabled: bool = True):
+    def __init__(
+        self, folder: Path, *, rank: int, dp_world_size: int, keep_latest_k: int, enabled: bool = True
+    ):
         self.folder, self.rank, self.dp_world_size = folder, rank, dp_world_size
         self.keep_latest_k, self.enabled = keep_latest_k, enabled
 
@@ -184,7 +186,9 @@ class CheckpointManager:
         self._load(states, path)
         return {"step": int(train_state["step"]), "extra": json.loads(train_state["extra"] or "{}")}
 
-    def load_model_only(self, path: Path, model: torch.nn.Module, allow_missing: set[str] = frozenset()) -> None:
+    def load_model_only(
+        self, path: Path, model: torch.nn.Module, allow_missing: set[str] = frozenset()
+    ) -> None:
         """Load only the model weights (the start of a finetuning run or an evaluation)."""
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
@@ -194,11 +198,21 @@ class CheckpointManager:
     def _load(self, states: dict[str, Any], path: Path) -> None:
         try:
             dcp.load(states, checkpoint_id=str(path))
-        except CheckpointError:
+        except (CheckpointError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"{path}: failed to load ({type(e).__name__}: {msg[:300]})") from None
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            msg = _root_cause(e)
+            raise CheckpointError(f"{path}: failed to load ({msg})") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """First line of the innermost error DCP wrapped (it collects per-rank failures)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = getattr(inner, "exc", inner) if not isinstance(inner, BaseException) else inner
+    text = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0]
+    return text[:300]
 
 
 def rng_state() -> dict[str, Any]:

@@ -40,12 +40,16 @@ class JobConfig:
     description: str = _help("", "Free text describing the run.")
     seed: int = _help(0, "Seed for model init and everything random in the trainer.")
     deterministic: bool = _help(False, "Use deterministic algorithms (bit-exact resume on CPU).")
-    dry_run: bool = _help(False, "Build on the meta device, print parameter counts and memory estimate, exit.")
+    dry_run: bool = _help(
+        False, "Build on the meta device, print parameter counts and memory estimate, exit."
+    )
 
 
 @dataclass
 class ModelConfig:
-    flavor: str = _help("debug", "Named model size from titan_mem.models.flavors (debug, 1b, ...).")
+    flavor: str = _help(
+        "debug", "Named model size from titan_mem.models.args.FLAVORS (debug, debug_dense, 1b, 1b_dense)."
+    )
     # Optional overrides of single flavor fields; None keeps the flavor's value.
     dim: int | None = _help(None, "Override: model width.")
     n_layers: int | None = _help(None, "Override: number of transformer blocks.")
@@ -123,6 +127,28 @@ class ParallelismConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    ranking: str = _help(
+        "tfidf", "sparse_finetune slot ranking: tfidf | tf | kl | all (Lin et al. 2025; Goyal et al.)."
+    )
+    top_t: int = _help(
+        500, "sparse_finetune: value rows updated per step and memory layer (paper: 500 facts)."
+    )
+    background_counts: str | None = _help(
+        None,
+        "Background slot counts file (tools/background_counts.py); None = <initial_load_path>/"
+        "background_counts.safetensors.",
+    )
+    lora_rank: int = _help(16, "lora_finetune: adapter rank r.")
+    lora_alpha: float = _help(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")
+    lora_targets: list[str] = _help(
+        None,
+        "lora_finetune: linear layers that get adapters.",
+        factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+    )
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +160,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,11 +195,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.log_freq: must be positive; got {cfg.metrics.log_freq}")
     if not 0.0 <= cfg.lr_scheduler.decay_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.decay_ratio: must be in [0, 1]; got {cfg.lr_scheduler.decay_ratio}")
+    _choice("finetune.ranking", cfg.finetune.ranking, ("tfidf", "tf", "kl", "all"))
+    if cfg.finetune.top_t < 0:
+        raise ConfigError(f"finetune.top_t: must be >= 0; got {cfg.finetune.top_t}")
+    if cfg.finetune.lora_rank <= 0:
+        raise ConfigError(f"finetune.lora_rank: must be positive; got {cfg.finetune.lora_rank}")
+    if (
+        cfg.parallelism.data_parallel_shard_degree not in (-1,)
+        and cfg.parallelism.data_parallel_shard_degree < 1
+    ):
+        degree = cfg.parallelism.data_parallel_shard_degree
+        raise ConfigError(f"parallelism.data_parallel_shard_degree: -1 or >= 1; got {degree}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers; got {cfg.optimizer.betas}")
-    if hasattr(cfg.data, "validate"):
+    for section in (cfg.tokenizer, cfg.data):
         try:
-            cfg.data.validate()
+            section.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -254,7 +292,9 @@ def _set(cfg: Config, dotted: str, value: Any, from_cli: bool) -> None:
     section_name, key = dotted.split(".", 1)
     sections = {f.name for f in dataclasses.fields(Config)}
     if section_name not in sections:
-        raise ConfigError(f"{dotted}: unknown section '{section_name}' (known: {', '.join(sorted(sections))})")
+        raise ConfigError(
+            f"{dotted}: unknown section '{section_name}' (known: {', '.join(sorted(sections))})"
+        )
     section = getattr(cfg, section_name)
     types_ = _section_types(type(section))
     if key not in types_:
@@ -333,6 +373,9 @@ def dump(cfg: Config, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m titan_mem.config CONFIG [overrides]`: validate only (used by run_train.sh before launch)."""
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
     try:
         parse_args(argv)
     except ConfigError as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -20,21 +19,13 @@ class DistInfo:
     mesh: DeviceMesh
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the torchrun job (or make a one-rank group) and build the 1-D data-parallel mesh.
 
     NCCL (plus gloo for CPU tensors) on CUDA, gloo on CPU. A single process without torchrun still gets a
     process group, so FSDP2 and DCP take one code path for every world size.
     """
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    standalone = "RANK" not in os.environ
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("training.device=cuda but no CUDA device is available")
@@ -47,7 +38,11 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if standalone:
+            # No launcher: an in-memory store, no port to pick or collide on.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(dist.get_rank(), world, local_rank, device, mesh)

@@ -18,7 +18,6 @@ from titan_mem.checkpoint import (
     CheckpointError,
     CheckpointManager,
     ModelState,
-    OptimizerState,
     RankState,
     SchedulerState,
     rng_state,
@@ -43,19 +42,6 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
 
 
-def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of gradients (DTensor-aware), clipping in place when max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
-    return norm
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -65,6 +51,12 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.training.device)
         self.device = self.dist.device
         self.rank0 = self.dist.rank == 0
+        dp_degree = cfg.parallelism.data_parallel_shard_degree
+        if dp_degree not in (-1, self.dist.world_size):
+            raise ConfigError(
+                f"parallelism.data_parallel_shard_degree: {dp_degree} != world size {self.dist.world_size} "
+                "(FSDP over all ranks is the only layout so far)"
+            )
         self.grad_accum = config_mod.validate_batch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
@@ -89,6 +81,7 @@ class Trainer:
             mp_policy=mp,
             activation_checkpoint=cfg.training.activation_checkpoint == "full",
             compile_blocks=cfg.training.compile,
+            ignored_params=self.mode.fsdp_ignored_params(model),
         )
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.folder,
@@ -133,8 +126,9 @@ class Trainer:
             config_mod.dump(cfg, self.run_dir / "config.json")
             counts = param_counts(self.model_args)
             self._log(
-                f"model {cfg.model.flavor}: {counts.total:,} params ({counts.memory_values:,} memory values), "
-                f"{self.dist.world_size} rank(s) on {self.device.type}, grad accumulation {self.grad_accum}"
+                f"model {cfg.model.flavor}: {counts.total:,} params ({counts.memory_values:,} memory "
+                f"values), {self.dist.world_size} rank(s) on {self.device.type}, "
+                f"grad accumulation {self.grad_accum}"
             )
 
     # ------------------------------------------------------------------ pieces
@@ -153,7 +147,7 @@ class Trainer:
 
         return {
             "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.model, self.optimizer),
+            "optimizer": self.mode.optimizer_state(self.model, self.optimizer),
             "lr_scheduler": SchedulerState(self.scheduler),
             "rank_state": RankState(self.dist.rank, get_rank_state, put_rank_state),
             **self.mode.extra_states(),
@@ -185,19 +179,28 @@ class Trainer:
         self.mode.before_forward(self.model, batches)
         for batch in batches:
             logits = self.model(batch["input_ids"])
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ) / global_tokens
+            loss = (
+                F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    batch["labels"].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                / global_tokens
+            )
             loss.backward()
             self.mode.after_micro_batch(self.model, batch)
             loss_sum += loss.detach().double()
         loss_value = float(all_reduce_sum(loss_sum).item())
         if not torch.isfinite(torch.tensor(loss_value)):
-            raise TrainingError(f"step {self.step + 1}: loss is {loss_value}; stopping without saving this step")
-        grad_norm = _grad_norm(self.mode.trainable_params(self.model), self.cfg.training.max_norm)
+            raise TrainingError(
+                f"step {self.step + 1}: loss is {loss_value}; stopping without saving this step"
+            )
+        grad_norm = self.mode.clip_gradients(self.model, self.cfg.training.max_norm)
         step_info = self.mode.before_optimizer_step(self.model, self.optimizer)
         self.optimizer.step()
         self.mode.after_optimizer_step(self.model, self.optimizer)
+        step_info.update(self.mode.step_info())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": global_tokens, **step_info}
@@ -261,7 +264,11 @@ def dry_run(cfg: Config) -> None:
         Transformer(args)  # builds the real module tree: a shape error here is a real error
     counts = param_counts(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = world if cfg.parallelism.data_parallel_shard_degree == -1 else cfg.parallelism.data_parallel_shard_degree
+    dp = (
+        world
+        if cfg.parallelism.data_parallel_shard_degree == -1
+        else cfg.parallelism.data_parallel_shard_degree
+    )
     grad_accum = config_mod.validate_batch(cfg, dp)
     mem = estimate_memory_gib(
         args,

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as multipliers of the peak lr: warmup then cosine, warmup-stable-decay, constant."""
+"""Learning-rate schedules as multipliers of the peak lr: warmup, then cosine, WSD or constant."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import torch
 
 
-def lr_multiplier(step: int, total: int, warmup: int, decay_type: str, decay_ratio: float, min_factor: float) -> float:
+def lr_multiplier(
+    step: int, total: int, warmup: int, decay_type: str, decay_ratio: float, min_factor: float
+) -> float:
     """Multiplier for the lr used at optimizer step `step` (0-based).
 
     cosine: linear warmup, then min + (1-min) * (1 + cos(pi * progress)) / 2 (Loshchilov & Hutter 2017).
@@ -29,8 +31,12 @@ def lr_multiplier(step: int, total: int, warmup: int, decay_type: str, decay_rat
     return 1.0 - (1.0 - min_factor) * progress
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.decay_type, cfg.decay_ratio, cfg.min_lr_factor),
+        lambda s: lr_multiplier(
+            s, total_steps, cfg.warmup_steps, cfg.decay_type, cfg.decay_ratio, cfg.min_lr_factor
+        ),
     )

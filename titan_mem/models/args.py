@@ -73,7 +73,11 @@ class ModelArgs:
 FLAVORS: dict[str, ModelArgs] = {
     # Tiny: trains in about a minute on 2 CPU cores. 64**2 = 4096 slots, so slot statistics are meaningful.
     "debug": ModelArgs(
-        dim=128, n_layers=4, n_heads=4, ffn_hidden_dim=384, max_seq_len=512,
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        ffn_hidden_dim=384,
+        max_seq_len=512,
         memory=MemoryArgs(layers=[2], n_keys=64, heads=2, topk=8, k_dim=64, v_dim=128),
     ),
     # Same tiny model with a dense FFN everywhere: the baseline of tools/bench_train_step.py.
@@ -81,25 +85,46 @@ FLAVORS: dict[str, ModelArgs] = {
     # Lin et al. 2025 (arXiv 2510.15103): 1.3B, 22 layers, dim 2048, FFN 8192, memory at layer 12 with
     # 1024**2 slots, 4 heads, k=32, value dim 1024, Memory+. k_dim 512 follows Berges et al.'s PKM setup.
     "1b": ModelArgs(
-        dim=2048, n_layers=22, n_heads=16, n_kv_heads=16, ffn_hidden_dim=8192, max_seq_len=4096,
+        dim=2048,
+        n_layers=22,
+        n_heads=16,
+        n_kv_heads=16,
+        ffn_hidden_dim=8192,
+        max_seq_len=4096,
         rope_theta=500000.0,
         memory=MemoryArgs(layers=[12], n_keys=1024, heads=4, topk=32, k_dim=512, v_dim=1024, plus=True),
     ),
     "1b_dense": ModelArgs(
-        dim=2048, n_layers=22, n_heads=16, n_kv_heads=16, ffn_hidden_dim=8192, max_seq_len=4096,
+        dim=2048,
+        n_layers=22,
+        n_heads=16,
+        n_kv_heads=16,
+        ffn_hidden_dim=8192,
+        max_seq_len=4096,
         rope_theta=500000.0,
     ),
 }
 
 
 _MODEL_OVERRIDES = {
-    "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
-    "ffn_hidden_dim": "ffn_hidden_dim", "max_seq_len": "max_seq_len", "tie_embeddings": "tie_embeddings",
+    "dim": "dim",
+    "n_layers": "n_layers",
+    "n_heads": "n_heads",
+    "n_kv_heads": "n_kv_heads",
+    "ffn_hidden_dim": "ffn_hidden_dim",
+    "max_seq_len": "max_seq_len",
+    "tie_embeddings": "tie_embeddings",
 }
 _MEMORY_OVERRIDES = {
-    "memory_layers": "layers", "memory_n_keys": "n_keys", "memory_heads": "heads", "memory_topk": "topk",
-    "memory_k_dim": "k_dim", "memory_v_dim": "v_dim", "memory_plus": "plus",
-    "memory_query_norm": "query_norm", "memory_shared_values": "shared_values",
+    "memory_layers": "layers",
+    "memory_n_keys": "n_keys",
+    "memory_heads": "heads",
+    "memory_topk": "topk",
+    "memory_k_dim": "k_dim",
+    "memory_v_dim": "v_dim",
+    "memory_plus": "plus",
+    "memory_query_norm": "query_norm",
+    "memory_shared_values": "shared_values",
 }
 
 

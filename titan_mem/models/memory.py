@@ -32,9 +32,7 @@ class MemoryValues(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
 
-def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k slots of a product-key memory.
 
     query: [N, H, k_dim]; keys: [H, 2, n_keys, k_dim // 2]. Returns (scores [N, H, k], slots [N, H, k]),
@@ -80,6 +78,7 @@ class MemoryLayer(nn.Module):
             self.gate_proj = nn.Linear(dim, v_dim, bias=False)
             self.value_proj = nn.Linear(v_dim, dim, bias=False)
         self.record_indices = False
+        self.sparse_grad = False  # sparse finetuning: row-sparse table gradient (see kernels.value_lookup)
         self.last_indices: torch.Tensor | None = None
 
     @property
@@ -119,7 +118,7 @@ class MemoryLayer(nn.Module):
         if self.record_indices:
             self.last_indices = slots.detach().view(*shape[:-1], self.heads, self.topk)
         n = flat.shape[0]
-        bag = value_lookup(self.value_table.weight, slots.view(n, -1), weights.view(n, -1))
+        bag = value_lookup(self.value_table.weight, slots.view(n, -1), weights.view(n, -1), self.sparse_grad)
         bag = bag.to(x.dtype)
         if self.args.plus:
             out = self.value_proj(bag * F.silu(self.gate_proj(flat)))

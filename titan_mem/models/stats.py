@@ -1,4 +1,4 @@
-"""Parameter counts, FLOPs per token and a per-GPU memory estimate, from ModelArgs alone (no weights needed)."""
+"""Parameter counts, FLOPs per token and a per-GPU memory estimate, from ModelArgs alone (no weights)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ def _memory_layer_params(args: ModelArgs) -> tuple[int, int]:
 
 def param_counts(args: ModelArgs) -> ParamCounts:
     d, m = args.dim, args.memory
-    attn = d * args.n_heads * args.head_dim + 2 * d * args.kv_heads * args.head_dim + args.n_heads * args.head_dim * d
+    attn = (
+        d * args.n_heads * args.head_dim
+        + 2 * d * args.kv_heads * args.head_dim
+        + args.n_heads * args.head_dim * d
+    )
     ffn = 3 * d * args.ffn_hidden_dim
     mem_dense, mem_values = _memory_layer_params(args)
     n_mem = len(m.layers)
@@ -65,8 +69,14 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 def estimate_memory_gib(
-    args: ModelArgs, *, world_size: int, seq_len: int, micro_batch_size: int, activation_checkpoint: bool,
-    optimizer_states: int = 2, param_bytes: int = 2,
+    args: ModelArgs,
+    *,
+    world_size: int,
+    seq_len: int,
+    micro_batch_size: int,
+    activation_checkpoint: bool,
+    optimizer_states: int = 2,
+    param_bytes: int = 2,
 ) -> dict[str, float]:
     """Rough per-GPU peak: sharded fp32 params+grads+optimizer states, one gathered block, activations.
 
@@ -76,10 +86,13 @@ def estimate_memory_gib(
     c = param_counts(args)
     gib = 1024**3
     state = c.total * (4 + 4 + 4 * optimizer_states) / world_size
-    biggest_block = max(
-        _memory_layer_params(args)[0] + _memory_layer_params(args)[1] if args.memory.layers else 0,
-        3 * args.dim * args.ffn_hidden_dim,
-    ) + 4 * args.dim * args.dim
+    biggest_block = (
+        max(
+            _memory_layer_params(args)[0] + _memory_layer_params(args)[1] if args.memory.layers else 0,
+            3 * args.dim * args.ffn_hidden_dim,
+        )
+        + 4 * args.dim * args.dim
+    )
     gathered = 2 * biggest_block * param_bytes  # current + prefetched block
     tokens = seq_len * micro_batch_size
     per_block = (2 if activation_checkpoint else 34) * tokens * args.dim

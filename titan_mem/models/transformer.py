@@ -130,7 +130,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
+        self.register_buffer(
+            "rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+        )
 
     def memory_layers(self) -> dict[str, MemoryLayer]:
         """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""

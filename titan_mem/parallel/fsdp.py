@@ -11,6 +11,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from titan_mem.models.lora import LoRALinear
 from titan_mem.models.transformer import Transformer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -32,6 +33,7 @@ def parallelize_and_init(
     mp_policy: MixedPrecisionPolicy,
     activation_checkpoint: bool = False,
     compile_blocks: bool = False,
+    ignored_params: set[torch.nn.Parameter] | None = None,
 ) -> Transformer:
     """Shard `model` (built on meta) with FSDP2 over `mesh` and fill it with seeded initial weights."""
     torch.manual_seed(seed)
@@ -40,17 +42,35 @@ def parallelize_and_init(
         block.to_empty(device=device)
         with torch.no_grad():
             block.init_weights()
+            for mod in block.modules():
+                if isinstance(mod, LoRALinear):
+                    mod.init_lora()
         if compile_blocks:
             block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=True,
+            ignored_params=ignored_params or None,
+        )
     for mod in model.root_modules():
         mod.to_empty(device=device)
     with torch.no_grad():
         model.init_root_weights(device)
     # The root stays gathered after forward: its output layer is used again at once in backward.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    fully_shard(
+        model,
+        mesh=mesh,
+        mp_policy=mp_policy,
+        reshard_after_forward=False,
+        ignored_params=ignored_params or None,
+    )
     # The loss is already divided by the global token count, so gradients must be summed, not averaged.
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            if device.type != "cuda":
+                # gloo has no PREMUL_SUM: reduce with plain SUM (the post-divide by 1 is a no-op).
+                module.set_force_sum_reduction_for_comms(True)
     return model

@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from titan_mem.data import DataConfig, TokenizerConfig, build_dataloader, build_tokenizer
+from titan_mem.data.synthetic import get_world
+
+SYN = dict(source="synthetic", synthetic_known_people=20, synthetic_new_people=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TokenizerConfig(name="debug"))
+
+
+def _loader(tok, *, seq_len=32, bsz=4, rank=0, world=1, gbs=None, **cfg):
+    return build_dataloader(
+        DataConfig(**cfg), tok, seq_len=seq_len, micro_batch_size=bsz, dp_rank=rank, dp_world_size=world,
+        global_batch_size=gbs,
+    )  # fmt: skip
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _rows(tok, batch):
+    """Decoded real input tokens of each row."""
+    return [tok.decode(ids[mask].tolist()) for ids, mask in zip(batch["input_ids"], batch["token_mask"])]
+
+
+def _check_padding(tok, b):
+    pad = ~b["token_mask"]
+    assert bool((b["input_ids"][pad] == tok.pad_id).all())
+    assert bool((b["labels"][pad] == -100).all())
+    assert tok.pad_id not in b["input_ids"][b["token_mask"]].tolist()
+    assert tok.pad_id not in b["labels"].tolist()
+
+
+def test_fact_regime_one_fact_per_batch_cycled_paraphrases(tok):
+    b = _take(_loader(tok, regime="facts", synthetic_paraphrases=3, shuffle_buffer=0, **SYN), 1)[0]
+    fact = get_world(0, 20, 4).facts("new", 3)[0]
+    rows = _rows(tok, b)
+    assert rows == [
+        "<|endoftext|>" + p for p in (fact.paraphrases + fact.paraphrases)[:4]
+    ]  # BOS + text, cycled
+    assert b["input_ids"].shape == (4, 32)
+    _check_padding(tok, b)
+    # loss on every real token after BOS, ending with EOS; nothing else
+    for i in range(4):
+        n = int(b["token_mask"][i].sum())
+        assert torch.equal(b["labels"][i, : n - 1], b["input_ids"][i, 1:n])
+        assert int(b["labels"][i, n - 1]) == tok.eos_id
+        assert bool((b["labels"][i, n:] == -100).all())
+
+
+def test_fact_regime_ranks_and_accumulation_share_one_fact_per_optimizer_step(tok):
+    kw = dict(regime="facts", synthetic_paraphrases=8, shuffle_buffer=0, **SYN)
+    fact0, fact1 = get_world(0, 20, 4).facts("new", 8)[:2]
+    # 2 ranks x 2 micro-batches of 2 rows = global batch 8 = one fact's 8 paraphrases, each once
+    per_rank = [_take(_loader(tok, bsz=2, rank=r, world=2, gbs=8, **kw), 4) for r in range(2)]
+    step0 = [row for r in range(2) for b in per_rank[r][:2] for row in _rows(tok, b)]
+    assert sorted(step0) == sorted("<|endoftext|>" + p for p in fact0.paraphrases)
+    step1 = [row for r in range(2) for b in per_rank[r][2:] for row in _rows(tok, b)]
+    assert sorted(step1) == sorted("<|endoftext|>" + p for p in fact1.paraphrases)
+
+
+def test_fact_regime_from_jsonl(tmp_path, tok):
+    path = tmp_path / "facts.jsonl"
+    facts = [{"fact_id": "f1", "paraphrases": ["Ada lives in Paris.", "Paris is home to Ada."]},
+             {"fact_id": "f2", "paraphrases": ["Bo was born in 1990."]}]  # fmt: skip
+    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    batches = _take(_loader(tok, regime="facts", source=str(path), shuffle_buffer=0, bsz=3), 3)
+    ada = ["Ada lives in Paris.", "Paris is home to Ada.", "Ada lives in Paris."]
+    assert _rows(tok, batches[0]) == ["<|endoftext|>" + x for x in ada]
+    assert _rows(tok, batches[1]) == ["<|endoftext|>Bo was born in 1990."] * 3
+    assert _rows(tok, batches[2]) == _rows(tok, batches[0])  # repeats
+    (tmp_path / "bad.jsonl").write_text('{"fact_id": "x", "paraphrases": []}\n')
+    with pytest.raises(ValueError, match="paraphrases"):
+        _loader(tok, regime="facts", source=str(tmp_path / "bad.jsonl"))
+
+
+def test_qa_regime_loss_only_on_answer(tok):
+    b = _take(_loader(tok, regime="qa", shuffle_buffer=0, bsz=2, **SYN), 1)[0]
+    qa = get_world(0, 20, 4).qa_examples("new")
+    _check_padding(tok, b)
+    for i in range(2):
+        row = _rows(tok, b)[i]
+        assert row == f"<|endoftext|>Question: {qa[i].question}\nAnswer: {qa[i].answers[0]}"
+        targets = b["labels"][i][b["labels"][i] != -100].tolist()
+        assert tok.decode(targets) == f" {qa[i].answers[0]}<|endoftext|>"
+
+
+def test_qa_regime_from_local_eval_format(tmp_path, tok):
+    path = tmp_path / "nq.jsonl"
+    path.write_text(json.dumps({"question": "who wrote it", "answer": ["Bob", "Robert"]}) + "\n")
+    b = _take(_loader(tok, regime="qa", source=str(path), bsz=1), 1)[0]
+    targets = b["labels"][0][b["labels"][0] != -100].tolist()
+    assert tok.decode(targets) == " Bob<|endoftext|>"
+
+
+def test_documents_regime_streams_chunks_in_order(tmp_path, tok):
+    docs = ["First document. " * 9, "Second one is short.", "Third document here. " * 6]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    loader = _loader(tok, regime="documents", source=str(path), seq_len=16, bsz=1, repeat=False)
+    batches = list(loader)
+    encoded = [tok.encode(d, bos=True, eos=True) for d in docs]
+    assert len(batches) == sum(-(-(len(e) - 1) // 16) for e in encoded)  # one step per chunk
+    stream, targets = [], []
+    for b in batches:
+        n = int(b["token_mask"][0].sum())
+        stream += b["input_ids"][0, :n].tolist()
+        targets += b["labels"][0, :n].tolist()
+        _check_padding(tok, b)
+    # chunks are consecutive pieces of each document, every token after BOS a target exactly once
+    assert targets == [t for e in encoded for t in e[1:]]
+    assert stream == [t for e in encoded for t in e[:-1]]
+
+
+def test_finetune_resume_and_worker_count_give_the_same_batches(tok):
+    kw = dict(regime="qa", bsz=2, shuffle_buffer=1, **SYN)
+    ref = _take(_loader(tok, **kw), 20)  # 24 examples / 2 = 12 steps per epoch: crosses an epoch
+    loader = _loader(tok, **kw)
+    it = iter(loader)
+    for _ in range(7):
+        next(it)
+    state = loader.state_dict()
+    resumed = _loader(tok, **kw)
+    resumed.load_state_dict(state)
+    got = _take(resumed, 13)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(got, ref[7:]) for k in a)
+    with_workers = _take(_loader(tok, num_workers=2, **kw), 20)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(with_workers, ref) for k in a)
+    # an epoch shows each of the 24 examples once; the next epoch is reshuffled
+    epoch0 = [row for b in ref[:12] for row in _rows(tok, b)]
+    assert len(set(epoch0)) == 24
+    epoch1 = [row for b in ref[12:20] for row in _rows(tok, b)]
+    assert epoch1 != epoch0[:16]
+
+
+def test_finetune_refuses_mismatched_state(tok):
+    loader = _loader(tok, regime="facts", **SYN)
+    next(iter(loader))
+    with pytest.raises(ValueError, match="dp_world_size=1.*dp_world_size=2"):
+        _loader(tok, regime="facts", rank=0, world=2, **SYN).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="micro_batch_size=4"):
+        _loader(tok, regime="facts", bsz=2, **SYN).load_state_dict(loader.state_dict())
+
+
+def test_global_batch_must_split_evenly(tok):
+    with pytest.raises(ValueError, match="global_batch_size 6"):
+        _loader(tok, regime="facts", bsz=4, gbs=6, **SYN)

@@ -1,0 +1,84 @@
+import pytest
+
+from titan_mem.data.qa import qa_prompt
+from titan_mem.data.synthetic import ATTRIBUTES, STATEMENTS, SyntheticWorld
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticWorld(seed=7, n_known=60, n_new=15)
+
+
+def test_deterministic_for_a_seed(world):
+    again = SyntheticWorld(seed=7, n_known=60, n_new=15)
+    assert again.people("all") == world.people("all")
+    assert [again.document(k) for k in range(30)] == [world.document(k) for k in range(30)]
+    assert again.facts("new") == world.facts("new")
+    other = SyntheticWorld(seed=8, n_known=60, n_new=15)
+    assert [p.name for p in other.people("all")] != [p.name for p in world.people("all")]
+    assert [other.document(k) for k in range(5)] != [world.document(k) for k in range(5)]
+
+
+def test_known_and_new_populations_never_share_a_person():
+    w = SyntheticWorld(seed=0, n_known=1500, n_new=500)  # large enough that raw Faker names collide
+    known, new = w.people("known"), w.people("new")
+    assert len(known) == 1500 and len(new) == 500
+    assert not {p.pid for p in known} & {p.pid for p in new}
+    assert not {p.name for p in known} & {p.name for p in new}
+    assert len({p.name for p in known + new}) == 2000
+    assert {p.population for p in known} == {"known"} and {p.population for p in new} == {"new"}
+
+
+def test_known_population_does_not_depend_on_new_population_size():
+    a = SyntheticWorld(seed=3, n_known=40, n_new=5)
+    b = SyntheticWorld(seed=3, n_known=40, n_new=50)
+    assert a.people("known") == b.people("known")
+
+
+def test_pretraining_documents_mention_only_known_people(world):
+    new_names = {p.name for p in world.people("new")}
+    known_names = {p.name for p in world.people("known")}
+    docs = [world.document(k, population="known") for k in range(400)]
+    assert not any(name in doc for doc in docs for name in new_names)
+    mentioned = {n for n in known_names if any(n in d for d in docs)}
+    assert len(mentioned) > len(known_names) // 2
+    generic = [d for d in docs if not any(n in d for n in known_names)]
+    qa_docs = [d for d in docs if d.startswith("Question: ")]
+    assert 0.15 < len(generic) / len(docs) < 0.45  # generic_fraction 0.3
+    assert 0.03 < len(qa_docs) / len(docs) < 0.2  # qa_fraction 0.1
+
+
+def test_facts_have_paraphrases_containing_the_answer(world):
+    facts = world.facts("new", n_paraphrases=10)
+    assert len(facts) == 15 * len(ATTRIBUTES)
+    assert len({f.fact_id for f in facts}) == len(facts)
+    for f in facts:
+        assert len(f.paraphrases) == 10
+        assert len(set(f.paraphrases)) == len(STATEMENTS[f.meta["attribute"]])  # templates cycled
+        assert all(f.answer in p and f.meta["person"] in p for p in f.paraphrases)
+        assert f.meta["person"] in f.question and f.question.endswith("?")
+
+
+def test_qa_renderings(world):
+    qa = world.qa_examples("new")
+    assert len(qa) == 15 * len(ATTRIBUTES)
+    person = world.people("new")[0]
+    first = qa[0]
+    assert first.question == f"When was {person.name} born?" and first.answers == [person.birth_date]
+    assert qa_prompt(first.question) == f"Question: When was {person.name} born?\nAnswer:"
+    assert world.qa_examples("new", variant=1)[0].question != first.question
+
+
+def test_biography_states_all_six_facts(world):
+    import random
+
+    person = world.people("known")[0]
+    bio = world.biography(person, random.Random(0))
+    for attr in ATTRIBUTES:
+        assert person.value(attr) in bio
+    assert bio.count(".") >= 6
+
+
+def test_unknown_population_is_an_error(world):
+    with pytest.raises(ValueError, match="synthetic_population"):
+        world.people("old")

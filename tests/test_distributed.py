@@ -1,0 +1,110 @@
+"""Multi-rank behaviour with real torchrun + gloo on CPU: FSDP2 equivalence, exact resume, two-node launch."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, _env, free_port, losses, run_trainer
+
+from titan_mem.checkpoint import step_dirs
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _torchrun_script(script, nproc, args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        str(REPO / "tests" / "dist_scripts" / script),
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path):
+    curves = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"curve{nproc}.json"
+        args = [
+            *tiny,
+            f"--job.dump_folder={tmp_path / f'r{nproc}'}",
+            "--training.steps=5",
+            "--training.global_batch_size=8",
+            "--training.micro_batch_size=2",
+            "--checkpoint.enable=false",
+        ]
+        _ok(_torchrun_script("fsdp_equivalence.py", nproc, [str(out), *args]))
+        curves[nproc] = json.loads(out.read_text())
+    one, two = curves[1], curves[2]
+    assert len(one) == len(two) == 5
+    assert one[-1]["loss"] < one[0]["loss"]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (one, two)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
+
+
+def test_resume_is_exact_two_ranks(tiny, tmp_path):
+    tiny = [*tiny, "--lr_scheduler.decay_type=constant"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _ok(
+        run_trainer(
+            [*tiny, f"--job.dump_folder={straight}", "--training.steps=6", "--checkpoint.interval=100"],
+            nproc=2,
+        )
+    )
+    _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=3"], nproc=2))
+    _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=6"], nproc=2))
+    a, b = losses(straight), losses(split)
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+
+
+def test_resume_with_other_world_size_is_refused(tiny, tmp_path):
+    _ok(run_trainer([*tiny, "--training.steps=1"], nproc=2))
+    proc = run_trainer([*tiny, "--training.steps=2"], nproc=1)
+    assert proc.returncode == 2
+    assert "saved with 2 data-parallel ranks, resuming with 1" in proc.stderr
+
+
+def test_two_nodes_rendezvous_and_train_together(tiny, tmp_path):
+    """Two `run_train.sh` launches (NNODES=2, NODE_RANK=0|1) meet at one c10d endpoint on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "run"
+    procs = []
+    for node_rank in (0, 1):
+        env = _env(
+            {
+                "NNODES": "2",
+                "NODE_RANK": str(node_rank),
+                "NGPU": "1",
+                "RDZV_ENDPOINT": endpoint,
+                "RDZV_ID": f"test{node_rank * 0}",
+            }
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    "./run_train.sh",
+                    "train_configs/debug_model.toml",
+                    *tiny,
+                    "--training.steps=3",
+                    f"--job.dump_folder={run}",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert "2 rank(s)" in "".join(outs)
+    assert sorted(losses(run)) == [1, 2, 3]
+    assert sorted(step_dirs(run / "checkpoints")) == [3]

@@ -1,0 +1,126 @@
+"""Trainer end to end on one process: learning, checkpoints, exact resume, dry run, crash-safe saves."""
+
+import os
+import re
+import subprocess
+
+import pytest
+from conftest import REPO, _env, losses, read_metrics, run_trainer
+
+from titan_mem.checkpoint import step_dirs
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_run_train_sh_debug_default_learns_and_checkpoints(tmp_path):
+    """./run_train.sh with the default config (shortened): loss falls clearly, checkpoints land."""
+    run = tmp_path / "debug"
+    proc = subprocess.run(
+        [
+            "./run_train.sh",
+            f"--job.dump_folder={run}",
+            "--training.steps=80",
+            "--metrics.log_freq=10",
+            "--checkpoint.interval=40",
+        ],
+        cwd=REPO,
+        env=_env({"NGPU": "1"}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _ok(proc)
+    records = read_metrics(run)
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.6 * first, (first, last)
+    assert sorted(step_dirs(run / "checkpoints")) == [40, 80]
+    assert (run / "config.json").is_file()
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in records)
+
+
+def test_resume_is_exact_single_rank(tiny, tmp_path):
+    # Constant lr after warmup: the first launch's shorter `training.steps` must not change the schedule.
+    tiny = [*tiny, "--lr_scheduler.decay_type=constant"]
+    straight = tmp_path / "straight"
+    _ok(
+        run_trainer(
+            [*tiny, f"--job.dump_folder={straight}", "--training.steps=6", "--checkpoint.interval=100"]
+        )
+    )
+    split = tmp_path / "split"
+    _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=3"]))
+    assert sorted(step_dirs(split / "checkpoints")) == [3]
+    proc = _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=6"]))
+    assert "resumed from" in proc.stdout
+    a, b = losses(straight), losses(split)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit for bit
+
+
+def test_keep_latest_k_and_load_step(tiny, tmp_path):
+    run = tmp_path / "run"
+    _ok(run_trainer([*tiny, "--training.steps=4", "--checkpoint.interval=1", "--checkpoint.keep_latest_k=2"]))
+    assert sorted(step_dirs(run / "checkpoints")) == [3, 4]
+    proc = _ok(
+        run_trainer([*tiny, "--training.steps=5", "--checkpoint.load_step=3", "--checkpoint.interval=100"])
+    )
+    assert re.search(r"resumed from .*step-3 at step 3", proc.stdout)
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_usable(tiny, tmp_path):
+    run = tmp_path / "run"
+    _ok(run_trainer([*tiny, "--training.steps=2", "--checkpoint.interval=2"]))
+    killed = run_trainer(
+        [*tiny, "--training.steps=4", "--checkpoint.interval=2"], env={"TITAN_MEM_TEST_KILL_IN_SAVE": "1"}
+    )
+    assert killed.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step-4.partial").is_dir()  # the interrupted save, never renamed
+    assert sorted(step_dirs(ckpts)) == [2]
+    proc = _ok(run_trainer([*tiny, "--training.steps=4", "--checkpoint.interval=2"]))
+    assert re.search(r"resumed from .*step-2 at step 2", proc.stdout)
+    assert sorted(step_dirs(ckpts)) == [2, 4]
+    assert not (ckpts / "step-4.partial").exists()
+
+
+def test_dry_run_pretrain_1b_prints_paper_model_counts():
+    proc = _ok(run_trainer(["train_configs/pretrain_1b.toml", "--job.dry_run"], env={"WORLD_SIZE": "64"}))
+    out = proc.stdout
+    counts = {
+        m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"params (\w+)\s+([\d,]+)", out)
+    }
+    assert counts["memory_values"] == 1_073_741_824  # 1024^2 slots x 1024-dim values
+    # 22 blocks of dim 2048: 21 SwiGLU FFNs (8192) + attention; block 12 is the memory layer.
+    d, f, vocab = 2048, 8192, 100_352
+    mem_dense = d * 4 * 512 + 4 * 1024 * 512 + 512 + 2 * d * 1024
+    dense = 22 * (4 * d * d + 2 * d) + 21 * 3 * d * f + mem_dense + d
+    assert counts["dense"] == dense
+    assert counts["embedding"] == 2 * vocab * d
+    assert counts["total"] == dense + 2 * vocab * d + 1_073_741_824
+    assert counts["active_per_token"] == dense + vocab * d + 4 * 32 * 1024
+    assert "vocab 100352 (tokenizer 100278)" in out
+    assert "data-parallel ranks 64, grad accumulation 2" in out
+    assert "est. per-GPU total_gib" in out
+
+
+@pytest.mark.skipif(os.environ.get("TITAN_MEM_SKIP_SLOW") == "1", reason="opt-out for quick local loops")
+def test_nan_loss_stops_without_saving(tiny, tmp_path):
+    run = tmp_path / "run"
+    proc = run_trainer(
+        [
+            *tiny,
+            "--training.steps=8",
+            "--checkpoint.interval=1",
+            "--optimizer.lr=1e30",
+            "--training.max_norm=0",
+            "--lr_scheduler.warmup_steps=0",
+        ]
+    )
+    assert proc.returncode == 2
+    assert re.search(r"^error: step \d+: loss is (nan|inf)", proc.stderr, re.M), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    bad_step = int(re.search(r"error: step (\d+)", proc.stderr).group(1))
+    assert all(s < bad_step for s in step_dirs(run / "checkpoints"))

