@@ -101,7 +101,11 @@ def test_merge_counts():
 def _filled_background(path_ckpt: str = "ckpt/step-100") -> BackgroundCounts:
     bg = BackgroundCounts.empty(
         {"layers.2.feed_forward": N_SLOTS, "layers.4.feed_forward": 32},
-        checkpoint=path_ckpt, checkpoint_step=100, data_source="synthetic:unit", batch_size=3, seq_len=7,
+        checkpoint=path_ckpt,
+        checkpoint_step=100,
+        data_source="synthetic:unit",
+        batch_size=3,
+        seq_len=7,
     )
     for seed in range(4):
         for name, n in (("layers.2.feed_forward", N_SLOTS), ("layers.4.feed_forward", 32)):
@@ -131,8 +135,9 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "out" / "background_counts.safetensors"
     save_background_counts(path, bg)
     assert path.is_file() and not path.with_name(path.name + ".tmp").exists()
-    back = load_background_counts(path, {"layers.2.feed_forward": N_SLOTS, "layers.4.feed_forward": 32},
-                                  str(tmp_path / "ckpt"))
+    back = load_background_counts(
+        path, {"layers.2.feed_forward": N_SLOTS, "layers.4.feed_forward": 32}, str(tmp_path / "ckpt")
+    )
     assert back.layers == bg.layers
     for n in bg.layers:
         assert back.df[n].dtype == torch.int64 and torch.equal(back.df[n], bg.df[n])
@@ -140,8 +145,16 @@ def test_save_load_round_trip(tmp_path):
     assert back.metadata == bg.metadata
     assert back.metadata["n_batches"] == 4 and back.n_batches == 4
     assert back.metadata["n_slots"] == {"layers.2.feed_forward": N_SLOTS, "layers.4.feed_forward": 32}
-    for key in ("checkpoint", "checkpoint_step", "data_source", "batch_size", "seq_len", "layers", "created",
-                "titan_mem_version"):
+    for key in (
+        "checkpoint",
+        "checkpoint_step",
+        "data_source",
+        "batch_size",
+        "seq_len",
+        "layers",
+        "created",
+        "titan_mem_version",
+    ):
         assert key in back.metadata
     assert back.layer("layers.2.feed_forward").n_batches == 4
 

@@ -21,6 +21,7 @@ class TrainMode:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.current_step = 0  # the optimizer step being computed (set by the Trainer)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Change the meta-device model before sharding (e.g. add adapters)."""
@@ -32,8 +33,8 @@ class TrainMode:
     def after_load(self, model: nn.Module) -> None:
         """Freeze what this mode does not train, once weights are in place."""
 
-    def fsdp_ignored_params(self, model: nn.Module) -> set[nn.Parameter]:
-        """Parameters FSDP must leave alone (kept whole on every rank)."""
+    def fsdp_ignored_param_names(self, model: nn.Module) -> set[str]:
+        """Names of parameters FSDP must leave alone (kept whole on every rank)."""
         return set()
 
     def trainable_params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -111,7 +112,7 @@ class LoRAFinetuneMode(TrainMode):
                 mod.eval()
 
 
-def build_mode(cfg: Config, model: nn.Module) -> TrainMode:
+def build_mode(cfg: Config) -> TrainMode:
     modes = {
         "pretrain": TrainMode,
         "full_finetune": FullFinetuneMode,

@@ -32,7 +32,7 @@ from titan_mem.distributed import DistInfo, all_reduce_sum, init_distributed, sh
 from titan_mem.models.args import ModelArgs, build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
-from titan_mem.modes import build_mode
+from titan_mem.modes import TrainMode, build_mode
 from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
 
 IGNORE_INDEX = -100
@@ -40,6 +40,35 @@ IGNORE_INDEX = -100
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
+
+
+def build_model(
+    cfg: Config, dist_info: DistInfo, tokenizer, mode: TrainMode
+) -> tuple[Transformer, ModelArgs]:
+    """Meta-device model -> mode changes (e.g. adapters) -> FSDP2 + seeded init on the device."""
+    model_args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
+    if cfg.training.seq_len > model_args.max_seq_len:
+        raise ConfigError(
+            f"training.seq_len: {cfg.training.seq_len} exceeds the model's max_seq_len "
+            f"{model_args.max_seq_len}"
+        )
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    mode.prepare_model(model)
+    mp = mixed_precision_policy(
+        dist_info.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
+    )
+    model = parallelize_and_init(
+        model,
+        dist_info.mesh,
+        dist_info.device,
+        seed=cfg.job.seed,
+        mp_policy=mp,
+        activation_checkpoint=cfg.training.activation_checkpoint == "full",
+        compile_blocks=cfg.training.compile,
+        ignored_param_names=mode.fsdp_ignored_param_names(model),
+    )
+    return model, model_args
 
 
 class Trainer:
@@ -60,29 +89,8 @@ class Trainer:
         self.grad_accum = config_mod.validate_batch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.model_args: ModelArgs = build_model_args(cfg.model, padded_vocab_size(self.tokenizer.n_words))
-        if cfg.training.seq_len > self.model_args.max_seq_len:
-            raise ConfigError(
-                f"training.seq_len: {cfg.training.seq_len} exceeds the model's max_seq_len "
-                f"{self.model_args.max_seq_len}"
-            )
-        with torch.device("meta"):
-            model = Transformer(self.model_args)
-        self.mode = build_mode(cfg, model)
-        self.mode.prepare_model(model)
-        mp = mixed_precision_policy(
-            self.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
-        )
-        self.model = parallelize_and_init(
-            model,
-            self.dist.mesh,
-            self.device,
-            seed=cfg.job.seed,
-            mp_policy=mp,
-            activation_checkpoint=cfg.training.activation_checkpoint == "full",
-            compile_blocks=cfg.training.compile,
-            ignored_params=self.mode.fsdp_ignored_params(model),
-        )
+        self.mode = build_mode(cfg)
+        self.model, self.model_args = build_model(cfg, self.dist, self.tokenizer, self.mode)
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.folder,
             rank=self.dist.rank,
@@ -97,6 +105,7 @@ class Trainer:
             micro_batch_size=cfg.training.micro_batch_size,
             dp_rank=self.dist.rank,
             dp_world_size=self.dist.world_size,
+            global_batch_size=cfg.training.global_batch_size,
         )
         self.step = 0
         resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None
@@ -171,6 +180,7 @@ class Trainer:
         Loss = sum of token losses / number of loss tokens in the *global* batch (all-reduced first), and
         FSDP sums gradients (divide factor 1): every token weighs the same whatever the rank or micro-batch.
         """
+        self.mode.current_step = self.step + 1
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = int(all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item())
         if global_tokens == 0:

@@ -103,6 +103,7 @@ def write_tiktoken(ranks: dict[bytes, int], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a package asset
     os.replace(tmp, path)
 
 

@@ -194,7 +194,11 @@ def build_finetune_dataset(
         )
 
     if cfg.regime == "qa":
-        examples = world.qa_examples(cfg.population()) if world else load_qa(cfg.source, split=cfg.split)
+        examples = (
+            world.qa_examples(cfg.population())
+            if world
+            else load_qa(cfg.source, split=cfg.split, config=cfg.hf_config)
+        )
         rows = qa_rows(examples, tokenizer)
         _truncation_note(rows, seq_len, "qa")
         shuffle = cfg.shuffle_buffer > 0

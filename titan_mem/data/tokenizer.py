@@ -133,9 +133,8 @@ class Tokenizer:
         self.encoding = encoding
         self.name = name
         self.num_threads = num_threads
-        specials = encoding._special_tokens  # noqa: SLF001 - tiktoken exposes no public mapping
-        self._eos_id = specials[EOS]
-        self._pad_id = specials[PAD]
+        self._eos_id = encoding.encode_single_token(EOS)
+        self._pad_id = encoding.encode_single_token(PAD)
 
     @property
     def n_words(self) -> int:

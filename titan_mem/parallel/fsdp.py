@@ -33,9 +33,19 @@ def parallelize_and_init(
     mp_policy: MixedPrecisionPolicy,
     activation_checkpoint: bool = False,
     compile_blocks: bool = False,
-    ignored_params: set[torch.nn.Parameter] | None = None,
+    ignored_param_names: set[str] | None = None,
 ) -> Transformer:
-    """Shard `model` (built on meta) with FSDP2 over `mesh` and fill it with seeded initial weights."""
+    """Shard `model` (built on meta) with FSDP2 over `mesh` and fill it with seeded initial weights.
+
+    `ignored_param_names` stay plain tensors, whole on every rank (to_empty makes new Parameter objects,
+    so they are named, not passed).
+    """
+    names = ignored_param_names or set()
+
+    def ignored() -> set[torch.nn.Parameter] | None:
+        found = {p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
+        return found or None
+
     torch.manual_seed(seed)
     for block in model.layers.values():
         block.activation_checkpoint = activation_checkpoint
@@ -52,7 +62,7 @@ def parallelize_and_init(
             mesh=mesh,
             mp_policy=mp_policy,
             reshard_after_forward=True,
-            ignored_params=ignored_params or None,
+            ignored_params=ignored(),
         )
     for mod in model.root_modules():
         mod.to_empty(device=device)
@@ -64,7 +74,7 @@ def parallelize_and_init(
         mesh=mesh,
         mp_policy=mp_policy,
         reshard_after_forward=False,
-        ignored_params=ignored_params or None,
+        ignored_params=ignored(),
     )
     # The loss is already divided by the global token count, so gradients must be summed, not averaged.
     for module in model.modules():

@@ -146,8 +146,8 @@ class SparseFinetuneMode(TrainMode):
         self.step_log: dict[str, Any] = {}
         self.selection_log = Path(cfg.job.dump_folder) / "selected_slots.jsonl"
 
-    def fsdp_ignored_params(self, model: nn.Module) -> set[nn.Parameter]:
-        return set(_value_tables(model).values())
+    def fsdp_ignored_param_names(self, model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if n.endswith("values.weight")}
 
     def after_load(self, model: nn.Module) -> None:
         layers = model.memory_layers()
@@ -235,7 +235,7 @@ class SparseFinetuneMode(TrainMode):
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.selection_log.parent.mkdir(parents=True, exist_ok=True)
             with self.selection_log.open("a") as f:
-                f.write(json.dumps({"selected": self._selected_ids}) + "\n")
+                f.write(json.dumps({"step": self.current_step, "selected": self._selected_ids}) + "\n")
 
     def step_info(self) -> dict[str, Any]:
         return {"update_norm": self.step_log.get("update_norm", 0.0)}

@@ -198,8 +198,13 @@ class RowSparseAdamW(_RowSparseOptimizer):
         self.weight_decay = float(weight_decay)
 
     def _hyper(self) -> dict[str, float]:
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return {
+            "lr": self.lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
