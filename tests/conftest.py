@@ -86,3 +86,38 @@ def losses(run_dir: Path) -> dict[int, float]:
 def tiny(tmp_path):
     """Overrides for a tiny run writing into tmp_path/run."""
     return [*TINY, f"--job.dump_folder={tmp_path / 'run'}"]
+
+
+def load_model_tensors(step_dir: Path) -> dict:
+    """Model tensors of a DCP checkpoint, consolidated in this process (no process group needed)."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(step_dir), str(out))
+        state = torch.load(out, weights_only=False)
+    return dict(state["model"])
+
+
+def run_tool(
+    script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300
+):
+    """Run tools/<script> in a fresh process (torchrun over gloo when nproc > 1)."""
+    path = str(REPO / "tools" / script)
+    if nproc == 1:
+        cmd = [sys.executable, path, *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            path,
+            *args,
+        ]
+    return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)

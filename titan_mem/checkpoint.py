@@ -37,11 +37,14 @@ class CheckpointError(RuntimeError):
 
 
 class ModelState(Stateful):
-    def __init__(self, model: torch.nn.Module, strict: bool = True):
-        self.model, self.strict = model, strict
+    """Model weights; `skip` names tensors not to load (e.g. fresh LoRA adapters absent from the file)."""
+
+    def __init__(self, model: torch.nn.Module, strict: bool = True, skip: set[str] = frozenset()):
+        self.model, self.strict, self.skip = model, strict, skip
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        sd = get_model_state_dict(self.model)
+        return {k: v for k, v in sd.items() if k not in self.skip} if self.skip else sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         set_model_state_dict(self.model, sd, options=StateDictOptions(strict=self.strict))
@@ -193,7 +196,7 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
         check_model_compatible(path, model, allow_missing)
-        self._load({"model": ModelState(model, strict=not allow_missing)}, path)
+        self._load({"model": ModelState(model, strict=not allow_missing, skip=set(allow_missing))}, path)
 
     def _load(self, states: dict[str, Any], path: Path) -> None:
         try:
@@ -210,7 +213,9 @@ def _root_cause(e: BaseException) -> str:
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
-        e = getattr(inner, "exc", inner) if not isinstance(inner, BaseException) else inner
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]  # (exception, traceback summary)
+        e = inner if isinstance(inner, BaseException) else getattr(inner, "exc", e)
     text = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0]
     return text[:300]
 

@@ -98,30 +98,33 @@ def run(argv: list[str]) -> Path:
     per_batch = -(-batch_size // micro)
     tokens_local, t0 = 0, time.perf_counter()
     progress = _progress(args.batches, enabled=rank == 0)
+    # FSDP forwards are collectives, so ranks move in lockstep: in round r every rank reads the same W
+    # batches from the stream and runs batch r * W + rank. A rank past the last batch runs a discarded
+    # forward so the others are not left waiting.
     with torch.no_grad():
-        for b in range(args.batches):
-            mine = b % world == rank
+        for round_start in range(0, args.batches, world):
+            own: list[dict] = []
+            for b in range(round_start, min(round_start + world, args.batches)):
+                micro_batches = [_next(stream, b, args.batches) for _ in range(per_batch)]
+                if b % world == rank:
+                    own = micro_batches
+            counted = bool(own)
+            if not counted:
+                own = micro_batches  # a stand-in for the collective only
             parts: dict[str, list] = {name: [] for name in layers}
-            for _ in range(per_batch):
-                try:
-                    batch = next(stream)
-                except StopIteration:
-                    raise ConfigError(
-                        f"data.source: ran out after {b} of {args.batches} batches (set data.repeat=true "
-                        "or fewer --batches)"
-                    ) from None
-                if not mine:
-                    continue
+            for batch in own:
                 mask = batch["token_mask"].to(dist_info.device)
                 model(batch["input_ids"].to(dist_info.device))
-                tokens_local += int(mask.sum())
-                for name, layer in layers.items():
-                    parts[name].append(count_slots(layer.last_indices, mask, n_slots[name]))
-            if mine:
+                if counted:
+                    tokens_local += int(mask.sum())
+                    for name, layer in layers.items():
+                        parts[name].append(count_slots(layer.last_indices, mask, n_slots[name]))
+            if counted:
                 for name in layers:
                     touched, counts = merge_counts(*parts[name])
                     bg.add_batch(name, touched.cpu(), counts.cpu())
-            progress(b + 1, tokens_local * world / max(time.perf_counter() - t0, 1e-9))
+            done = min(round_start + world, args.batches)
+            progress(done, tokens_local * world / max(time.perf_counter() - t0, 1e-9))
     for name in layers:  # each batch was counted on exactly one rank: sums are exact
         bg.df[name] = all_reduce_sum(bg.df[name].to(dist_info.device)).cpu()
         bg.total[name] = all_reduce_sum(bg.total[name].to(dist_info.device)).cpu()
@@ -138,6 +141,15 @@ def run(argv: list[str]) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _next(stream, b: int, total: int) -> dict:
+    try:
+        return next(stream)
+    except StopIteration:
+        raise ConfigError(
+            f"data.source: ran out after {b} of {total} batches (set data.repeat=true or fewer --batches)"
+        ) from None
 
 
 def _progress(total: int, enabled: bool):

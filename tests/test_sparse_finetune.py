@@ -1,0 +1,234 @@
+"""Sparse memory finetuning end to end (invariant 4), its ranking edge cases, the baselines, and counting."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer
+
+from titan_mem.sparse.counts import load_background_counts
+
+VALUES = "layers.1.feed_forward.values.weight"  # the tiny model's memory value table
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained checkpoint with background counts stored in its folder."""
+    root = tmp_path_factory.mktemp("base")
+    args = [*TINY, f"--job.dump_folder={root / 'run'}"]
+    _ok(run_trainer([*args, "--training.steps=3"]))
+    step = root / "run" / "checkpoints" / "step-3"
+    _ok(run_tool("background_counts.py", ["train_configs/debug_model.toml", *args, "--batches", "8"]))
+    assert (step / "background_counts.safetensors").is_file()
+    return step
+
+
+def _finetune(base, tmp_path, *extra, name="ft"):
+    run = tmp_path / name
+    args = [
+        *TINY,
+        f"--job.dump_folder={run}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={base}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        "--training.global_batch_size=4",
+        "--training.steps=4",
+        "--optimizer.name=sgd",
+        "--optimizer.lr=2",
+        "--finetune.top_t=10",
+        "--lr_scheduler.warmup_steps=0",
+        "--lr_scheduler.decay_type=constant",
+        *extra,
+    ]
+    _ok(run_trainer(args))
+    return run
+
+
+def _selections(run):
+    lines = [json.loads(x) for x in (run / "selected_slots.jsonl").read_text().splitlines()]
+    return [torch.tensor(rec["selected"]["layers.1.feed_forward"], dtype=torch.long) for rec in lines]
+
+
+def _changed_rows(a, b):
+    return torch.nonzero(torch.ne(a, b).any(dim=1)).flatten()
+
+
+def _assert_only_selected_rows_changed(base, run, top_t):
+    before = load_model_tensors(base)
+    after = load_model_tensors(run / "checkpoints" / "step-4")
+    assert before.keys() == after.keys()
+    for key in before:
+        if key != VALUES:
+            assert torch.equal(before[key], after[key]), f"{key} changed"
+    selections = _selections(run)
+    assert len(selections) == 4
+    assert all(len(s) <= top_t for s in selections)
+    ever_selected = set(torch.cat(selections).tolist())
+    changed = set(_changed_rows(before[VALUES], after[VALUES]).tolist())
+    assert changed, "sparse finetuning changed nothing"
+    assert changed <= ever_selected
+    return changed, ever_selected
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["--optimizer.name=sgd", "--optimizer.lr=2"],
+        # AdamW with momentum and decoupled weight decay: the update, not only the gradient, is masked.
+        ["--optimizer.name=adamw", "--optimizer.lr=0.01", "--optimizer.memory_weight_decay=0.1"],
+        [
+            "--optimizer.name=sgd",
+            "--optimizer.lr=1",
+            "--optimizer.momentum=0.9",
+            "--optimizer.memory_weight_decay=0.1",
+        ],
+    ],
+    ids=["sgd", "adamw_wd", "sgd_momentum_wd"],
+)
+@pytest.mark.parametrize("ranking", ["tfidf", "kl", "tf"])
+def test_sparse_finetune_changes_only_selected_rows(base, tmp_path, optimizer, ranking):
+    if ranking != "tfidf" and optimizer[0] != "--optimizer.name=sgd":
+        pytest.skip("one optimizer is enough for the other rankings")  # keeps the suite short
+    run = _finetune(base, tmp_path, *optimizer, f"--finetune.ranking={ranking}")
+    _assert_only_selected_rows_changed(base, run, top_t=10)
+    records = read_metrics(run)
+    assert all(r["slots_selected"] <= 10 and 0 < r["frac_touched_kept"] <= 1 for r in records)
+    assert all(r["update_norm"] > 0 for r in records)
+
+
+def test_ranking_all_with_large_top_t_updates_every_touched_row(base, tmp_path):
+    run = _finetune(base, tmp_path, "--finetune.ranking=all", "--finetune.top_t=100000")
+    changed, ever_selected = _assert_only_selected_rows_changed(base, run, top_t=100000)
+    records = read_metrics(run)
+    assert all(r["slots_selected"] == r["slots_touched"] for r in records)
+    assert changed == ever_selected
+
+
+def test_top_t_zero_changes_nothing(base, tmp_path):
+    run = _finetune(base, tmp_path, "--finetune.top_t=0")
+    before, after = load_model_tensors(base), load_model_tensors(run / "checkpoints" / "step-4")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sparse_finetune_two_ranks_equals_one_rank(base, tmp_path):
+    """Slot counts are all-reduced: 2 ranks select the same rows and reach the same values as 1 rank."""
+    runs = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"r{nproc}"
+        args = [
+            *TINY,
+            f"--job.dump_folder={run}",
+            "--training.mode=sparse_finetune",
+            f"--checkpoint.initial_load_path={base}",
+            "--data.regime=facts",
+            "--training.micro_batch_size=2",
+            "--training.global_batch_size=4",
+            "--training.steps=3",
+            "--optimizer.name=sgd",
+            "--optimizer.lr=2",
+            "--finetune.top_t=10",
+            "--lr_scheduler.warmup_steps=0",
+        ]
+        _ok(run_trainer(args, nproc=nproc))
+        runs[nproc] = run
+    sel1, sel2 = _selections(runs[1]), _selections(runs[2])
+    assert all(torch.equal(a, b) for a, b in zip(sel1, sel2))
+    v1 = load_model_tensors(runs[1] / "checkpoints" / "step-3")[VALUES]
+    v2 = load_model_tensors(runs[2] / "checkpoints" / "step-3")[VALUES]
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+
+
+def test_background_counts_two_ranks_equal_one_rank(base, tmp_path):
+    args = [*TINY, f"--job.dump_folder={tmp_path}", f"--checkpoint.initial_load_path={base}"]
+    files = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"counts{nproc}.safetensors"
+        _ok(
+            run_tool(
+                "background_counts.py",
+                ["train_configs/debug_model.toml", *args, "--batches", "5", "--out", str(out)],
+                nproc=nproc,
+            )
+        )
+        files[nproc] = load_background_counts(out)
+    one, two = files[1], files[2]
+    assert one.layers == two.layers == ["layers.1.feed_forward"]
+    for layer in one.layers:
+        assert torch.equal(one.df[layer], two.df[layer])
+        assert torch.equal(one.total[layer], two.total[layer])
+        assert int(one.df[layer].max()) <= 5
+        # 5 batches x 4 sequences x 32 tokens x 2 heads x top-4 reads
+        assert int(one.total[layer].sum()) == 5 * 4 * 32 * 2 * 4
+    meta = one.metadata
+    assert meta["n_batches"] == 5 and meta["batch_size"] == 4 and meta["seq_len"] == 32
+    assert meta["checkpoint_step"] == 3 and meta["n_slots"] == {"layers.1.feed_forward": 256}
+
+
+def test_bad_background_counts_file(base, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    proc = run_trainer(
+        [
+            *TINY,
+            f"--job.dump_folder={tmp_path / 'x'}",
+            "--training.mode=sparse_finetune",
+            f"--checkpoint.initial_load_path={base}",
+            f"--finetune.background_counts={missing}",
+            "--data.regime=facts",
+            "--training.steps=1",
+        ]
+    )
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 20)
+    proc = run_trainer(
+        [
+            *TINY,
+            f"--job.dump_folder={tmp_path / 'y'}",
+            "--training.mode=sparse_finetune",
+            f"--checkpoint.initial_load_path={base}",
+            f"--finetune.background_counts={corrupt}",
+            "--data.regime=facts",
+            "--training.steps=1",
+        ]
+    )
+    assert proc.returncode == 2 and str(corrupt) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_and_lora_finetune_from_the_same_checkpoint(base, tmp_path):
+    common = [
+        *TINY,
+        f"--checkpoint.initial_load_path={base}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        "--training.global_batch_size=4",
+        "--training.steps=2",
+    ]
+    full = tmp_path / "full"
+    _ok(run_trainer([*common, f"--job.dump_folder={full}", "--training.mode=full_finetune"]))
+    lora = tmp_path / "lora"
+    _ok(
+        run_trainer(
+            [
+                *common,
+                f"--job.dump_folder={lora}",
+                "--training.mode=lora_finetune",
+                "--finetune.lora_rank=2",
+                "--optimizer.lr=0.01",
+            ]
+        )
+    )
+    before = load_model_tensors(base)
+    after_full = load_model_tensors(full / "checkpoints" / "step-2")
+    assert any(not torch.equal(before[k], after_full[k]) for k in before if k != VALUES)
+    after_lora = load_model_tensors(lora / "checkpoints" / "step-2")
+    adapters = [k for k in after_lora if k.endswith((".lora_a", ".lora_b"))]
+    assert adapters and set(after_lora) - set(adapters) == set(before)
+    for key in before:  # LoRA leaves every base weight untouched
+        assert torch.equal(before[key], after_lora[key]), key
+    assert any(k.endswith(".lora_b") and after_lora[k].abs().sum() > 0 for k in adapters)
