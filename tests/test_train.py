@@ -124,3 +124,16 @@ def test_nan_loss_stops_without_saving(tiny, tmp_path):
     assert "Traceback" not in proc.stderr
     bad_step = int(re.search(r"error: step (\d+)", proc.stderr).group(1))
     assert all(s < bad_step for s in step_dirs(run / "checkpoints"))
+
+
+def test_activation_checkpointing_and_tied_embeddings_train_the_same(tiny, tmp_path):
+    """Recomputing blocks in backward changes memory, not numbers; tied embeddings train too."""
+    plain, ac = tmp_path / "plain", tmp_path / "ac"
+    common = [*tiny, "--training.steps=3", "--checkpoint.enable=false"]
+    _ok(run_trainer([*common, f"--job.dump_folder={plain}"]))
+    _ok(run_trainer([*common, f"--job.dump_folder={ac}", "--training.activation_checkpoint=full"]))
+    a, b = losses(plain), losses(ac)
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a)
+    tied = tmp_path / "tied"
+    _ok(run_trainer([*common, f"--job.dump_folder={tied}", "--model.tie_embeddings=true"]))
+    assert len(losses(tied)) == 3

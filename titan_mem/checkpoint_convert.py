@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -192,6 +193,8 @@ def _root_cause(e: BaseException) -> str:
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]  # (exception, traceback summary)
         e = inner if isinstance(inner, BaseException) else getattr(inner, "exc", e)
     text = f"{type(e).__name__}: {str(e).strip()}".splitlines()
     return (text[0] if text else type(e).__name__)[:300]
@@ -695,8 +698,9 @@ def apply_delta(
     for n in d.tables:
         rows = d.tensors[f"rows/{n}"]
         table = model[n]
-        table.reshape(table.shape[0], -1).index_copy_(
-            0, rows, d.tensors[f"{want}/{n}"].reshape(rows.numel(), -1)
+        width = math.prod(table.shape[1:])
+        table.view(table.shape[0], width).index_copy_(
+            0, rows, d.tensors[f"{want}/{n}"].view(rows.numel(), width)
         )
     for n in d.dense:
         model[n] = d.tensors[f"dense_{want}/{n}"].clone()

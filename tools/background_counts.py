@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, CheckpointManager, step_dirs
 from titan_mem.config import ConfigError

@@ -1,0 +1,85 @@
+"""Config parsing (types, overrides, errors) and learning-rate schedules, in process."""
+
+import json
+import math
+
+import pytest
+
+from titan_mem.components.lr import lr_multiplier
+from titan_mem.config import ConfigError, dump, help_text, parse_args, validate_batch
+
+
+def test_toml_then_cli_overrides_in_both_spellings(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[training]\nsteps = 7\nseq_len = 64\n[optimizer]\nbetas = [0.8, 0.9]\n')
+    cfg = parse_args([str(cfg_file), "--training.steps", "9", "--model.memory_layers=1,3", "--job.dry_run"])
+    assert cfg.training.steps == 9 and cfg.training.seq_len == 64
+    assert cfg.optimizer.betas == [0.8, 0.9]
+    assert cfg.model.memory_layers == [1, 3]
+    assert cfg.job.dry_run is True
+    assert cfg.job.config_file == str(cfg_file)
+    assert parse_args(["--checkpoint.initial_load_path=none"]).checkpoint.initial_load_path is None
+    assert parse_args(["--optimizer.lr=2"]).optimizer.lr == 2.0
+
+
+@pytest.mark.parametrize(
+    "argv,key",
+    [
+        (["--training.stepz=1"], "training.stepz"),
+        (["--training.steps=1.5"], "training.steps"),
+        (["--optimizer.lr=fast"], "optimizer.lr"),
+        (["--finetune.ranking=bm25"], "finetune.ranking"),
+        (["--finetune.top_t=-1"], "finetune.top_t"),
+        (["--training.mode=distill"], "training.mode"),
+        (["--lr_scheduler.decay_ratio=2"], "lr_scheduler.decay_ratio"),
+        (["training.steps=3"], "training.steps=3"),
+    ],
+)
+def test_errors_name_the_key(argv, key):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_toml_type_errors(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text("[training]\nsteps = true\n")
+    with pytest.raises(ConfigError, match="training.steps"):
+        parse_args([str(f)])
+    f.write_text("training = 3\n")
+    with pytest.raises(ConfigError, match="must be a \\[section\\]"):
+        parse_args([str(f)])
+
+
+def test_global_batch_split():
+    cfg = parse_args(["--training.global_batch_size=16", "--training.micro_batch_size=4"])
+    assert validate_batch(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="training.global_batch_size"):
+        validate_batch(cfg, 3)
+
+
+def test_dump_writes_resolved_config_atomically(tmp_path):
+    cfg = parse_args(["--training.steps=5"])
+    dump(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["steps"] == 5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_help_documents_every_key():
+    text = help_text()
+    for key in ("--finetune.top_t", "--lr_scheduler.decay_type", "--parallelism.data_parallel_shard_degree"):
+        assert key in text
+
+
+def test_lr_schedules():
+    warm = [lr_multiplier(s, 100, 10, "cosine", 0.2, 0.1) for s in range(10)]
+    assert warm == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_multiplier(10, 100, 10, "cosine", 0.2, 0.1) == pytest.approx(1.0)
+    mid = lr_multiplier(55, 100, 10, "cosine", 0.2, 0.1)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(100, 100, 10, "cosine", 0.2, 0.1) == pytest.approx(0.1)
+    # WSD: flat until the last 20 % of steps, then linear to the floor.
+    assert lr_multiplier(79, 100, 10, "wsd", 0.2, 0.1) == 1.0
+    assert lr_multiplier(90, 100, 10, "wsd", 0.2, 0.1) == pytest.approx(1 - 0.9 * 0.5)
+    assert lr_multiplier(100, 100, 10, "wsd", 0.2, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(50, 100, 0, "constant", 0.2, 0.1) == 1.0
