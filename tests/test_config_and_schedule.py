@@ -11,7 +11,7 @@ from titan_mem.config import ConfigError, dump, help_text, parse_args, validate_
 
 def test_toml_then_cli_overrides_in_both_spellings(tmp_path):
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text('[training]\nsteps = 7\nseq_len = 64\n[optimizer]\nbetas = [0.8, 0.9]\n')
+    cfg_file.write_text("[training]\nsteps = 7\nseq_len = 64\n[optimizer]\nbetas = [0.8, 0.9]\n")
     cfg = parse_args([str(cfg_file), "--training.steps", "9", "--model.memory_layers=1,3", "--job.dry_run"])
     assert cfg.training.steps == 9 and cfg.training.seq_len == 64
     assert cfg.optimizer.betas == [0.8, 0.9]
