@@ -232,3 +232,58 @@ def test_full_and_lora_finetune_from_the_same_checkpoint(base, tmp_path):
     for key in before:  # LoRA leaves every base weight untouched
         assert torch.equal(before[key], after_lora[key]), key
     assert any(k.endswith(".lora_b") and after_lora[k].abs().sum() > 0 for k in adapters)
+
+
+def test_sparse_finetune_resume_is_exact_with_row_adamw_state(base, tmp_path):
+    """The row-sparse optimizer state and the data position go into the checkpoint: 2+2 steps = 4 steps."""
+    extra = ["--optimizer.name=adamw", "--optimizer.lr=0.01", "--optimizer.memory_weight_decay=0.1"]
+    straight = _finetune(base, tmp_path, *extra, name="straight")
+    split = tmp_path / "split"
+    args = [
+        *TINY,
+        f"--job.dump_folder={split}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={base}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        "--training.global_batch_size=4",
+        "--optimizer.name=adamw",
+        "--optimizer.lr=0.01",
+        "--optimizer.memory_weight_decay=0.1",
+        "--finetune.top_t=10",
+        "--lr_scheduler.warmup_steps=0",
+        "--lr_scheduler.decay_type=constant",
+    ]
+    _ok(run_trainer([*args, "--training.steps=2"]))
+    proc = _ok(run_trainer([*args, "--training.steps=4"]))
+    assert "resumed from" in proc.stdout
+    a = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    b = {r["step"]: r["loss"] for r in read_metrics(split)}
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+    va = load_model_tensors(straight / "checkpoints" / "step-4")[VALUES]
+    vb = load_model_tensors(split / "checkpoints" / "step-4")[VALUES]
+    assert torch.equal(va, vb)
+
+
+def test_lora_finetune_under_fsdp_two_ranks(base, tmp_path):
+    run = tmp_path / "lora2"
+    _ok(
+        run_trainer(
+            [
+                *TINY,
+                f"--job.dump_folder={run}",
+                "--training.mode=lora_finetune",
+                f"--checkpoint.initial_load_path={base}",
+                "--data.regime=facts",
+                "--training.micro_batch_size=2",
+                "--training.global_batch_size=4",
+                "--training.steps=2",
+                "--finetune.lora_rank=2",
+                "--optimizer.lr=0.01",
+            ],
+            nproc=2,
+        )
+    )
+    before, after = load_model_tensors(base), load_model_tensors(run / "checkpoints" / "step-2")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(k.endswith(".lora_b") and after[k].abs().sum() > 0 for k in after)
