@@ -204,20 +204,20 @@ class CheckpointManager:
         except (CheckpointError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
-            msg = _root_cause(e)
+            msg = root_cause(e)
             raise CheckpointError(f"{path}: failed to load ({msg})") from None
 
 
-def _root_cause(e: BaseException) -> str:
-    """First line of the innermost error DCP wrapped (it collects per-rank failures)."""
+def root_cause(e: BaseException) -> str:
+    """First line of the innermost error (DCP wraps per-rank failures in a dict)."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
         if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
             inner = inner[0]  # (exception, traceback summary)
         e = inner if isinstance(inner, BaseException) else getattr(inner, "exc", e)
-    text = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0]
-    return text[:300]
+    text = f"{type(e).__name__}: {str(e).strip()}".splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from titan_mem.checkpoint import CheckpointError, read_metadata
+from titan_mem.checkpoint import CheckpointError, read_metadata, root_cause
 from titan_mem.models.lora import merge_lora_state_dict
 
 MODEL_KEY = "model"
@@ -141,7 +141,7 @@ def load_flat(index: DcpIndex, keys: list[str] | None = None) -> dict[str, Any]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
-        raise ConvertError(index.path, f"failed to load ({_root_cause(e)})") from None
+        raise ConvertError(index.path, f"failed to load ({root_cause(e)})") from None
     return state
 
 
@@ -186,18 +186,6 @@ def _single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _root_cause(e: BaseException) -> str:
-    """First line of the innermost error (DCP wraps per-rank failures in a dict)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
-            inner = inner[0]  # (exception, traceback summary)
-        e = inner if isinstance(inner, BaseException) else getattr(inner, "exc", e)
-    text = f"{type(e).__name__}: {str(e).strip()}".splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -338,14 +326,14 @@ def read_file(src: str | os.PathLike) -> dict[str, Any]:
         try:
             tensors = load_file(str(src))
         except Exception as e:  # SafetensorError for a bad header, OSError, ...
-            raise ConvertError(src, f"not a readable safetensors file ({_root_cause(e)})") from None
+            raise ConvertError(src, f"not a readable safetensors file ({root_cause(e)})") from None
         if not tensors:
             raise ConvertError(src, "holds no tensors")
         return {MODEL_KEY: tensors}
     try:
         state = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors for corrupt files, UnpicklingError for foreign objects
-        raise ConvertError(src, f"not a loadable torch file ({_root_cause(e)})") from None
+        raise ConvertError(src, f"not a loadable torch file ({root_cause(e)})") from None
     if not isinstance(state, dict):
         raise ConvertError(src, f"holds a {type(state).__name__}, expected a dict")
     if MODEL_KEY not in state:
@@ -615,7 +603,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ConvertError(path, f"not a readable safetensors file ({_root_cause(e)})") from None
+        raise ConvertError(path, f"not a readable safetensors file ({root_cause(e)})") from None
     if meta.get("format") != DELTA_FORMAT:
         raise ConvertError(path, "not a titan_mem sparse delta (no 'format' metadata)")
     if meta.get("version") != DELTA_VERSION:
@@ -624,7 +612,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
         tables, dense, unchanged = (json.loads(meta[k]) for k in ("tables", "dense", "unchanged"))
         _check_delta(path, tables, dense, unchanged, tensors)
     except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ConvertError(path, f"damaged delta metadata ({_root_cause(e)})") from None
+        raise ConvertError(path, f"damaged delta metadata ({root_cause(e)})") from None
     return Delta(path, meta, tables, dense, unchanged, tensors)
 
 

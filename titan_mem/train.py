@@ -301,16 +301,26 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(config_mod.help_text())
         return 0
-    trainer = None
-    try:
+
+    def run() -> None:
         cfg = config_mod.parse_args(argv)
         if cfg.job.dry_run:
             dry_run(cfg)
-            return 0
-        trainer = Trainer(cfg)
-        trainer.train()
+        else:
+            Trainer(cfg).train()
+
+    return run_cli(run)
+
+
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError)
+
+
+def run_cli(fn) -> int:
+    """Run a command: a user error becomes one `error: ...` line and exit code 2, never a traceback."""
+    try:
+        fn()
         return 0
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

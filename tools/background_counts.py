@@ -28,10 +28,10 @@ from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, CheckpointManager, step_dirs
 from titan_mem.config import ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
-from titan_mem.distributed import all_reduce_sum, init_distributed, shutdown
+from titan_mem.distributed import all_reduce_sum, init_distributed
 from titan_mem.modes import TrainMode
 from titan_mem.sparse.counts import BackgroundCounts, count_slots, merge_counts, save_background_counts
-from titan_mem.train import build_model
+from titan_mem.train import build_model, run_cli
 
 DEFAULT_NAME = "background_counts.safetensors"
 
@@ -173,14 +173,7 @@ def _progress(total: int, enabled: bool):
 
 
 def main() -> int:
-    try:
-        run(sys.argv[1:])
-        return 0
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        shutdown()
+    return run_cli(lambda: run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,6 @@ FLAVORS: dict[str, ModelArgs] = {
         max_seq_len=512,
         memory=MemoryArgs(layers=[2], n_keys=64, heads=2, topk=8, k_dim=64, v_dim=128),
     ),
-    # Same tiny model with a dense FFN everywhere: the baseline of tools/bench_train_step.py.
-    "debug_dense": ModelArgs(dim=128, n_layers=4, n_heads=4, ffn_hidden_dim=384, max_seq_len=512),
     # Lin et al. 2025 (arXiv 2510.15103): 1.3B, 22 layers, dim 2048, FFN 8192, memory at layer 12 with
     # 1024**2 slots, 4 heads, k=32, value dim 1024, Memory+. k_dim 512 follows Berges et al.'s PKM setup.
     "1b": ModelArgs(
@@ -94,16 +92,12 @@ FLAVORS: dict[str, ModelArgs] = {
         rope_theta=500000.0,
         memory=MemoryArgs(layers=[12], n_keys=1024, heads=4, topk=32, k_dim=512, v_dim=1024, plus=True),
     ),
-    "1b_dense": ModelArgs(
-        dim=2048,
-        n_layers=22,
-        n_heads=16,
-        n_kv_heads=16,
-        ffn_hidden_dim=8192,
-        max_seq_len=4096,
-        rope_theta=500000.0,
-    ),
 }
+
+
+# The same models with a SwiGLU FFN in every block: the dense baselines (e.g. tools/bench_train_step.py).
+FLAVORS["debug_dense"] = dataclasses.replace(FLAVORS["debug"], memory=MemoryArgs())
+FLAVORS["1b_dense"] = dataclasses.replace(FLAVORS["1b"], memory=MemoryArgs())
 
 
 _MODEL_OVERRIDES = {
