@@ -1,10 +1,8 @@
 """Trainer end to end on one process: learning, checkpoints, exact resume, dry run, crash-safe saves."""
 
-import os
 import re
 import subprocess
 
-import pytest
 from conftest import REPO, _env, losses, read_metrics, run_trainer
 
 from titan_mem.checkpoint import step_dirs
@@ -106,7 +104,6 @@ def test_dry_run_pretrain_1b_prints_paper_model_counts():
     assert "est. per-GPU total_gib" in out
 
 
-@pytest.mark.skipif(os.environ.get("TITAN_MEM_SKIP_SLOW") == "1", reason="opt-out for quick local loops")
 def test_nan_loss_stops_without_saving(tiny, tmp_path):
     run = tmp_path / "run"
     proc = run_trainer(
