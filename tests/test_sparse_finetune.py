@@ -300,3 +300,23 @@ def test_sparse_finetune_learns_repeated_facts(base, tmp_path):
     loss = [r["loss"] for r in read_metrics(run)]
     epochs = [sum(loss[i : i + 6]) / 6 for i in range(0, 18, 6)]
     assert epochs[2] < epochs[1] < epochs[0], epochs
+
+
+def test_counts_of_another_checkpoint_are_refused(base, tmp_path):
+    import shutil
+
+    other = tmp_path / "copy" / "step-3"
+    shutil.copytree(base, other)  # same weights, but the counts file names the original checkpoint
+    args = [
+        *TINY,
+        f"--job.dump_folder={tmp_path / 'x'}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={other}",
+        "--data.regime=facts",
+        "--training.steps=1",
+        "--training.micro_batch_size=4",
+        "--training.global_batch_size=4",
+    ]
+    proc = run_trainer(args)
+    assert proc.returncode == 2 and "counted on checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    _ok(run_trainer([*args, "--finetune.check_counts_checkpoint=false"]))

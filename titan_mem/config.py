@@ -139,6 +139,9 @@ class FinetuneConfig:
         "Background slot counts file (tools/background_counts.py); None = <initial_load_path>/"
         "background_counts.safetensors.",
     )
+    check_counts_checkpoint: bool = _help(
+        True, "Refuse background counts recorded for another checkpoint than initial_load_path."
+    )
     lora_rank: int = _help(16, "lora_finetune: adapter rank r.")
     lora_alpha: float = _help(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")
     lora_targets: list[str] = _help(

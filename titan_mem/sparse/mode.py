@@ -167,8 +167,10 @@ class SparseFinetuneMode(TrainMode):
         self.n_slots = {name: layer.value_table.weight.shape[0] for name, layer in layers.items()}
         if self.counts_path is not None:
             try:
+                base = self.cfg.checkpoint.initial_load_path
+                check = base if (base and self.cfg.finetune.check_counts_checkpoint) else None
                 self.background = load_background_counts(
-                    self.counts_path, expect_layers=self.n_slots, expect_checkpoint=None
+                    self.counts_path, expect_layers=self.n_slots, expect_checkpoint=check
                 )
             except ValueError as e:
                 raise ConfigError(str(e)) from None
