@@ -134,3 +134,14 @@ def test_activation_checkpointing_and_tied_embeddings_train_the_same(tiny, tmp_p
     tied = tmp_path / "tied"
     _ok(run_trainer([*common, f"--job.dump_folder={tied}", "--model.tie_embeddings=true"]))
     assert len(losses(tied)) == 3
+
+
+def test_compiled_blocks_match_eager(tiny, tmp_path):
+    """Per-block torch.compile (inductor on CPU) changes speed, not the loss curve."""
+    common = [*tiny, "--training.steps=3", "--checkpoint.enable=false"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _ok(run_trainer([*common, f"--job.dump_folder={eager}"]))
+    _ok(run_trainer([*common, f"--job.dump_folder={compiled}", "--training.compile=true"]))
+    a, b = losses(eager), losses(compiled)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)
