@@ -145,3 +145,29 @@ def test_compiled_blocks_match_eager(tiny, tmp_path):
     a, b = losses(eager), losses(compiled)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)
+
+
+def test_initial_load_full_state_continues_another_run(tiny, tmp_path):
+    """initial_load_model_only=false: a new folder continues another run's step, optimizer and data."""
+    const = [*tiny, "--lr_scheduler.decay_type=constant"]
+    straight = tmp_path / "straight"
+    _ok(
+        run_trainer(
+            [*const, f"--job.dump_folder={straight}", "--training.steps=4", "--checkpoint.interval=2"]
+        )
+    )
+    other = tmp_path / "other"
+    proc = _ok(
+        run_trainer(
+            [
+                *const,
+                f"--job.dump_folder={other}",
+                "--training.steps=4",
+                f"--checkpoint.initial_load_path={straight / 'checkpoints' / 'step-2'}",
+                "--checkpoint.initial_load_model_only=false",
+            ]
+        )
+    )
+    assert "at step 2" in proc.stdout
+    a, b = losses(straight), losses(other)
+    assert sorted(b) == [3, 4] and [a[3], a[4]] == [b[3], b[4]]

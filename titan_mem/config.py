@@ -112,7 +112,9 @@ class CheckpointConfig:
     keep_latest_k: int = _help(2, "Keep only the newest k checkpoints (0 = keep all).")
     load_step: int = _help(-1, "Resume from this step (-1 = newest found in the folder, if any).")
     initial_load_path: str | None = _help(None, "Checkpoint step folder to start from when none to resume.")
-    initial_load_model_only: bool = _help(True, "Load only model weights from initial_load_path.")
+    initial_load_model_only: bool = _help(
+        True, "Load only model weights from initial_load_path (false: its full state, continuing its step)."
+    )
 
 
 @dataclass

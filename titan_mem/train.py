@@ -109,19 +109,18 @@ class Trainer:
         )
         self.step = 0
         resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None
-        if resume is None and cfg.checkpoint.initial_load_path:
+        initial = Path(cfg.checkpoint.initial_load_path) if cfg.checkpoint.initial_load_path else None
+        if resume is None and initial is not None and cfg.checkpoint.initial_load_model_only:
             # A new run (e.g. finetuning) starting from another run's weights.
-            path = Path(cfg.checkpoint.initial_load_path)
-            if not cfg.checkpoint.initial_load_model_only:
-                raise ConfigError(
-                    "checkpoint.initial_load_model_only=false: start a run from another run's full state by "
-                    "copying its step folder into this run's checkpoint folder instead"
-                )
-            self.ckpt.load_model_only(path, self.model, allow_missing=self.mode.missing_ok_on_initial_load())
-            self._log(f"loaded model weights from {path}")
+            self.ckpt.load_model_only(
+                initial, self.model, allow_missing=self.mode.missing_ok_on_initial_load()
+            )
+            self._log(f"loaded model weights from {initial}")
         self.mode.after_load(self.model)
         self.optimizer = self.mode.build_optimizer(self.model)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        if resume is None and initial is not None and not cfg.checkpoint.initial_load_model_only:
+            resume = initial  # continue another run's full state (optimizer, schedule, data position) here
         if resume is not None:
             state = self.ckpt.load_full(resume, self.model, self._states())
             self.step = state["step"]
