@@ -108,3 +108,34 @@ def test_two_nodes_rendezvous_and_train_together(tiny, tmp_path):
     assert "2 rank(s)" in "".join(outs)
     assert sorted(losses(run)) == [1, 2, 3]
     assert sorted(step_dirs(run / "checkpoints")) == [3]
+
+
+def _local_corpus(path):
+    """20 short documents: resume lands mid-epoch and the 8 steps cross an epoch boundary."""
+    import random
+
+    rng = random.Random(0)
+    words = "river stone market garden teacher window silver morning harbor letter winter copper".split()
+    with path.open("w") as f:
+        for i in range(20):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))
+            f.write(json.dumps({"text": f"Document {i}. {text}."}) + "\n")
+    return path
+
+
+def test_resume_mid_epoch_on_local_files_is_exact_1_and_2_ranks(tiny, tmp_path):
+    corpus = _local_corpus(tmp_path / "corpus.jsonl")
+    data = [f"--data.source={corpus}", "--data.shuffle_buffer=16", "--lr_scheduler.decay_type=constant"]
+    for nproc in (1, 2):
+        straight, split = tmp_path / f"straight{nproc}", tmp_path / f"split{nproc}"
+        args = [*tiny, *data]
+        _ok(
+            run_trainer(
+                [*args, f"--job.dump_folder={straight}", "--training.steps=8", "--checkpoint.interval=100"],
+                nproc=nproc,
+            )
+        )
+        _ok(run_trainer([*args, f"--job.dump_folder={split}", "--training.steps=5"], nproc=nproc))
+        _ok(run_trainer([*args, f"--job.dump_folder={split}", "--training.steps=8"], nproc=nproc))
+        a, b = losses(straight), losses(split)
+        assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)], nproc
