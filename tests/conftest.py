@@ -54,23 +54,30 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run `titan_mem.train` in fresh processes: plain python for 1 rank, torchrun (gloo) for more."""
+def launch(target: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run `target` (`["-m", module, ...]` or `[script, ...]`) in fresh processes: plain python for one rank,
+    torchrun over gloo with a free c10d port for more."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "titan_mem.train", *args]
+        cmd = [sys.executable, *target]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+        rdzv = [
             f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-            "-m",
-            "titan_mem.train",
-            *args,
         ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, *target]
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run `python -m titan_mem.train ARGS` on `nproc` ranks."""
+    return launch(["-m", "titan_mem.train", *args], nproc, env, timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert a launched command succeeded, showing the tail of its output if not."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -80,6 +87,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny 3-step pretraining checkpoint with 8 batches of background counts in its folder."""
+    root = tmp_path_factory.mktemp("pretrained")
+    args = [*TINY, f"--job.dump_folder={root / 'run'}"]
+    ok(run_trainer([*args, "--training.steps=3"]))
+    ok(run_tool("background_counts.py", ["train_configs/debug_model.toml", *args, "--batches", "8"]))
+    step = root / "run" / "checkpoints" / "step-3"
+    assert (step / "background_counts.safetensors").is_file()
+    return step
 
 
 @pytest.fixture
@@ -105,19 +124,5 @@ def load_model_tensors(step_dir: Path) -> dict:
 def run_tool(
     script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300
 ):
-    """Run tools/<script> in a fresh process (torchrun over gloo when nproc > 1)."""
-    path = str(REPO / "tools" / script)
-    if nproc == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-            path,
-            *args,
-        ]
-    return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    """Run tools/<script> on `nproc` ranks."""
+    return launch([str(REPO / "tools" / script), *args], nproc, env, timeout)

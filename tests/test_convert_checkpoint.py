@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from conftest import REPO, TINY, _env, run_trainer
+from conftest import ok as _ok
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -37,35 +38,12 @@ cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
 
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
-def ck(tmp_path_factory):
-    """Real checkpoints: pretraining step 2, and a sparse finetune and a LoRA finetune of it."""
+def ck(tmp_path_factory, pretrained):
+    """Real checkpoints: the shared pretraining step, and a sparse finetune and a LoRA finetune of it."""
     root = tmp_path_factory.mktemp("convert")
     run = [*TINY, f"--job.dump_folder={root / 'run'}"]
-    _ok(run_trainer([*run, "--training.steps=2"]))
-    base = root / "run" / "checkpoints" / "step-2"
-    _ok(
-        subprocess.run(
-            [
-                sys.executable,
-                "tools/background_counts.py",
-                "train_configs/debug_model.toml",
-                *run,
-                "--batches",
-                "5",
-            ],
-            cwd=REPO,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    )
+    base = pretrained
     _ok(
         run_trainer(
             [
@@ -192,7 +170,7 @@ def test_dcp_safetensors_dcp_round_trip_model(ck, tmp_path, capsys):
     assert "layers.0.attention.wq.weight" in tensors and not any(k.startswith("model.") for k in tensors)
     assert_identical(tensors, model)
     with safe_open(str(st), framework="pt") as f:
-        assert '"step": 2' in f.metadata()["train_state"]
+        assert '"step": 3' in f.metadata()["train_state"]
     assert cli_main(capsys, "to-dcp", st, back)[0] == 0
     restored = read_dcp(back)
     assert restored.keys() == {"model"}

@@ -2,30 +2,15 @@
 
 import json
 import subprocess
-import sys
 
-from conftest import REPO, _env, free_port, losses, run_trainer
+from conftest import REPO, _env, free_port, launch, losses, run_trainer
+from conftest import ok as _ok
 
 from titan_mem.checkpoint import step_dirs
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def _torchrun_script(script, nproc, args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        str(REPO / "tests" / "dist_scripts" / script),
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    return launch([str(REPO / "tests" / "dist_scripts" / script), *args], nproc)
 
 
 def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path):

@@ -5,27 +5,17 @@ import json
 import pytest
 import torch
 from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer
+from conftest import ok as _ok
 
 from titan_mem.sparse.counts import load_background_counts
 
 VALUES = "layers.1.feed_forward.values.weight"  # the tiny model's memory value table
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny pretrained checkpoint with background counts stored in its folder."""
-    root = tmp_path_factory.mktemp("base")
-    args = [*TINY, f"--job.dump_folder={root / 'run'}"]
-    _ok(run_trainer([*args, "--training.steps=3"]))
-    step = root / "run" / "checkpoints" / "step-3"
-    _ok(run_tool("background_counts.py", ["train_configs/debug_model.toml", *args, "--batches", "8"]))
-    assert (step / "background_counts.safetensors").is_file()
-    return step
+@pytest.fixture
+def base(pretrained):
+    """The shared tiny pretraining checkpoint (with its background counts)."""
+    return pretrained
 
 
 def _finetune(base, tmp_path, *extra, name="ft"):

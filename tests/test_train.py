@@ -4,13 +4,9 @@ import re
 import subprocess
 
 from conftest import REPO, _env, losses, read_metrics, run_trainer
+from conftest import ok as _ok
 
 from titan_mem.checkpoint import step_dirs
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_run_train_sh_debug_default_learns_and_checkpoints(tmp_path):
