@@ -50,6 +50,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     }
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash in a child prints every thread's Python stack
     env.update(extra or {})
     return env
 

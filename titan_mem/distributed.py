@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,20 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a finished command without interpreter teardown; call after `shutdown()`.
+
+    CI once saw a run abort with SIGABRT ("terminate called without an active exception") after its last
+    checkpoint was saved and the process group destroyed: C++ objects (gloo/thread-pool singletons) were torn
+    down during Python finalisation in an order we do not control. Files are written and closed or renamed
+    before this point, so skipping finalisation loses nothing and the exit code is the command's own.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from titan_mem.components.metrics import MetricsLogger, peak_flops, peak_memory_
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.tokenizer import padded_vocab_size
-from titan_mem.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from titan_mem.distributed import DistInfo, all_reduce_sum, exit_process, init_distributed, shutdown
 from titan_mem.models.args import ModelArgs, build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
@@ -223,10 +223,17 @@ class Trainer:
 
     def train(self) -> list[float]:
         """Run until `training.steps`; returns the per-step losses of this launch."""
-        cfg = self.cfg
         losses: list[float] = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            self._train_loop(losses)
+        finally:
+            self.metrics.close()
+        return losses
+
+    def _train_loop(self, losses: list[float]) -> None:
+        cfg = self.cfg
         t_last, tokens_since = time.perf_counter(), 0
         while self.step < cfg.training.steps:
             info = self.train_step(self._next_batches())
@@ -259,8 +266,6 @@ class Trainer:
                 t_last, tokens_since = time.perf_counter(), 0
             if self.step % cfg.checkpoint.interval == 0 or last:
                 self.save()
-        self.metrics.close()
-        return losses
 
 
 def dry_run(cfg: Config) -> None:
@@ -327,4 +332,4 @@ def run_cli(fn) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

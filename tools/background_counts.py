@@ -28,7 +28,7 @@ from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, CheckpointManager, step_dirs
 from titan_mem.config import ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
-from titan_mem.distributed import all_reduce_sum, init_distributed
+from titan_mem.distributed import all_reduce_sum, exit_process, init_distributed
 from titan_mem.modes import TrainMode
 from titan_mem.sparse.counts import BackgroundCounts, count_slots, merge_counts, save_background_counts
 from titan_mem.train import build_model, run_cli
@@ -177,4 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -166,4 +166,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from titan_mem.distributed import exit_process
+
     main()
+    exit_process(0)  # after shutdown(): skip the interpreter teardown (see exit_process)
