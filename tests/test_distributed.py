@@ -29,7 +29,7 @@ def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path):
         curves[nproc] = json.loads(out.read_text())
     one, two = curves[1], curves[2]
     assert len(one) == len(two) == 5
-    assert one[-1]["loss"] < one[0]["loss"]
+    assert one[-1]["loss"] < one[0]["loss"] - 0.3, one  # the fixed batch is being learned
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one, two)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])

@@ -23,8 +23,10 @@ def main() -> None:
     gbs, seq, vocab = cfg.training.global_batch_size, cfg.training.seq_len, trainer.tokenizer.n_words
     per_rank = gbs // world
     records = []
+    # One fixed global batch, seen every step: its loss must fall, so "training happens" is checkable
+    # (fresh random tokens each step would make the curve noise).
+    tokens = torch.randint(0, vocab, (gbs, seq + 1), generator=g)
     for _ in range(cfg.training.steps):
-        tokens = torch.randint(0, vocab, (gbs, seq + 1), generator=g)
         labels = tokens[:, 1:].clone()
         labels[:, : seq // 4] = -100  # some masked positions, unevenly spread over ranks
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
