@@ -10,7 +10,7 @@ import sys
 import torch
 
 from titan_mem.config import parse_args
-from titan_mem.distributed import shutdown
+from titan_mem.distributed import exit_process, shutdown
 from titan_mem.train import Trainer
 
 
@@ -51,3 +51,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
