@@ -54,8 +54,9 @@ if [[ "$NGPU" == 1 && "$NNODES" == 1 ]]; then
   exec "$PYTHON" -m titan_mem.train "$CONFIG" "$@"
 fi
 
-# Refuse a bad config before starting any worker, so the error is one line, not one per rank.
-"$PYTHON" -m titan_mem.config "$CONFIG" "$@"
+# Refuse a bad config, an unsplittable batch or a missing file before starting any worker, so the error is
+# one line and exit code 2, not one traceback per rank plus torchrun's failure report.
+"$PYTHON" -m titan_mem.preflight --world-size=$((NGPU * NNODES)) "$CONFIG" "$@"
 
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NGPU" --node_rank="$NODE_RANK" \

@@ -1,9 +1,11 @@
 """Bad inputs: one line naming the thing at fault, exit code 2, no traceback, nothing half-written."""
 
 import shutil
+import subprocess
 
 import pytest
-from conftest import REPO, run_trainer
+import torch
+from conftest import REPO, _env, run_trainer
 
 
 def _one_line_error(proc, *needles):
@@ -31,6 +33,17 @@ def _one_line_error(proc, *needles):
 )
 def test_bad_config_values(tiny, args, needles):
     _one_line_error(run_trainer([*tiny, *args]), *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU on a machine without one")
+def test_cuda_asked_on_a_machine_without_one(tiny):
+    _one_line_error(run_trainer([*tiny, "--training.device=cuda"]), "training.device=cuda")
+
+
+def test_unwritable_dump_folder(tiny, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _one_line_error(run_trainer([*tiny, f"--job.dump_folder={blocker / 'run'}"]), str(blocker))
 
 
 def test_missing_and_invalid_config_file(tmp_path):
@@ -77,6 +90,11 @@ def test_checkpoint_of_another_shape(tiny, saved_run, tmp_path):
     args = [*tiny, f"--job.dump_folder={tmp_path / 'other'}", f"--checkpoint.initial_load_path={saved_run}"]
     _one_line_error(run_trainer([*args, "--model.dim=96"]), str(saved_run), "shape")
     _one_line_error(run_trainer([*args, "--model.memory_layers=0"]), str(saved_run))
+    # Checkpoints holding tensors this model lacks: a deeper model, and Memory+ into plain PKM.
+    _one_line_error(
+        run_trainer([*args, "--model.n_layers=1", "--model.memory_layers=[]"]), str(saved_run), "lacks"
+    )
+    _one_line_error(run_trainer([*args, "--model.memory_plus=false"]), str(saved_run), "gate_proj")
 
 
 def test_missing_checkpoint_path_and_step(tiny, saved_run, tmp_path):
@@ -96,3 +114,25 @@ def test_help_lists_every_option():
     for key in ("--training.mode", "--model.memory_n_keys", "--data.source", "--checkpoint.keep_latest_k"):
         assert key in proc.stdout
     assert (REPO / "run_train.sh").stat().st_mode & 0o111
+
+
+def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
+    """run_train.sh checks the config for the whole job first: one line, exit 2, no torchrun report."""
+
+    def launch_sh(nproc, *args):
+        return subprocess.run(
+            ["./run_train.sh", "train_configs/debug_model.toml", *tiny, *args],
+            cwd=REPO,
+            env=_env({"NGPU": str(nproc)}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # tiny: global batch 4, micro-batch 2: 3 ranks cannot split it
+    _one_line_error(launch_sh(3), "training.global_batch_size", "ranks (3)")
+    missing = tmp_path / "no_such_run" / "step-3"
+    proc = launch_sh(2, "--training.mode=full_finetune", f"--checkpoint.initial_load_path={missing}")
+    _one_line_error(proc, "checkpoint.initial_load_path", str(missing))
+    _one_line_error(launch_sh(2, "--training.mode=lora_finetune"), "checkpoint.initial_load_path")
+    _one_line_error(launch_sh(2, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path")

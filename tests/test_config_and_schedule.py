@@ -83,3 +83,14 @@ def test_lr_schedules():
     assert lr_multiplier(90, 100, 10, "wsd", 0.2, 0.1) == pytest.approx(1 - 0.9 * 0.5)
     assert lr_multiplier(100, 100, 10, "wsd", 0.2, 0.1) == pytest.approx(0.1)
     assert lr_multiplier(50, 100, 0, "constant", 0.2, 0.1) == 1.0
+
+
+def test_optimizer_defaults_to_sgd_for_sparse_finetuning_only():
+    """SMF (Lin et al. 2025) updates the selected rows with plain SGD; the other modes default to AdamW."""
+    assert parse_args(["--training.mode=sparse_finetune"]).optimizer.name == "sgd"
+    for mode in ("pretrain", "full_finetune", "lora_finetune"):
+        assert parse_args([f"--training.mode={mode}"]).optimizer.name == "adamw"
+    chosen = parse_args(["--training.mode=sparse_finetune", "--optimizer.name=adamw"])
+    assert chosen.optimizer.name == "adamw"
+    with pytest.raises(ConfigError, match="optimizer.name"):
+        parse_args(["--optimizer.name=lion"])

@@ -8,6 +8,7 @@ from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_train
 from conftest import ok as _ok
 
 from titan_mem.sparse.counts import load_background_counts
+from titan_mem.sparse.mode import gather_selected_rows
 
 VALUES = "layers.1.feed_forward.values.weight"  # the tiny model's memory value table
 
@@ -310,3 +311,24 @@ def test_counts_of_another_checkpoint_are_refused(base, tmp_path):
     proc = run_trainer(args)
     assert proc.returncode == 2 and "counted on checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     _ok(run_trainer([*args, "--finetune.check_counts_checkpoint=false"]))
+
+
+def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
+    """Two layers reading one value pool: a row both select gets its (already summed) gradient once."""
+    table = torch.nn.Parameter(torch.zeros(10, 4))
+    dense = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    rows_with_grad = torch.tensor([1, 3, 5, 7])
+    table.grad = torch.sparse_coo_tensor(rows_with_grad.unsqueeze(0), dense[rows_with_grad], (10, 4))
+    picks = {"layers.1.feed_forward": torch.tensor([3, 1]), "layers.3.feed_forward": torch.tensor([5, 3, 9])}
+    staged, selected = gather_selected_rows({name: table for name in picks}, lambda name: picks[name])
+    assert list(staged) == ["layers.1.feed_forward"]  # one entry per table
+    rows, grads = staged["layers.1.feed_forward"]
+    assert rows.tolist() == [1, 3, 5, 9]
+    expected = dense[rows].clone()
+    expected[rows == 9] = 0  # selected but no gradient
+    assert torch.equal(grads, expected)
+    assert selected == {name: r.tolist() for name, r in picks.items()}
+    # Two tables: each keeps its own rows.
+    other = torch.nn.Parameter(torch.zeros(10, 4))
+    staged, _ = gather_selected_rows({"a": table, "b": other}, lambda name: torch.tensor([3]))
+    assert set(staged) == {"a", "b"} and torch.equal(staged["b"][1], torch.zeros(1, 4))

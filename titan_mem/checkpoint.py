@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -121,6 +122,22 @@ def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: se
             raise CheckpointError(
                 f"{path}: '{name}' has shape {shape} but this model expects {tuple(tensor.shape)}"
             )
+    extra = sorted(k[len("model.") :] for k in saved if k.startswith("model.") and k[6:] not in expected)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        hint = (
+            " (merge LoRA first: tools/convert_checkpoint.py export-model --merge-lora)"
+            if any("lora_" in n for n in extra)
+            else " (a checkpoint of a different model?)"
+        )
+        raise CheckpointError(f"{path}: has tensors this model lacks: {', '.join(extra[:3])}{more}{hint}")
+
+
+class _DieBeforeMetadata(FileSystemWriter):
+    """Test fault: SIGKILL once the tensor files are written, before DCP writes `.metadata`."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointManager:
@@ -142,9 +159,10 @@ class CheckpointManager:
                 shutil.rmtree(partial)
         barrier()
         train_state = {"step": step, "dp_world_size": self.dp_world_size, "extra": json.dumps(extra)}
-        dcp.save({**states, "train_state": train_state}, checkpoint_id=str(partial))
-        if os.environ.get("TITAN_MEM_TEST_KILL_IN_SAVE") == "1":
-            # Fault injection for the crash-safety test: die with the data written but not committed.
+        fault = os.environ.get("TITAN_MEM_TEST_KILL_IN_SAVE")  # fault injection for the crash-safety test
+        writer = _DieBeforeMetadata(str(partial)) if fault == "before_metadata" else None
+        dcp.save({**states, "train_state": train_state}, checkpoint_id=str(partial), storage_writer=writer)
+        if fault == "before_rename":  # everything written, nothing committed
             os.kill(os.getpid(), signal.SIGKILL)
         barrier()
         if self.rank == 0:

@@ -86,7 +86,9 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _help("adamw", "adamw | sgd.")
+    name: str = _help(
+        "", "adamw | sgd; empty = the mode's default: sgd for sparse_finetune (SMF paper), else adamw."
+    )
     lr: float = _help(3e-3, "Peak learning rate of dense parameters.")
     betas: list[float] = _help(None, "AdamW betas.", factory=lambda: [0.9, 0.95])
     eps: float = _help(1e-8, "AdamW epsilon.")
@@ -182,6 +184,8 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that make a run impossible; each error names its key."""
     _choice("training.mode", cfg.training.mode, _MODES)
+    if not cfg.optimizer.name:
+        cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
     _choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
     _choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "wsd", "constant"))
     _choice("training.activation_checkpoint", cfg.training.activation_checkpoint, ("none", "full"))

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from titan_mem.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -31,7 +33,7 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     standalone = "RANK" not in os.environ
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device=cuda but no CUDA device is available")
+        raise ConfigError("training.device=cuda: no CUDA device is available on this machine")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         device = torch.device("cuda", local_rank)

@@ -78,20 +78,24 @@ class TrainMode:
         pass
 
 
-class FullFinetuneMode(TrainMode):
-    """The full-finetuning baseline: every parameter, starting from a pretrained checkpoint."""
-
-    name = "full_finetune"
+class FinetuneMode(TrainMode):
+    """Any finetuning mode: it starts from a pretrained checkpoint, never from random weights."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         if not cfg.checkpoint.initial_load_path:
             raise ConfigError(
-                "checkpoint.initial_load_path: full_finetune needs the pretrained checkpoint to start from"
+                f"checkpoint.initial_load_path: {self.name} needs the pretrained checkpoint to start from"
             )
 
 
-class LoRAFinetuneMode(TrainMode):
+class FullFinetuneMode(FinetuneMode):
+    """The full-finetuning baseline: every parameter, starting from a pretrained checkpoint."""
+
+    name = "full_finetune"
+
+
+class LoRAFinetuneMode(FinetuneMode):
     """The LoRA baseline: adapters on the chosen projections, base weights frozen (and left untouched)."""
 
     name = "lora_finetune"

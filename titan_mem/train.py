@@ -24,7 +24,7 @@ from titan_mem.checkpoint import (
     set_rng_state,
 )
 from titan_mem.components.lr import build_lr_scheduler
-from titan_mem.components.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from titan_mem.components.metrics import MetricsLogger, drop_records_after, peak_flops, peak_memory_gib
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.tokenizer import padded_vocab_size
@@ -34,6 +34,7 @@ from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_c
 from titan_mem.models.transformer import Transformer
 from titan_mem.modes import TrainMode, build_mode
 from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
+from titan_mem.preflight import check_launch
 
 IGNORE_INDEX = -100
 
@@ -80,13 +81,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.training.device)
         self.device = self.dist.device
         self.rank0 = self.dist.rank == 0
-        dp_degree = cfg.parallelism.data_parallel_shard_degree
-        if dp_degree not in (-1, self.dist.world_size):
-            raise ConfigError(
-                f"parallelism.data_parallel_shard_degree: {dp_degree} != world size {self.dist.world_size} "
-                "(FSDP over all ranks is the only layout so far)"
-            )
-        self.grad_accum = config_mod.validate_batch(cfg, self.dist.world_size)
+        self.grad_accum = check_launch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.mode = build_mode(cfg)
@@ -126,6 +121,9 @@ class Trainer:
             self.step = state["step"]
             self._log(f"resumed from {resume} at step {self.step}")
         self.data_iter = iter(self.dataloader)
+        if self.rank0:  # logs continue from the loaded step; records of a crashed tail are dropped
+            for log in ("metrics.jsonl", "selected_slots.jsonl"):
+                drop_records_after(self.run_dir / log, self.step)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, tensorboard=cfg.metrics.tensorboard)
         self.flops_per_token = flops_per_token(self.model_args, cfg.training.seq_len)
@@ -212,7 +210,9 @@ class Trainer:
         step_info.update(self.mode.step_info())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": global_tokens, **step_info}
+        # Throughput and MFU count every position computed (padding included: it costs the same FLOPs).
+        positions = sum(b["input_ids"].numel() for b in batches) * self.dist.world_size
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": positions, **step_info}
 
     def save(self) -> None:
         if self.cfg.checkpoint.enable:
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(run)
 
 
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError)
+# OSError: an unwritable dump folder, a full disk, a missing file: the message names the path.
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, OSError, ValueError)
 
 
 def run_cli(fn) -> int:

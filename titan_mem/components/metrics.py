@@ -42,6 +42,31 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss_kib / 1024**2
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove JSON-lines records with `step` > `step` (atomic rewrite); returns how many were dropped.
+
+    A run that crashed after logging step 130 and resumes from the step-100 checkpoint logs 101..130 again;
+    without this the file would hold those steps twice. A fresh run (step 0) starts an empty log.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError):
+            later = False  # not ours to judge: keep it
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step; only the log rank writes."""
 

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_mem.config import Config, ConfigError
 from titan_mem.distributed import all_reduce_sum
-from titan_mem.modes import TrainMode
+from titan_mem.modes import FinetuneMode
 from titan_mem.sparse.counts import SlotCounter, count_slots, load_background_counts
 from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
 from titan_mem.sparse.scores import select_slots
@@ -45,6 +45,39 @@ def _rows_of_sparse_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
     return out
 
 
+def gather_selected_rows(
+    tables: dict[str, nn.Parameter], choose: Any
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
+    """Per value table: the rows chosen by any layer reading it, with their data-parallel summed gradient.
+
+    `choose(layer_name)` gives a layer's selected rows. A shared pool is one Parameter under several layer
+    names whose `.grad` already sums every layer's contribution, so its gradient is read once, at the union
+    of the layers' rows (reading it per layer would count a row picked by two layers twice). Returns
+    `{first layer name of each table: (rows, grad_rows)}` and every layer's own selection (for the log).
+    """
+    by_table: dict[int, list[str]] = {}
+    for name, table in tables.items():
+        by_table.setdefault(id(table), []).append(name)
+    staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    selected_ids: dict[str, list[int]] = {}
+    for names in by_table.values():
+        table = tables[names[0]]
+        picks = []
+        for name in names:
+            rows = choose(name)
+            selected_ids[name] = rows.tolist()
+            picks.append(rows)
+        rows = picks[0] if len(picks) == 1 else torch.cat(picks).unique()
+        rows = rows.to(table.device)
+        if table.grad is None:
+            grad_rows = torch.zeros(rows.numel(), table.shape[1], device=table.device, dtype=table.dtype)
+        else:
+            grad_rows = _rows_of_sparse_grad(table.grad, rows.to(table.grad.device))
+        all_reduce_sum(grad_rows)
+        staged[names[0]] = (rows, grad_rows)
+    return staged, selected_ids
+
+
 class RowSparseOptimizer(torch.optim.Optimizer):
     """A torch Optimizer face (param_groups with lr, for the LR scheduler) over row-sparse updaters.
 
@@ -56,18 +89,19 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         for name, p in tables.items():
             unique.setdefault(id(p), (name, p))
         params = [p for _, p in unique.values()]
-        super().__init__([{"params": params, "lr": cfg.lr, "name": "memory_values"}], {"lr": cfg.lr})
+        lr = cfg.lr if cfg.memory_lr is None else cfg.memory_lr  # the value rows' rate, as in pretraining
+        super().__init__([{"params": params, "lr": lr, "name": "memory_values"}], {"lr": lr})
         self.table_of = {name: id(p) for name, p in tables.items()}
         self.updaters: dict[int, Any] = {}
         for key, (_, p) in unique.items():
             if cfg.name == "sgd":
                 self.updaters[key] = RowSparseSGD(
-                    p.data, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.memory_weight_decay
+                    p.data, lr=lr, momentum=cfg.momentum, weight_decay=cfg.memory_weight_decay
                 )
             else:
                 self.updaters[key] = RowSparseAdamW(
                     p.data,
-                    lr=cfg.lr,
+                    lr=lr,
                     betas=tuple(cfg.betas),
                     eps=cfg.eps,
                     weight_decay=cfg.memory_weight_decay,
@@ -76,16 +110,10 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         self.last_update_norm = 0.0
 
     def stage(self, name: str, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """Queue one table's update (a shared pool is staged once, see `gather_selected_rows`)."""
         key = self.table_of[name]
-        if key in self.pending:  # a shared pool read by several layers: merge their rows
-            old_rows, old_grads = self.pending[key]
-            rows_all = torch.cat([old_rows, rows])
-            uniq, inverse = rows_all.unique(return_inverse=True)
-            merged = torch.zeros(
-                uniq.numel(), grad_rows.shape[1], dtype=grad_rows.dtype, device=grad_rows.device
-            )
-            merged.index_add_(0, inverse, torch.cat([old_grads, grad_rows]))
-            rows, grad_rows = uniq, merged
+        if key in self.pending:
+            raise RuntimeError(f"value table of '{name}' staged twice in one step")
         self.pending[key] = (rows, grad_rows)
 
     @torch.no_grad()
@@ -125,7 +153,7 @@ class _RowOptimizerState(Stateful):
         self.optimizer.param_groups[0]["lr"] = sd["param_groups_lr"]
 
 
-class SparseFinetuneMode(TrainMode):
+class SparseFinetuneMode(FinetuneMode):
     name = "sparse_finetune"
 
     def __init__(self, cfg: Config):
@@ -199,32 +227,28 @@ class SparseFinetuneMode(TrainMode):
         """Select rows from the global counts, all-reduce only their gradients, clip, and stage them."""
         global_counts = self.counter.global_counts()
         tables = _value_tables(model)
-        staged, sq, info = {}, 0.0, {"slots_touched": 0, "slots_selected": 0}
-        selected_ids = {}
-        for name, table in tables.items():
+
+        def choose(name: str) -> torch.Tensor:
             touched, counts = global_counts[name]
             bg = self.background.layer(name) if self.background is not None else None
-            rows = select_slots(touched, counts, self.ranking, self.top_t, bg)
-            grad = table.grad
-            if grad is None:
-                grad_rows = torch.zeros(rows.numel(), table.shape[1], device=table.device, dtype=table.dtype)
-            else:
-                grad_rows = _rows_of_sparse_grad(grad, rows.to(grad.device))
-            all_reduce_sum(grad_rows)
-            staged[name] = (rows.to(table.device), grad_rows)
-            sq += float(grad_rows.double().pow(2).sum())
-            info["slots_touched"] += int(touched.numel())
-            info["slots_selected"] += int(rows.numel())
-            selected_ids[name] = rows.tolist()
+            return select_slots(touched, counts, self.ranking, self.top_t, bg)
+
+        staged, selected_ids = gather_selected_rows(tables, choose)
         for table in tables.values():
             table.grad = None
+        sq = sum(float(g.double().pow(2).sum()) for _, g in staged.values())
         norm = torch.tensor(sq**0.5)
         if max_norm > 0 and float(norm) > max_norm:
             scale = max_norm / (float(norm) + 1e-6)
             staged = {k: (r, g * scale) for k, (r, g) in staged.items()}
         self._staged, self._selected_ids = staged, selected_ids
-        info["frac_touched_kept"] = info["slots_selected"] / max(1, info["slots_touched"])
-        self.step_log = info
+        touched = sum(int(global_counts[name][0].numel()) for name in tables)
+        selected = sum(len(ids) for ids in selected_ids.values())
+        self.step_log = {
+            "slots_touched": touched,
+            "slots_selected": selected,
+            "frac_touched_kept": selected / max(1, touched),
+        }
         return norm
 
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -237,7 +261,8 @@ class SparseFinetuneMode(TrainMode):
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.selection_log.parent.mkdir(parents=True, exist_ok=True)
             with self.selection_log.open("a") as f:
-                f.write(json.dumps({"step": self.current_step, "selected": self._selected_ids}) + "\n")
+                record = {"step": self.current_step, **self.step_log, "selected": self._selected_ids}
+                f.write(json.dumps(record) + "\n")
 
     def step_info(self) -> dict[str, Any]:
         return {"update_norm": self.step_log.get("update_norm", 0.0)}

@@ -1,0 +1,75 @@
+"""Checks that need no process group, run before any worker starts.
+
+`run_train.sh` calls `python -m titan_mem.preflight --world-size N CONFIG [overrides]` before torchrun, so a
+bad config or a missing file gives one `error:` line and exit code 2 instead of one traceback per rank and
+torchrun's failure report. The Trainer runs the same checks, so a direct `torchrun -m titan_mem.train`
+launch refuses the same things.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from titan_mem import config as config_mod
+from titan_mem.config import Config, ConfigError
+
+
+def resume_checkpoint_exists(cfg: Config) -> bool:
+    """Whether this run folder already holds a complete checkpoint (then initial_load_path is not read)."""
+    folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    return folder.is_dir() and any(
+        p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() for p in folder.iterdir()
+    )
+
+
+def check_launch(cfg: Config, world_size: int) -> int:
+    """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps."""
+    dp_degree = cfg.parallelism.data_parallel_shard_degree
+    if dp_degree not in (-1, world_size):
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree: {dp_degree} != world size {world_size} "
+            "(FSDP over all ranks is the only layout so far)"
+        )
+    grad_accum = config_mod.validate_batch(cfg, world_size)
+    if cfg.checkpoint.initial_load_path and not resume_checkpoint_exists(cfg):
+        path = Path(cfg.checkpoint.initial_load_path)
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"checkpoint.initial_load_path: {path}: no DCP checkpoint there (no .metadata)")
+    if cfg.data.regime == "pretrain":
+        from titan_mem.data.sources import build_source  # checks local paths; a hub name is read later
+
+        try:
+            build_source(cfg.data)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    from titan_mem.modes import build_mode  # late: imports torch; a mode refuses what it cannot run
+
+    counts = getattr(build_mode(cfg), "counts_path", None)
+    if counts and not Path(counts).is_file():
+        raise ConfigError(
+            f"finetune.background_counts: {counts}: file not found (tools/background_counts.py)"
+        )
+    return grad_accum
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    world_size = 1
+    if argv and argv[0].startswith("--world-size"):
+        flag = argv.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (argv.pop(0) if argv else "")
+        if not value.isdigit() or int(value) < 1:
+            print(f"error: --world-size: expected a positive integer; got '{value}'", file=sys.stderr)
+            return 2
+        world_size = int(value)
+    try:
+        check_launch(config_mod.parse_args(argv), world_size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
