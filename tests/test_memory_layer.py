@@ -7,7 +7,7 @@ import torch
 
 from titan_mem.kernels import value_lookup
 from titan_mem.models.args import FLAVORS, MemoryArgs
-from titan_mem.models.memory import MemoryLayer, product_key_topk
+from titan_mem.models.memory import MemoryLayer, QueryBatchNorm, product_key_topk
 from titan_mem.models.stats import param_counts
 from titan_mem.models.transformer import Transformer
 
@@ -155,3 +155,52 @@ def test_sparse_grad_lookup_matches_dense_and_keeps_only_touched_rows():
     assert values.grad._nnz() == idx.unique().numel()  # one row per unique slot, not per access
     torch.testing.assert_close(values.grad.to_dense(), dense_values)
     torch.testing.assert_close(w.grad, dense_w)
+
+
+def _bn_pair(channels: int) -> tuple[torch.nn.BatchNorm1d, QueryBatchNorm]:
+    """A reference BatchNorm1d and a QueryBatchNorm with the same non-trivial affine parameters."""
+    ref, ours = torch.nn.BatchNorm1d(channels), QueryBatchNorm(channels)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(channels, generator=g))
+        ref.bias.copy_(0.3 * torch.randn(channels, generator=g))
+    ours.load_state_dict(ref.state_dict())  # same names: a BatchNorm1d checkpoint loads as is
+    return ref, ours
+
+
+def test_query_batchnorm_matches_batchnorm1d_on_one_process():
+    ref, ours = _bn_pair(6)
+    assert ref.state_dict().keys() == ours.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):  # several steps: the running stats (and the shift taken from them) evolve
+        x = (torch.randn(40, 6, generator=g) * 2 + 0.5 * step).requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        upstream = torch.randn(40, 6, generator=g)
+        y, y_ref = ours(x), ref(x_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        (y * upstream).sum().backward()
+        (y_ref * upstream).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(
+                getattr(ours, name).grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-5
+            )
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    ours.eval(), ref.eval()
+    x = torch.randn(5, 6, generator=g)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_query_batchnorm_init_resets_like_batchnorm1d():
+    layer = _layer(query_norm="batchnorm")
+    norm = layer.query_norm
+    assert isinstance(norm, QueryBatchNorm) and isinstance(norm, torch.nn.BatchNorm1d)
+    layer.train()
+    layer(torch.randn(3, 4, 16))
+    assert int(norm.num_batches_tracked) == 1 and not torch.equal(norm.running_var, torch.ones(16))
+    layer.init_weights()
+    assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
+    assert torch.equal(norm.weight, torch.ones(16)) and torch.equal(norm.bias, torch.zeros(16))
+    assert int(norm.num_batches_tracked) == 0

@@ -159,6 +159,23 @@ def test_background_counts_two_ranks_equal_one_rank(base, tmp_path):
     assert meta["checkpoint_step"] == 3 and meta["n_slots"] == {"layers.1.feed_forward": 256}
 
 
+def test_background_counts_batch_size_is_exact(base, tmp_path):
+    """Exactly --batch-size sequences per batch: a whole number of micro-batches, else a one-line refusal."""
+    args = ["train_configs/debug_model.toml", *TINY, f"--job.dump_folder={tmp_path}"]
+    args += [f"--checkpoint.initial_load_path={base}", "--batches", "3"]
+    refused = tmp_path / "refused.safetensors"
+    proc = run_tool("background_counts.py", [*args, "--batch-size", "3", "--out", str(refused)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: --batch-size: 3 is not a multiple of training.micro_batch_size 2" in proc.stderr
+    assert not refused.exists()
+    out = tmp_path / "counts.safetensors"
+    _ok(run_tool("background_counts.py", [*args, "--batch-size", "6", "--out", str(out)]))  # 3 x 2 rows
+    counts = load_background_counts(out)
+    assert counts.metadata["batch_size"] == 6
+    # 3 batches x 6 sequences x 32 tokens x 2 heads x top-4 reads
+    assert int(counts.total["layers.1.feed_forward"].sum()) == 3 * 6 * 32 * 2 * 4
+
+
 def test_bad_background_counts_file(base, tmp_path):
     missing = tmp_path / "nope.safetensors"
     proc = run_trainer(

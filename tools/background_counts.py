@@ -55,7 +55,10 @@ def run(argv: list[str]) -> Path:
     parser.add_argument("--checkpoint", help="checkpoint step folder to load the model from")
     parser.add_argument("--batches", type=int, default=1000, help="N background batches (paper: 1000)")
     parser.add_argument(
-        "--batch-size", type=int, help="sequences per batch (default training.global_batch_size)"
+        "--batch-size",
+        type=int,
+        help="sequences per batch (default training.global_batch_size); a multiple of "
+        "training.micro_batch_size, or at most it",
     )
     parser.add_argument("--out", help=f"output file (default <checkpoint>/{DEFAULT_NAME})")
     args, overrides = parser.parse_known_args(argv)
@@ -64,9 +67,7 @@ def run(argv: list[str]) -> Path:
     cfg = config_mod.parse_args([args.config, *overrides])
     cfg.training.mode = "pretrain"  # forward only; no mode-specific freezing or adapters
     batch_size = args.batch_size or cfg.training.global_batch_size
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size: must be positive; got {batch_size}")
-    micro = min(cfg.training.micro_batch_size, batch_size)
+    micro = _micro_batch_size(batch_size, cfg.training.micro_batch_size)
 
     dist_info = init_distributed(cfg.training.device)
     rank, world = dist_info.rank, dist_info.world_size
@@ -97,7 +98,7 @@ def run(argv: list[str]) -> Path:
         cfg.data, tokenizer, seq_len=cfg.training.seq_len, micro_batch_size=micro, dp_rank=0, dp_world_size=1
     )
     stream = iter(loader)
-    per_batch = -(-batch_size // micro)
+    per_batch = batch_size // micro  # exact: _micro_batch_size refused a remainder
     tokens_local, t0 = 0, time.perf_counter()
     progress = _progress(args.batches, enabled=rank == 0)
     # FSDP forwards are collectives, so ranks move in lockstep: in round r every rank reads the same W
@@ -143,6 +144,22 @@ def run(argv: list[str]) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _micro_batch_size(batch_size: int, micro_batch_size: int) -> int:
+    """Rows per forward, so that whole micro-batches make up exactly `batch_size` sequences.
+
+    The loader yields only full micro-batches, and cutting one short would drop sequences from the
+    shared stream, so a batch that is not a whole number of micro-batches is refused.
+    """
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size: must be positive; got {batch_size}")
+    micro = min(micro_batch_size, batch_size)
+    if batch_size % micro:
+        raise ConfigError(
+            f"--batch-size: {batch_size} is not a multiple of training.micro_batch_size {micro_batch_size}"
+        )
+    return micro
 
 
 def _next(stream, b: int, total: int) -> dict:

@@ -1,7 +1,9 @@
 """Train a few steps on a fixed global batch split over however many ranks torchrun gives; print losses.
 
 Invariant 2 of DESIGN.md: FSDP2 on N ranks = 1 rank with the same global batch. Each rank takes its slice
-of the same global batch (rank r: sequences [r*B/W, (r+1)*B/W)), so only the sharding differs.
+of the same global batch (rank r: sequences [r*B/W, (r+1)*B/W)), so only the sharding differs. The batch
+is uneven across ranks and micro-batches (see `fixed_global_batch`), so a loss normalised per rank or per
+micro-batch instead of by the global token count fails the comparison.
 """
 
 import json
@@ -12,6 +14,41 @@ import torch
 from titan_mem.config import parse_args
 from titan_mem.distributed import exit_process, shutdown
 from titan_mem.train import Trainer
+
+
+def fixed_global_batch(
+    gbs: int, seq: int, vocab: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [gbs, seq + 1] and labels [gbs, seq], uneven on purpose, so that anything computed per rank or
+    per micro-batch instead of over the global batch changes the numbers:
+
+    - loss tokens: row i masks a random number of leading positions; the second half of the rows (the last
+      rank's share on 2 ranks, the last micro-batches on 1) keeps only 1-3 loss tokens each and its last
+      row none, so a per-rank or per-micro-batch mean loss weighs tokens differently from the global mean;
+    - inputs: the second half draws from 8 token ids only, so its activation statistics differ from the
+      first half's (a batch-norm synchronised within a rank only would show).
+    """
+    half = gbs // 2
+    tokens = torch.randint(0, vocab, (gbs, seq + 1), generator=g)
+    tokens[half:] = torch.randint(0, min(8, vocab), (gbs - half, seq + 1), generator=g)
+    labels = tokens[:, 1:].clone()
+    n_masked = torch.cat(
+        [
+            torch.randint(0, seq // 2 + 1, (half,), generator=g),
+            seq - torch.randint(1, 4, (gbs - half,), generator=g).clamp(max=seq),
+        ]
+    )
+    n_masked[-1] = seq
+    labels[torch.arange(seq) < n_masked[:, None]] = -100
+    assert (labels != -100).any(), "the global batch needs a loss token"
+    return tokens, labels
+
+
+def assert_uneven(labels: torch.Tensor, *chunk_sizes: int) -> None:
+    """Chunks of each size (micro-batches, rank shares) differ in loss-token count, or nothing is tested."""
+    for size in chunk_sizes:
+        counts = (labels != -100).view(-1, size, labels.shape[1]).sum((1, 2))
+        assert counts.numel() == 1 or counts.unique().numel() > 1, (size, counts.tolist())
 
 
 def main() -> None:
@@ -25,13 +62,12 @@ def main() -> None:
     records = []
     # One fixed global batch, seen every step: its loss must fall, so "training happens" is checkable
     # (fresh random tokens each step would make the curve noise).
-    tokens = torch.randint(0, vocab, (gbs, seq + 1), generator=g)
+    tokens, labels = fixed_global_batch(gbs, seq, vocab, g)
+    mb = cfg.training.micro_batch_size
+    assert_uneven(labels, mb, per_rank)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    local_in, local_lab = tokens[mine, :-1], labels[mine]
     for _ in range(cfg.training.steps):
-        labels = tokens[:, 1:].clone()
-        labels[:, : seq // 4] = -100  # some masked positions, unevenly spread over ranks
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        local_in, local_lab = tokens[mine, :-1], labels[mine]
-        mb = cfg.training.micro_batch_size
         batches = [
             {
                 "input_ids": local_in[i : i + mb],

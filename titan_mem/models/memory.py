@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -30,6 +31,66 @@ class MemoryValues(nn.Module):
     def init_weights(self) -> None:
         # XLM PKM: values ~ N(0, v_dim^-1/2).
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+
+
+class QueryBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over query rows [N, C] whose training statistics cover every data-parallel rank's tokens.
+
+    Per-rank statistics would make FSDP on N ranks differ from 1 rank with the same global batch (DESIGN
+    invariant 2), so the per-channel sum, sum of squares and count are all-reduced (autograd-aware) first,
+    as in SyncBatchNorm. Subclassing BatchNorm1d keeps its parameter/buffer names (checkpoints load), its
+    `reset_parameters` init and the `isinstance(mod, nn.BatchNorm1d)` checks that freeze it in finetuning.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"QueryBatchNorm: expected [N, C] queries, got {tuple(x.shape)}")
+        if not self.training:
+            return super().forward(x)  # running statistics: no communication
+        xf = x.float()  # statistics in fp32 also under bf16 mixed precision
+        mean, var, count = self._global_stats(xf)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        # y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ioffe & Szegedy 2015, algorithm 1).
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+    def _global_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-channel mean and biased variance over all ranks' rows, and the global row count.
+
+        Shifted-data variance (Chan, Golub & LeVeque 1983): var = E[(x-K)^2] - E[x-K]^2 with K the running
+        mean, identical on every rank, which avoids the cancellation of E[x^2] - E[x]^2 once K ~ the mean.
+        """
+        shift = self.running_mean.detach().float() if self.running_mean is not None else x.new_zeros(())
+        d = x - shift
+        count = x.new_full((1,), float(x.shape[0]))
+        stats = torch.cat([d.sum(0), (d * d).sum(0), count])
+        stats = _all_reduce_data_parallel(stats)
+        c = x.shape[1]
+        n = stats[2 * c :]
+        mean_d = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean_d * mean_d).clamp_min(0.0)
+        return shift + mean_d, var, n
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """BatchNorm1d's update: exponential average (or cumulative if momentum is None), unbiased var."""
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * count / (count - 1).clamp_min(1.0)
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
+def _all_reduce_data_parallel(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the default process group, differentiable (its backward all-reduces the gradient)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +123,7 @@ class MemoryLayer(nn.Module):
         self.half = args.k_dim // 2
         self.query_proj = nn.Linear(dim, args.heads * args.k_dim, bias=False)
         if args.query_norm == "batchnorm":
-            self.query_norm: nn.Module = nn.BatchNorm1d(args.heads * args.k_dim)
+            self.query_norm: nn.Module = QueryBatchNorm(args.heads * args.k_dim)
         elif args.query_norm == "rms":
             self.query_norm = nn.RMSNorm(args.k_dim, eps=1e-6)
         else:
@@ -87,10 +148,8 @@ class MemoryLayer(nn.Module):
 
     def init_weights(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.query_proj.weight, std=self.dim**-0.5)
-        if isinstance(self.query_norm, (nn.RMSNorm, nn.BatchNorm1d)):
-            self.query_norm.reset_parameters()
-            if isinstance(self.query_norm, nn.BatchNorm1d):
-                self.query_norm.reset_running_stats()
+        if isinstance(self.query_norm, (nn.RMSNorm, QueryBatchNorm)):
+            self.query_norm.reset_parameters()  # BatchNorm: also resets running stats and the batch count
         # XLM PKM: half-keys ~ U(-1/sqrt(half), 1/sqrt(half)).
         bound = 1.0 / math.sqrt(self.half)
         nn.init.uniform_(self.keys, -bound, bound)
@@ -103,7 +162,7 @@ class MemoryLayer(nn.Module):
     def lookup_slots(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [N, H, k] (fp32 softmax weights) and slots [N, H, k] for flattened tokens x: [N, dim]."""
         q = self.query_proj(x)
-        if isinstance(self.query_norm, nn.BatchNorm1d):
+        if isinstance(self.query_norm, QueryBatchNorm):
             q = self.query_norm(q)
         q = q.view(-1, self.heads, self.k_dim)
         if isinstance(self.query_norm, nn.RMSNorm):
