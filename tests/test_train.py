@@ -1,7 +1,10 @@
 """Trainer end to end on one process: learning, checkpoints, exact resume, dry run, crash-safe saves."""
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO, _env, losses, read_metrics, run_trainer
@@ -173,3 +176,35 @@ def test_initial_load_full_state_continues_another_run(tiny, tmp_path):
     assert "at step 2" in proc.stdout
     a, b = losses(straight), losses(other)
     assert sorted(b) == [3, 4] and [a[3], a[4]] == [b[3], b[4]]
+
+
+def test_run_train_sh_on_a_fresh_machine_installs_into_venv(tmp_path):
+    """The README's first command where `python3` lacks the project's packages: run_train.sh makes .venv."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, clone / name)
+    # `python3` on PATH: a bare interpreter without torch or the project (a venv without site packages).
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    shim = shims / "python3"  # a script, not a symlink: the venv is found from the path it is run by
+    shim.write_text(f'#!/bin/sh\nexec "{bare / "bin" / "python3"}" "$@"\n')
+    shim.chmod(0o755)
+    env = _env({"NGPU": "1", "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"})
+    env.pop("PYTHONPATH")
+    env.pop("PYTHON", None)
+    proc = subprocess.run(
+        ["./run_train.sh", "--training.steps=2", "--checkpoint.enable=false", "--job.dump_folder=outputs/t"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    _ok(proc)
+    assert "installing titan_mem into .venv" in proc.stderr
+    assert (clone / ".venv" / "bin" / "python").exists()
+    assert [r["step"] for r in read_metrics(clone / "outputs" / "t")] == [1, 2]
