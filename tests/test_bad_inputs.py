@@ -136,3 +136,8 @@ def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
     _one_line_error(proc, "checkpoint.initial_load_path", str(missing))
     _one_line_error(launch_sh(2, "--training.mode=lora_finetune"), "checkpoint.initial_load_path")
     _one_line_error(launch_sh(2, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path")
+    # Resuming a 1-rank run's checkpoint on 2 ranks: refused before the workers start.
+    run = tmp_path / "one_rank"
+    assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"]).returncode == 0
+    proc = launch_sh(2, f"--job.dump_folder={run}", "--training.steps=2")
+    _one_line_error(proc, "step-1", "saved with 1 data-parallel ranks, this launch has 2")

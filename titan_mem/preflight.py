@@ -23,6 +23,32 @@ def resume_checkpoint_exists(cfg: Config) -> bool:
     )
 
 
+def _check_resume_world_size(cfg: Config, world_size: int) -> None:
+    """A resume must keep the data-parallel degree (the loader position is per rank): read it from the
+    checkpoint the run would resume from, without a process group."""
+    if not cfg.checkpoint.enable or not resume_checkpoint_exists(cfg):
+        return
+    from titan_mem.checkpoint import step_dirs
+    from titan_mem.checkpoint_convert import ConvertError, load_nested, open_dcp
+
+    found = step_dirs(Path(cfg.job.dump_folder) / cfg.checkpoint.folder)
+    step = cfg.checkpoint.load_step if cfg.checkpoint.load_step >= 0 else max(found, default=-1)
+    if step not in found:
+        return  # the Trainer names the missing load_step
+    try:
+        index = open_dcp(found[step])
+        keys = [k for k, path in index.paths.items() if path[:2] == ("train_state", "dp_world_size")]
+        saved = load_nested(index, keys).get("train_state", {}).get("dp_world_size") if keys else None
+    except ConvertError:
+        return  # an unreadable checkpoint: the Trainer's load gives the precise error
+    if saved is not None and int(saved) != world_size:
+        raise ConfigError(
+            f"{found[step]}: saved with {saved} data-parallel ranks, this launch has {world_size}; the data "
+            "loader position cannot be mapped (use the same world size, or start a new run from it with "
+            "checkpoint.initial_load_path)"
+        )
+
+
 def check_launch(cfg: Config, world_size: int) -> int:
     """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps."""
     dp_degree = cfg.parallelism.data_parallel_shard_degree
@@ -32,6 +58,7 @@ def check_launch(cfg: Config, world_size: int) -> int:
             "(FSDP over all ranks is the only layout so far)"
         )
     grad_accum = config_mod.validate_batch(cfg, world_size)
+    _check_resume_world_size(cfg, world_size)
     if cfg.checkpoint.initial_load_path and not resume_checkpoint_exists(cfg):
         path = Path(cfg.checkpoint.initial_load_path)
         if not (path / ".metadata").is_file():
