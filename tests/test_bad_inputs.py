@@ -140,4 +140,4 @@ def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
     run = tmp_path / "one_rank"
     assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"]).returncode == 0
     proc = launch_sh(2, f"--job.dump_folder={run}", "--training.steps=2")
-    _one_line_error(proc, "step-1", "saved with 1 data-parallel ranks, this launch has 2")
+    _one_line_error(proc, "step-1", "saved with 1 data-parallel ranks, resuming with 2")

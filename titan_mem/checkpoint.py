@@ -133,6 +133,16 @@ def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: se
         raise CheckpointError(f"{path}: has tensors this model lacks: {', '.join(extra[:3])}{more}{hint}")
 
 
+def check_resume_world_size(path: Path, saved: int, now: int) -> None:
+    """The data loader position is per rank: a resume must keep the data-parallel degree."""
+    if saved != now:
+        raise CheckpointError(
+            f"{path}: saved with {saved} data-parallel ranks, resuming with {now}; the data loader position "
+            "cannot be mapped (use the same world size, or start a new run from it with "
+            "checkpoint.initial_load_path)"
+        )
+
+
 class _DieBeforeMetadata(FileSystemWriter):
     """Test fault: SIGKILL once the tensor files are written, before DCP writes `.metadata`."""
 
@@ -198,12 +208,7 @@ class CheckpointManager:
         check_model_compatible(path, model)
         train_state = {"step": 0, "dp_world_size": 0, "extra": ""}
         self._load({"train_state": train_state}, path)
-        if train_state["dp_world_size"] != self.dp_world_size:
-            raise CheckpointError(
-                f"{path}: saved with {train_state['dp_world_size']} data-parallel ranks, resuming with "
-                f"{self.dp_world_size}; the data loader position cannot be mapped (use the same world size, "
-                "or start a new run from it with checkpoint.initial_load_path)"
-            )
+        check_resume_world_size(path, int(train_state["dp_world_size"]), self.dp_world_size)
         self._load(states, path)
         return {"step": int(train_state["step"]), "extra": json.loads(train_state["extra"] or "{}")}
 

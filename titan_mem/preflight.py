@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 from titan_mem import config as config_mod
+from titan_mem.checkpoint import CheckpointError, check_resume_world_size, step_dirs
 from titan_mem.config import Config, ConfigError
 
 
 def resume_checkpoint_exists(cfg: Config) -> bool:
     """Whether this run folder already holds a complete checkpoint (then initial_load_path is not read)."""
-    folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
-    return folder.is_dir() and any(
-        p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() for p in folder.iterdir()
-    )
+    return bool(step_dirs(Path(cfg.job.dump_folder) / cfg.checkpoint.folder))
 
 
 def _check_resume_world_size(cfg: Config, world_size: int) -> None:
@@ -28,7 +26,6 @@ def _check_resume_world_size(cfg: Config, world_size: int) -> None:
     checkpoint the run would resume from, without a process group."""
     if not cfg.checkpoint.enable or not resume_checkpoint_exists(cfg):
         return
-    from titan_mem.checkpoint import step_dirs
     from titan_mem.checkpoint_convert import ConvertError, load_nested, open_dcp
 
     found = step_dirs(Path(cfg.job.dump_folder) / cfg.checkpoint.folder)
@@ -41,12 +38,8 @@ def _check_resume_world_size(cfg: Config, world_size: int) -> None:
         saved = load_nested(index, keys).get("train_state", {}).get("dp_world_size") if keys else None
     except ConvertError:
         return  # an unreadable checkpoint: the Trainer's load gives the precise error
-    if saved is not None and int(saved) != world_size:
-        raise ConfigError(
-            f"{found[step]}: saved with {saved} data-parallel ranks, this launch has {world_size}; the data "
-            "loader position cannot be mapped (use the same world size, or start a new run from it with "
-            "checkpoint.initial_load_path)"
-        )
+    if saved is not None:
+        check_resume_world_size(found[step], int(saved), world_size)
 
 
 def check_launch(cfg: Config, world_size: int) -> int:
@@ -92,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size = int(value)
     try:
         check_launch(config_mod.parse_args(argv), world_size)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
