@@ -335,7 +335,9 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
     table = torch.nn.Parameter(torch.zeros(10, 4))
     dense = torch.arange(40, dtype=torch.float32).reshape(10, 4)
     rows_with_grad = torch.tensor([1, 3, 5, 7])
-    table.grad = torch.sparse_coo_tensor(rows_with_grad.unsqueeze(0), dense[rows_with_grad], (10, 4))
+    table.grad = torch.sparse_coo_tensor(
+        rows_with_grad.unsqueeze(0), dense[rows_with_grad], (10, 4), check_invariants=True
+    )
     picks = {"layers.1.feed_forward": torch.tensor([3, 1]), "layers.3.feed_forward": torch.tensor([5, 3, 9])}
     staged, selected = gather_selected_rows({name: table for name in picks}, lambda name: picks[name])
     assert list(staged) == ["layers.1.feed_forward"]  # one entry per table
