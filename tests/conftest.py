@@ -38,6 +38,27 @@ TINY = [
 ]
 
 
+def sparse_finetune_args(base: Path, run: Path, *extra: str) -> list[str]:
+    """The tests' sparse-finetune run: tiny model, one fact per step, SGD lr 2, top-10 rows, 4 steps.
+    `extra` comes last, so it overrides any of these."""
+    return [
+        *TINY,
+        f"--job.dump_folder={run}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={base}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        "--training.global_batch_size=4",
+        "--training.steps=4",
+        "--optimizer.name=sgd",
+        "--optimizer.lr=2",
+        "--finetune.top_t=10",
+        "--lr_scheduler.warmup_steps=0",
+        "--lr_scheduler.decay_type=constant",
+        *extra,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

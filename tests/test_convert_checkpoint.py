@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from conftest import REPO, TINY, _env, run_trainer
+from conftest import REPO, TINY, _env, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -44,24 +44,7 @@ def ck(tmp_path_factory, pretrained):
     root = tmp_path_factory.mktemp("convert")
     run = [*TINY, f"--job.dump_folder={root / 'run'}"]
     base = pretrained
-    _ok(
-        run_trainer(
-            [
-                *run,
-                f"--job.dump_folder={root / 'sft'}",
-                "--training.mode=sparse_finetune",
-                f"--checkpoint.initial_load_path={base}",
-                "--data.regime=facts",
-                "--training.micro_batch_size=4",
-                "--training.global_batch_size=4",
-                "--training.steps=3",
-                "--optimizer.name=sgd",
-                "--optimizer.lr=2",
-                "--finetune.top_t=10",
-                "--lr_scheduler.warmup_steps=0",
-            ]
-        )
-    )
+    _ok(run_trainer(sparse_finetune_args(base, root / "sft", "--training.steps=3")))
     _ok(
         run_trainer(
             [

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer
+from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 
 from titan_mem.sparse.counts import load_background_counts
@@ -21,23 +21,7 @@ def base(pretrained):
 
 def _finetune(base, tmp_path, *extra, name="ft"):
     run = tmp_path / name
-    args = [
-        *TINY,
-        f"--job.dump_folder={run}",
-        "--training.mode=sparse_finetune",
-        f"--checkpoint.initial_load_path={base}",
-        "--data.regime=facts",
-        "--training.micro_batch_size=4",
-        "--training.global_batch_size=4",
-        "--training.steps=4",
-        "--optimizer.name=sgd",
-        "--optimizer.lr=2",
-        "--finetune.top_t=10",
-        "--lr_scheduler.warmup_steps=0",
-        "--lr_scheduler.decay_type=constant",
-        *extra,
-    ]
-    _ok(run_trainer(args))
+    _ok(run_trainer(sparse_finetune_args(base, run, *extra)))
     return run
 
 
@@ -110,20 +94,7 @@ def test_sparse_finetune_two_ranks_equals_one_rank(base, tmp_path):
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"r{nproc}"
-        args = [
-            *TINY,
-            f"--job.dump_folder={run}",
-            "--training.mode=sparse_finetune",
-            f"--checkpoint.initial_load_path={base}",
-            "--data.regime=facts",
-            "--training.micro_batch_size=2",
-            "--training.global_batch_size=4",
-            "--training.steps=3",
-            "--optimizer.name=sgd",
-            "--optimizer.lr=2",
-            "--finetune.top_t=10",
-            "--lr_scheduler.warmup_steps=0",
-        ]
+        args = sparse_finetune_args(base, run, "--training.micro_batch_size=2", "--training.steps=3")
         _ok(run_trainer(args, nproc=nproc))
         runs[nproc] = run
     sel1, sel2 = _selections(runs[1]), _selections(runs[2])
@@ -245,21 +216,7 @@ def test_sparse_finetune_resume_is_exact_with_row_adamw_state(base, tmp_path):
     extra = ["--optimizer.name=adamw", "--optimizer.lr=0.01", "--optimizer.memory_weight_decay=0.1"]
     straight = _finetune(base, tmp_path, *extra, name="straight")
     split = tmp_path / "split"
-    args = [
-        *TINY,
-        f"--job.dump_folder={split}",
-        "--training.mode=sparse_finetune",
-        f"--checkpoint.initial_load_path={base}",
-        "--data.regime=facts",
-        "--training.micro_batch_size=4",
-        "--training.global_batch_size=4",
-        "--optimizer.name=adamw",
-        "--optimizer.lr=0.01",
-        "--optimizer.memory_weight_decay=0.1",
-        "--finetune.top_t=10",
-        "--lr_scheduler.warmup_steps=0",
-        "--lr_scheduler.decay_type=constant",
-    ]
+    args = sparse_finetune_args(base, split, *extra)
     _ok(run_trainer([*args, "--training.steps=2"]))
     proc = _ok(run_trainer([*args, "--training.steps=4"]))
     assert "resumed from" in proc.stdout

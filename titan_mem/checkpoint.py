@@ -98,6 +98,18 @@ def step_dirs(folder: Path) -> dict[int, Path]:
     return found
 
 
+def resume_path(folder: Path, load_step: int) -> Path | None:
+    """The checkpoint a run in `folder` resumes from: `load_step`, or the newest complete one, or None."""
+    found = step_dirs(folder)
+    if load_step >= 0:
+        if load_step not in found:
+            raise CheckpointError(
+                f"checkpoint.load_step={load_step}: no complete checkpoint {folder}/step-{load_step}"
+            )
+        return found[load_step]
+    return found[max(found)] if found else None
+
+
 def read_metadata(path: Path):
     try:
         return dcp.FileSystemReader(str(path)).read_metadata()
@@ -193,15 +205,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ load
 
     def resume_path(self, load_step: int) -> Path | None:
-        """The checkpoint to resume from: `load_step`, or the newest complete one, or None."""
-        found = step_dirs(self.folder)
-        if load_step >= 0:
-            if load_step not in found:
-                raise CheckpointError(
-                    f"checkpoint.load_step={load_step}: no complete checkpoint {self.folder}/step-{load_step}"
-                )
-            return found[load_step]
-        return found[max(found)] if found else None
+        return resume_path(self.folder, load_step)
 
     def load_full(self, path: Path, model: torch.nn.Module, states: dict[str, Stateful]) -> dict[str, Any]:
         """Restore everything saved at `path`; returns the train state (step, extra)."""

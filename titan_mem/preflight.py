@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from titan_mem import config as config_mod
-from titan_mem.checkpoint import CheckpointError, check_resume_world_size, step_dirs
+from titan_mem.checkpoint import CheckpointError, check_resume_world_size, resume_path, step_dirs
 from titan_mem.config import Config, ConfigError
+from titan_mem.modes import TrainMode, build_mode
 
 
 def resume_checkpoint_exists(cfg: Config) -> bool:
@@ -24,26 +25,26 @@ def resume_checkpoint_exists(cfg: Config) -> bool:
 def _check_resume_world_size(cfg: Config, world_size: int) -> None:
     """A resume must keep the data-parallel degree (the loader position is per rank): read it from the
     checkpoint the run would resume from, without a process group."""
-    if not cfg.checkpoint.enable or not resume_checkpoint_exists(cfg):
+    if not cfg.checkpoint.enable:
+        return
+    path = resume_path(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, cfg.checkpoint.load_step)
+    if path is None:
         return
     from titan_mem.checkpoint_convert import ConvertError, load_nested, open_dcp
 
-    found = step_dirs(Path(cfg.job.dump_folder) / cfg.checkpoint.folder)
-    step = cfg.checkpoint.load_step if cfg.checkpoint.load_step >= 0 else max(found, default=-1)
-    if step not in found:
-        return  # the Trainer names the missing load_step
     try:
-        index = open_dcp(found[step])
-        keys = [k for k, path in index.paths.items() if path[:2] == ("train_state", "dp_world_size")]
+        index = open_dcp(path)
+        keys = [k for k, p in index.paths.items() if p[:2] == ("train_state", "dp_world_size")]
         saved = load_nested(index, keys).get("train_state", {}).get("dp_world_size") if keys else None
     except ConvertError:
         return  # an unreadable checkpoint: the Trainer's load gives the precise error
     if saved is not None:
-        check_resume_world_size(found[step], int(saved), world_size)
+        check_resume_world_size(path, int(saved), world_size)
 
 
-def check_launch(cfg: Config, world_size: int) -> int:
-    """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps."""
+def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainMode]:
+    """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps and the mode
+    (built here because a mode refuses what it cannot run; the Trainer uses this one)."""
     dp_degree = cfg.parallelism.data_parallel_shard_degree
     if dp_degree not in (-1, world_size):
         raise ConfigError(
@@ -63,14 +64,13 @@ def check_launch(cfg: Config, world_size: int) -> int:
             build_source(cfg.data)
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
-    from titan_mem.modes import build_mode  # late: imports torch; a mode refuses what it cannot run
-
-    counts = getattr(build_mode(cfg), "counts_path", None)
+    mode = build_mode(cfg)
+    counts = getattr(mode, "counts_path", None)
     if counts and not Path(counts).is_file():
         raise ConfigError(
             f"finetune.background_counts: {counts}: file not found (tools/background_counts.py)"
         )
-    return grad_accum
+    return grad_accum, mode
 
 
 def main(argv: list[str] | None = None) -> int:

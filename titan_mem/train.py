@@ -32,7 +32,7 @@ from titan_mem.distributed import DistInfo, all_reduce_sum, exit_process, init_d
 from titan_mem.models.args import ModelArgs, build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
-from titan_mem.modes import TrainMode, build_mode
+from titan_mem.modes import TrainMode
 from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
 from titan_mem.preflight import check_launch
 
@@ -81,10 +81,9 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.training.device)
         self.device = self.dist.device
         self.rank0 = self.dist.rank == 0
-        self.grad_accum = check_launch(cfg, self.dist.world_size)
+        self.grad_accum, self.mode = check_launch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.mode = build_mode(cfg)
         self.model, self.model_args = build_model(cfg, self.dist, self.tokenizer, self.mode)
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.folder,
