@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
+from titan_mem.distributed import exit_process
 from titan_mem.sparse.counts import (
     BackgroundCounts,
     SlotCounter,
@@ -246,6 +247,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # success: skip interpreter teardown, which can abort after gloo use (see exit_process)
 
 
 def test_distributed_global_counts_equal_single_process(tmp_path):

@@ -84,13 +84,28 @@ class QueryBatchNorm(nn.BatchNorm1d):
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x, on every rank. Each rank's loss depends on y, so dL/dx_r is the sum over
+    ranks of their dL_r/dy: the backward is the same all-reduce."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def _all_reduce_data_parallel(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over the default process group, differentiable (its backward all-reduces the gradient)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(t)
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
