@@ -117,7 +117,8 @@ def pretrained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pretrained")
     args = [*TINY, f"--job.dump_folder={root / 'run'}"]
     ok(run_trainer([*args, "--training.steps=3"]))
-    ok(run_tool("background_counts.py", ["train_configs/debug_model.toml", *args, "--batches", "8"]))
+    shape = ["--batch-size", "4", "--seq-len", "32"]  # the batch of sparse_finetune_args
+    ok(run_tool("background_counts.py", ["train_configs/debug_model.toml", *args, *shape, "--batches", "8"]))
     step = root / "run" / "checkpoints" / "step-3"
     assert (step / "background_counts.safetensors").is_file()
     return step
@@ -130,11 +131,25 @@ def tiny(tmp_path):
 
 
 def load_model_tensors(step_dir: Path) -> dict:
-    """Model tensors of a DCP checkpoint, consolidated in this process (no process group needed)."""
+    """Model tensors of a DCP checkpoint, consolidated in this process (no process group needed). A sparse
+    checkpoint is read as its base (DCP's own reader) with the patch file's finetuned rows put in."""
     import tempfile
 
     import torch
+    from safetensors import safe_open
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    patch = Path(step_dir) / "patch.safetensors"
+    if patch.is_file():
+        with safe_open(str(patch), framework="pt") as f:
+            base = Path(f.metadata()["base"])
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        model = load_model_tensors(base)
+        for key, rows in stored.items():
+            if key.startswith("rows/"):
+                name = key[len("rows/") :]
+                model[name][rows] = stored[f"finetuned/{name}"]
+        return model
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"

@@ -11,10 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
+from titan_mem.config import ConfigError, parse_args
 from titan_mem.distributed import exit_process
 from titan_mem.sparse.counts import (
     BackgroundCounts,
     SlotCounter,
+    check_counts_batch_shape,
     count_slots,
     load_background_counts,
     merge_counts,
@@ -152,6 +154,7 @@ def test_save_load_round_trip(tmp_path):
         "data_source",
         "batch_size",
         "seq_len",
+        "tokens_per_batch",
         "layers",
         "created",
         "titan_mem_version",
@@ -266,3 +269,68 @@ def test_distributed_global_counts_equal_single_process(tmp_path):
                 want_t, want_c = single.local(name)
                 assert torch.equal(touched, want_t), (rank, method, name)
                 assert torch.equal(counts, want_c), (rank, method, name)
+
+
+def _shaped(path: Path, batch_size: int, seq_len: int, drop_shape: bool = False) -> Path:
+    bg = _filled_background()
+    bg.metadata.update(batch_size=batch_size, seq_len=seq_len, tokens_per_batch=float(batch_size * seq_len))
+    if drop_shape:  # a file written before the shape was recorded
+        for key in ("batch_size", "seq_len", "tokens_per_batch"):
+            del bg.metadata[key]
+    save_background_counts(path, bg)
+    return path
+
+
+def test_shape_metadata_round_trip(tmp_path):
+    bg = BackgroundCounts.empty({"m": 4}, batch_size=16, seq_len=64, tokens_per_batch=1000.5)
+    save_background_counts(tmp_path / "bg.safetensors", bg)
+    meta = load_background_counts(tmp_path / "bg.safetensors").metadata
+    assert (meta["batch_size"], meta["seq_len"], meta["tokens_per_batch"]) == (16, 64, 1000.5)
+
+
+def test_counts_batch_shape_check(tmp_path):
+    path = _shaped(tmp_path / "bg.safetensors", 512, 2048)
+    meta = load_background_counts(path).metadata
+    with pytest.raises(ValueError) as e:
+        check_counts_batch_shape(path, meta, 16, 64, 2.0)
+    msg = _one_line(e, path)
+    assert "counted over 512 x 2048-token batches, but this finetune's batches are 16 x 64" in msg
+    assert "ratio of tokens per batch 1024.0 > tolerance 2.0" in msg
+    assert "--finetune-config" in msg and "finetune.counts_shape_tolerance=0" in msg
+    check_counts_batch_shape(path, meta, 16, 64, 0)  # 0: any shape (ablations)
+    check_counts_batch_shape(path, meta, 16, 64, 1024)
+    # the ratio is symmetric and compares tokens per batch, not the two factors
+    for batch_size, seq_len, ok in ((1024, 1024, True), (256, 8192, True), (2048, 2048, False)):
+        if ok:
+            check_counts_batch_shape(path, meta, batch_size, seq_len, 2.0)
+        else:
+            with pytest.raises(ValueError, match="ratio of tokens per batch 4.0 > tolerance 2.0"):
+                check_counts_batch_shape(path, meta, batch_size, seq_len, 2.0)
+    small = _shaped(tmp_path / "small.safetensors", 8, 64)
+    with pytest.raises(ValueError, match="counted over 8 x 64-token batches.* 16 x 128 .*ratio .* 4.0"):
+        load_background_counts(small, expect_batch=(16, 128), shape_tolerance=2.0)
+    assert load_background_counts(small, expect_batch=(16, 64), shape_tolerance=2.0).n_batches == 4
+    load_background_counts(small, expect_batch=(16, 128), shape_tolerance=4.0)
+    load_background_counts(small, expect_batch=None, shape_tolerance=2.0)  # None skips the check
+
+
+def test_counts_without_batch_shape_are_refused(tmp_path):
+    old = _shaped(tmp_path / "old.safetensors", 16, 64, drop_shape=True)
+    with pytest.raises(ValueError) as e:
+        load_background_counts(old, expect_batch=(16, 64), shape_tolerance=2.0)
+    assert "recorded no batch shape; recount with tools/background_counts.py" in _one_line(e, old)
+    assert load_background_counts(old, expect_batch=(16, 64), shape_tolerance=0).n_batches == 4
+    unset = _shaped(tmp_path / "unset.safetensors", 0, 0)  # BackgroundCounts.empty() without a shape
+    with pytest.raises(ValueError, match="recorded no batch shape"):
+        load_background_counts(unset, expect_batch=(16, 64), shape_tolerance=1.0)
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("1", True), ("2.5", True), ("0.5", False), ("-1", False)])
+def test_counts_shape_tolerance_config(value, ok):
+    arg = f"--finetune.counts_shape_tolerance={value}"
+    if ok:
+        assert parse_args([arg]).finetune.counts_shape_tolerance == float(value)
+    else:
+        with pytest.raises(ConfigError, match="finetune.counts_shape_tolerance: must be 0 .* or >= 1"):
+            parse_args([arg])
+    assert parse_args([]).finetune.counts_shape_tolerance >= 1  # refuses by default

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
+from titan_mem.sparse.selector import selected_row_gradients
 
 from titan_mem.sparse.counts import load_background_counts
-from titan_mem.sparse.mode import gather_selected_rows
 
 VALUES = "layers.1.feed_forward.values.weight"  # the tiny model's memory value table
 
@@ -104,6 +104,9 @@ def test_sparse_finetune_two_ranks_equals_one_rank(base, tmp_path):
     torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
 
 
+SHAPE = ["--batch-size", "4", "--seq-len", "32"]  # the fine-tuning batch of sparse_finetune_args
+
+
 def test_background_counts_two_ranks_equal_one_rank(base, tmp_path):
     args = [*TINY, f"--job.dump_folder={tmp_path}", f"--checkpoint.initial_load_path={base}"]
     files = {}
@@ -112,7 +115,7 @@ def test_background_counts_two_ranks_equal_one_rank(base, tmp_path):
         _ok(
             run_tool(
                 "background_counts.py",
-                ["train_configs/debug_model.toml", *args, "--batches", "5", "--out", str(out)],
+                ["train_configs/debug_model.toml", *args, *SHAPE, "--batches", "5", "--out", str(out)],
                 nproc=nproc,
             )
         )
@@ -133,7 +136,7 @@ def test_background_counts_two_ranks_equal_one_rank(base, tmp_path):
 def test_background_counts_batch_size_is_exact(base, tmp_path):
     """Exactly --batch-size sequences per batch: a whole number of micro-batches, else a one-line refusal."""
     args = ["train_configs/debug_model.toml", *TINY, f"--job.dump_folder={tmp_path}"]
-    args += [f"--checkpoint.initial_load_path={base}", "--batches", "3"]
+    args += [f"--checkpoint.initial_load_path={base}", "--batches", "3", "--seq-len", "32"]
     refused = tmp_path / "refused.safetensors"
     proc = run_tool("background_counts.py", [*args, "--batch-size", "3", "--out", str(refused)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -296,7 +299,7 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
         rows_with_grad.unsqueeze(0), dense[rows_with_grad], (10, 4), check_invariants=True
     )
     picks = {"layers.1.feed_forward": torch.tensor([3, 1]), "layers.3.feed_forward": torch.tensor([5, 3, 9])}
-    staged, selected = gather_selected_rows({name: table for name in picks}, lambda name: picks[name])
+    staged, selected = selected_row_gradients({name: table for name in picks}, lambda name: picks[name])
     assert list(staged) == ["layers.1.feed_forward"]  # one entry per table
     rows, grads = staged["layers.1.feed_forward"]
     assert rows.tolist() == [1, 3, 5, 9]
@@ -306,5 +309,5 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
     assert selected == {name: r.tolist() for name, r in picks.items()}
     # Two tables: each keeps its own rows.
     other = torch.nn.Parameter(torch.zeros(10, 4))
-    staged, _ = gather_selected_rows({"a": table, "b": other}, lambda name: torch.tensor([3]))
+    staged, _ = selected_row_gradients({"a": table, "b": other}, lambda name: torch.tensor([3]))
     assert set(staged) == {"a", "b"} and torch.equal(staged["b"][1], torch.zeros(1, 4))

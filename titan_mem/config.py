@@ -114,6 +114,12 @@ class CheckpointConfig:
     keep_latest_k: int = _help(2, "Keep only the newest k checkpoints (0 = keep all).")
     load_step: int = _help(-1, "Resume from this step (-1 = newest found in the folder, if any).")
     initial_load_path: str | None = _help(None, "Checkpoint step folder to start from when none to resume.")
+    save_format: str = _help(
+        "auto",
+        "auto | full | sparse. auto: sparse_finetune saves knowledge patches on its base (rows ever updated, "
+        "their row-optimizer state, schedule, data position), every other mode the whole model; full: the "
+        "whole model in sparse_finetune too.",
+    )
     initial_load_model_only: bool = _help(
         True, "Load only model weights from initial_load_path (false: its full state, continuing its step)."
     )
@@ -146,6 +152,12 @@ class FinetuneConfig:
     check_counts_checkpoint: bool = _help(
         True, "Refuse background counts recorded for another checkpoint than initial_load_path."
     )
+    counts_shape_tolerance: float = _help(
+        2.0,
+        "Refuse background counts whose batch (sequences x seq_len tokens) is more than this factor larger "
+        "or smaller than the finetuning batch: larger background batches push idf to 0 (docs/benchmarks.md, "
+        "'Slot selection'). 0 = accept any shape (ablations); otherwise >= 1.",
+    )
     lora_rank: int = _help(16, "lora_finetune: adapter rank r.")
     lora_alpha: float = _help(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")
     lora_targets: list[str] = _help(
@@ -173,7 +185,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_MODES = ("pretrain", "sparse_finetune", "full_finetune", "lora_finetune")
+MODES = ("pretrain", "sparse_finetune", "full_finetune", "lora_finetune")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -183,7 +195,8 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that make a run impossible; each error names its key."""
-    _choice("training.mode", cfg.training.mode, _MODES)
+    _choice("training.mode", cfg.training.mode, MODES)
+    _choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
     if not cfg.optimizer.name:
         cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
     _choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
@@ -207,6 +220,11 @@ def validate(cfg: Config) -> None:
     _choice("finetune.ranking", cfg.finetune.ranking, ("tfidf", "tf", "kl", "all"))
     if cfg.finetune.top_t < 0:
         raise ConfigError(f"finetune.top_t: must be >= 0; got {cfg.finetune.top_t}")
+    tol = cfg.finetune.counts_shape_tolerance
+    if not (tol == 0 or tol >= 1):  # also refuses nan
+        raise ConfigError(
+            f"finetune.counts_shape_tolerance: must be 0 (accept any shape) or >= 1 (a ratio); got {tol}"
+        )
     if cfg.finetune.lora_rank <= 0:
         raise ConfigError(f"finetune.lora_rank: must be positive; got {cfg.finetune.lora_rank}")
     if (

@@ -13,8 +13,11 @@ from pathlib import Path
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, check_resume_world_size, resume_path, step_dirs
+from titan_mem.checkpoint.dcp_index import read_train_state
 from titan_mem.config import Config, ConfigError
-from titan_mem.modes import TrainMode, build_mode
+from titan_mem.data.sources import build_source
+from titan_mem.modes import TrainingMode, build_mode
+from titan_mem.modes.build import sparse_counts_path
 
 
 def resume_checkpoint_exists(cfg: Config) -> bool:
@@ -30,19 +33,15 @@ def _check_resume_world_size(cfg: Config, world_size: int) -> None:
     path = resume_path(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, cfg.checkpoint.load_step)
     if path is None:
         return
-    from titan_mem.checkpoint_convert import ConvertError, load_nested, open_dcp
-
     try:
-        index = open_dcp(path)
-        keys = [k for k, p in index.paths.items() if p[:2] == ("train_state", "dp_world_size")]
-        saved = load_nested(index, keys).get("train_state", {}).get("dp_world_size") if keys else None
-    except ConvertError:
+        saved = read_train_state(path).get("dp_world_size")
+    except CheckpointError:
         return  # an unreadable checkpoint: the Trainer's load gives the precise error
     if saved is not None:
         check_resume_world_size(path, int(saved), world_size)
 
 
-def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainMode]:
+def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainingMode]:
     """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps and the mode
     (built here because a mode refuses what it cannot run; the Trainer uses this one)."""
     dp_degree = cfg.parallelism.data_parallel_shard_degree
@@ -58,14 +57,12 @@ def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainMode]:
         if not (path / ".metadata").is_file():
             raise ConfigError(f"checkpoint.initial_load_path: {path}: no DCP checkpoint there (no .metadata)")
     if cfg.data.regime == "pretrain":
-        from titan_mem.data.sources import build_source  # checks local paths; a hub name is read later
-
-        try:
+        try:  # checks local paths; a hub name is read later
             build_source(cfg.data)
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     mode = build_mode(cfg)
-    counts = getattr(mode, "counts_path", None)
+    counts = sparse_counts_path(cfg) if cfg.training.mode == "sparse_finetune" else None
     if counts and not Path(counts).is_file():
         raise ConfigError(
             f"finetune.background_counts: {counts}: file not found (tools/background_counts.py)"

@@ -17,59 +17,29 @@ from titan_mem import config as config_mod
 from titan_mem.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    ModelState,
     RankState,
     SchedulerState,
     rng_state,
     set_rng_state,
 )
+from titan_mem.checkpoint.sparse import is_sparse_checkpoint, load_model_weights
 from titan_mem.components.lr import build_lr_scheduler
 from titan_mem.components.metrics import MetricsLogger, drop_records_after, peak_flops, peak_memory_gib
+from titan_mem.components.model import build_model
+from titan_mem.components.optim import clip_grad_norm_
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
+from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.distributed import DistInfo, all_reduce_sum, exit_process, init_distributed, shutdown
-from titan_mem.models.args import ModelArgs, build_model_args
+from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
-from titan_mem.modes import TrainMode
-from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
 from titan_mem.preflight import check_launch
-
-IGNORE_INDEX = -100
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
-
-
-def build_model(
-    cfg: Config, dist_info: DistInfo, tokenizer, mode: TrainMode
-) -> tuple[Transformer, ModelArgs]:
-    """Meta-device model -> mode changes (e.g. adapters) -> FSDP2 + seeded init on the device."""
-    model_args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
-    if cfg.training.seq_len > model_args.max_seq_len:
-        raise ConfigError(
-            f"training.seq_len: {cfg.training.seq_len} exceeds the model's max_seq_len "
-            f"{model_args.max_seq_len}"
-        )
-    with torch.device("meta"):
-        model = Transformer(model_args)
-    mode.prepare_model(model)
-    mp = mixed_precision_policy(
-        dist_info.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
-    )
-    model = parallelize_and_init(
-        model,
-        dist_info.mesh,
-        dist_info.device,
-        seed=cfg.job.seed,
-        mp_policy=mp,
-        activation_checkpoint=cfg.training.activation_checkpoint == "full",
-        compile_blocks=cfg.training.compile,
-        ignored_param_names=mode.fsdp_ignored_param_names(model),
-    )
-    return model, model_args
 
 
 class Trainer:
@@ -84,7 +54,9 @@ class Trainer:
         self.grad_accum, self.mode = check_launch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.model, self.model_args = build_model(cfg, self.dist, self.tokenizer, self.mode)
+        self.model, self.model_args = build_model(
+            cfg, self.dist, self.tokenizer, self.mode.converters, self.mode.policy.fsdp_ignored
+        )
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.folder,
             rank=self.dist.rank,
@@ -104,19 +76,22 @@ class Trainer:
         self.step = 0
         resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None
         initial = Path(cfg.checkpoint.initial_load_path) if cfg.checkpoint.initial_load_path else None
-        if resume is None and initial is not None and cfg.checkpoint.initial_load_model_only:
-            # A new run (e.g. finetuning) starting from another run's weights.
-            self.ckpt.load_model_only(
-                initial, self.model, allow_missing=self.mode.missing_ok_on_initial_load()
-            )
+        # A new run (e.g. finetuning) starts from another run's weights; a sparse checkpoint resumes on them.
+        base_first = resume is None or is_sparse_checkpoint(resume)
+        if base_first and initial is not None and cfg.checkpoint.initial_load_model_only:
+            load_model_weights(self.ckpt, initial, self.model, allow_missing=self.mode.new_tensor_names())
             self._log(f"loaded model weights from {initial}")
-        self.mode.after_load(self.model)
-        self.optimizer = self.mode.build_optimizer(self.model)
+        trainable = self.mode.policy.apply(self.model)
+        self.optimizer = self.mode.build_optimizer(self.model, trainable)
+        self.trainable = trainable
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self.content = self.mode.build_checkpoint(self.model, self.optimizer)
+        self.hooks = self.mode.build_hooks(self.model, self.optimizer, self.device)
         if resume is None and initial is not None and not cfg.checkpoint.initial_load_model_only:
             resume = initial  # continue another run's full state (optimizer, schedule, data position) here
         if resume is not None:
             state = self.ckpt.load_full(resume, self.model, self._states())
+            self.content.restore_files(resume)
             self.step = state["step"]
             self._log(f"resumed from {resume} at step {self.step}")
         self.data_iter = iter(self.dataloader)
@@ -151,11 +126,9 @@ class Trainer:
             set_rng_state(state["rng"])
 
         return {
-            "model": ModelState(self.model),
-            "optimizer": self.mode.optimizer_state(self.model, self.optimizer),
+            **self.content.dcp_states(),
             "lr_scheduler": SchedulerState(self.scheduler),
             "rank_state": RankState(self.dist.rank, get_rank_state, put_rank_state),
-            **self.mode.extra_states(),
         }
 
     def _next_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -176,13 +149,11 @@ class Trainer:
         Loss = sum of token losses / number of loss tokens in the *global* batch (all-reduced first), and
         FSDP sums gradients (divide factor 1): every token weighs the same whatever the rank or micro-batch.
         """
-        self.mode.current_step = self.step + 1
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = int(all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item())
         if global_tokens == 0:
             raise TrainingError(f"step {self.step + 1}: the global batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.mode.before_forward(self.model, batches)
         for batch in batches:
             logits = self.model(batch["input_ids"])
             loss = (
@@ -195,18 +166,26 @@ class Trainer:
                 / global_tokens
             )
             loss.backward()
-            self.mode.after_micro_batch(self.model, batch)
+            for hook in self.hooks:
+                hook.on_micro_batch(self.model, batch)
             loss_sum += loss.detach().double()
         loss_value = float(all_reduce_sum(loss_sum).item())
         if not torch.isfinite(torch.tensor(loss_value)):
             raise TrainingError(
                 f"step {self.step + 1}: loss is {loss_value}; stopping without saving this step"
             )
-        grad_norm = self.mode.clip_gradients(self.model, self.cfg.training.max_norm)
-        step_info = self.mode.before_optimizer_step(self.model, self.optimizer)
+        step_info: dict[str, Any] = {}
+        for hook in self.hooks:
+            step_info.update(hook.prepare_gradients(self.model))
+        grad_norm = clip_grad_norm_(self.trainable, self.cfg.training.max_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(
+                f"step {self.step + 1}: gradient norm is {float(grad_norm)}; stopping without saving "
+                "this step"
+            )
         self.optimizer.step()
-        self.mode.after_optimizer_step(self.model, self.optimizer)
-        step_info.update(self.mode.step_info())
+        for hook in self.hooks:
+            step_info.update(hook.after_step(self.step + 1))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Throughput and MFU count every position computed (padding included: it costs the same FLOPs).
@@ -215,7 +194,12 @@ class Trainer:
 
     def save(self) -> None:
         if self.cfg.checkpoint.enable:
-            path = self.ckpt.save(self.step, self._states(), {"model_args": repr(self.model_args)})
+            path = self.ckpt.save(
+                self.step,
+                self._states(),
+                {"model_args": repr(self.model_args)},
+                write_files=self.content.write_files,
+            )
             self._log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------ loop

@@ -26,6 +26,7 @@ FACTS = [
     "--lr_scheduler.warmup_steps=0",
     "--lr_scheduler.decay_type=constant",
 ]
+COUNT_SHAPE = ["--batch-size", "16", "--seq-len", "64"]  # background batches of the FACTS batch shape
 MODES = {
     "sparse_finetune": [
         "--training.mode=sparse_finetune",
@@ -114,7 +115,7 @@ def _make_base(n_keys: int, root: Path) -> Path:
     env_cmd = [sys.executable, "-m", "titan_mem.train", *common]
     for cmd in (
         env_cmd,
-        [sys.executable, str(REPO / "tools/background_counts.py"), *common, "--batches", "20"],
+        [sys.executable, str(REPO / "tools/background_counts.py"), *common, *COUNT_SHAPE, "--batches", "20"],
     ):
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:

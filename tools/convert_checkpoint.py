@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Convert titan_mem checkpoints (logic in `titan_mem.checkpoint_convert`; this file is the CLI).
+"""Convert titan_mem checkpoints (logic in `titan_mem.checkpoint`; this file is the CLI).
 
     python tools/convert_checkpoint.py to-file DCP_DIR OUT.pt [--model-only]   # whole state, weights_only
     python tools/convert_checkpoint.py to-file DCP_DIR OUT.safetensors         # model tensors, FQN keys
     python tools/convert_checkpoint.py to-dcp IN.pt|IN.safetensors OUT_DIR
     python tools/convert_checkpoint.py export-model DCP_DIR OUT_DIR [--merge-lora --lora-alpha A]
+    python tools/convert_checkpoint.py export-model SPARSE_STEP_DIR OUT_DIR [--base BASE_DCP]  # base + patch
     python tools/convert_checkpoint.py delta FINETUNED_DCP BASE_DCP OUT.safetensors [--allow-dense]
     python tools/convert_checkpoint.py apply-delta BASE_DCP DELTA OUT_DIR
     python tools/convert_checkpoint.py apply-delta FINETUNED_DCP DELTA OUT_DIR --remove
+    (a sparse-finetuning checkpoint's patch.safetensors is such a delta: patches stack and come off again)
 
 Outputs are written to `<out>.tmp` / `<out>.partial` and renamed when complete; an existing output is
 kept unless --overwrite. A bad input prints one line `error: <path>: <what>` and exits with code 2.
@@ -19,10 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from titan_mem.checkpoint import CheckpointError  # noqa: E402
-from titan_mem.checkpoint_convert import apply_delta, export_model, make_delta, to_dcp, to_file  # noqa: E402
+from titan_mem.checkpoint import CheckpointError
+from titan_mem.checkpoint.convert import export_model, to_dcp, to_file
+from titan_mem.checkpoint.patches import apply_delta, make_delta
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", type=Path, help="IN.pt or IN.safetensors")
     sp.add_argument("out_dir", type=Path)
 
-    sp = add("export-model", "Model-only DCP folder (just 'model.*'): the start of finetuning runs.")
+    sp = add(
+        "export-model",
+        "Model-only DCP folder (just 'model.*'): the start of finetuning runs or an evaluation. A sparse "
+        "finetuning checkpoint is applied onto its base (the output records the patch lineage).",
+    )
     sp.add_argument("dcp_dir", type=Path)
+    sp.add_argument("--base", type=Path, help="sparse checkpoint: its base, if moved from the recorded path")
     sp.add_argument("out_dir", type=Path)
     sp.add_argument(
         "--merge-lora",
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "delta",
         "Sparse delta of a finetuned checkpoint against its base: per memory value table the changed rows "
-        "(ids, finetuned and base values) plus sha256 of every model tensor, as one safetensors file.",
+        "(ids, finetuned and base values) plus sha256 of "
+        "every model tensor of both, as one safetensors file.",
     )
     sp.add_argument("finetuned", type=Path, help="finetuned DCP step folder")
     sp.add_argument("base", type=Path, help="base DCP step folder it was finetuned from")
@@ -113,6 +120,7 @@ def run(argv: list[str]) -> str:
             merge=args.merge_lora,
             lora_alpha=args.lora_alpha,
             overwrite=args.overwrite,
+            base=args.base,
         )
     if args.cmd == "delta":
         summary = make_delta(

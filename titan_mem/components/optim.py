@@ -53,3 +53,29 @@ def build_optimizer(model: nn.Module, cfg, params: list[nn.Parameter] | None = N
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient L2 norm over dense, DTensor (FSDP) and sparse (selected value rows) gradients;
+    scales every gradient by min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Clipping only."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g.coalesce() for g in grads if g.is_sparse]
+    parts = []
+    if dense:
+        norm = torch.nn.utils.get_total_norm(dense, norm_type=2.0)
+        parts.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    parts += [g.values().double().norm() for g in sparse]
+    if not parts:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([p.double().cpu() for p in parts]))
+    if max_norm > 0:
+        if dense:
+            dense_params = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+            torch.nn.utils.clip_grads_with_norm_(dense_params, max_norm, total.float())
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse and coef < 1.0:
+                g = p.grad.coalesce()
+                p.grad = torch.sparse_coo_tensor(g.indices(), g.values() * coef, g.shape, is_coalesced=True)
+    return total.float()

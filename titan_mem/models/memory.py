@@ -10,7 +10,9 @@ Memory+ (Berges et al. 2024, "Memory Layers at Scale", sec. 3) gates the lookup:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,28 @@ class MemoryValues(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
 
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = False
+
+
+def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for `torch.utils.checkpoint`: marks the backward-time recompute of a checkpointed block,
+    so layers with side effects in forward (batch-norm running statistics) apply them once per step."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def is_recomputing() -> bool:
+    return getattr(_recompute, "active", False)
+
+
 class QueryBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d over query rows [N, C] whose training statistics cover every data-parallel rank's tokens.
 
@@ -49,7 +73,7 @@ class QueryBatchNorm(nn.BatchNorm1d):
             return super().forward(x)  # running statistics: no communication
         xf = x.float()  # statistics in fp32 also under bf16 mixed precision
         mean, var, count = self._global_stats(xf)
-        if self.track_running_stats:
+        if self.track_running_stats and not is_recomputing():  # the recompute sees the same batch again
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         # y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ioffe & Szegedy 2015, algorithm 1).
         y = (xf - mean) * torch.rsqrt(var + self.eps)
@@ -199,3 +223,13 @@ class MemoryLayer(nn.Module):
         else:
             out = bag
         return out.view(shape)
+
+
+# The one definition of "a memory value table" by name: `layers.N.feed_forward.values.weight`, or a shared
+# pool's `shared_memory_values.weight` registered once by the Transformer.
+VALUE_TABLE_SUFFIXES = ("values.weight",)
+
+
+def is_value_table(fqn: str) -> bool:
+    """Whether a model state-dict name is a memory value table (checkpoints, patches, FSDP policy)."""
+    return fqn.endswith(VALUE_TABLE_SUFFIXES)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from titan_mem.models.args import ModelArgs
-from titan_mem.models.memory import MemoryLayer, MemoryValues
+from titan_mem.models.memory import MemoryLayer, MemoryValues, recompute_context
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -105,7 +105,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         # Checkpointing inside the block keeps FSDP's hooks outside it, so recompute never re-gathers.
         if self.activation_checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, rope, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, rope, use_reentrant=False, context_fn=recompute_context
+            )
         return self._forward(x, rope)
 
     def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -137,6 +139,10 @@ class Transformer(nn.Module):
     def memory_layers(self) -> dict[str, MemoryLayer]:
         """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""
         return {f"layers.{k}.feed_forward": b.feed_forward for k, b in self.layers.items() if b.is_memory}
+
+    def value_tables(self) -> dict[str, nn.Parameter]:
+        """The value table each memory layer reads, by layer name (a shared pool appears under each)."""
+        return {name: layer.value_table.weight for name, layer in self.memory_layers().items()}
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Blocks in order, then the root's own weights: `parallel.fsdp` materialises in the same order, so a

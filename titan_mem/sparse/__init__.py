@@ -3,6 +3,7 @@
 from titan_mem.sparse.counts import (
     BackgroundCounts,
     SlotCounter,
+    check_counts_batch_shape,
     count_slots,
     load_background_counts,
     merge_counts,
@@ -19,6 +20,7 @@ __all__ = [
     "RowSparseSGD",
     "SlotBackground",
     "SlotCounter",
+    "check_counts_batch_shape",
     "count_slots",
     "load_background_counts",
     "merge_counts",

@@ -168,7 +168,8 @@ class BackgroundCounts:
 
     df[layer][i]    = number of background batches in which slot i was read at least once;
     total[layer][i] = total reads of slot i over those batches (kept for analysis / other scores).
-    `metadata` records where the counts came from so a finetune cannot silently use the wrong file.
+    `metadata` records where the counts came from and the batch shape they were counted over, so a
+    finetune cannot silently use the wrong file.
     """
 
     df: dict[str, torch.Tensor]
@@ -186,8 +187,14 @@ class BackgroundCounts:
         data_source: str = "",
         batch_size: int = 0,
         seq_len: int = 0,
+        tokens_per_batch: float = 0.0,
     ) -> BackgroundCounts:
-        """Zero counts for each layer, with the provenance metadata filled in."""
+        """Zero counts for each layer, with the provenance metadata filled in.
+
+        batch_size x seq_len is the shape of one background batch (sequences x tokens); tokens_per_batch
+        the mean number of non-padding tokens in one. Sparse finetuning checks the shape against its own
+        batches (`check_counts_batch_shape`): idf only means something for batches of the same size.
+        """
         names = sorted(n_slots)
         meta = {
             "checkpoint": str(checkpoint),
@@ -196,6 +203,7 @@ class BackgroundCounts:
             "n_batches": 0,
             "batch_size": int(batch_size),
             "seq_len": int(seq_len),
+            "tokens_per_batch": float(tokens_per_batch),
             "layers": names,
             "n_slots": {n: int(n_slots[n]) for n in names},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -276,15 +284,53 @@ def _bad(path: Path, why: str) -> ValueError:
     return ValueError(f"background counts file {path}: {' '.join(why.split())}")
 
 
+RECOUNT = (
+    "recount with tools/background_counts.py CONFIG --finetune-config FINETUNE.toml (or --batch-size B "
+    "--seq-len L), or set finetune.counts_shape_tolerance=0 to accept any shape (ablations)"
+)
+
+
+def check_counts_batch_shape(
+    path: str | os.PathLike, meta: Mapping[str, Any], batch_size: int, seq_len: int, tolerance: float
+) -> None:
+    """Refuse counts whose background batch is not about the size of the finetuning batch.
+
+    idf = log((N+1)/(df+1)) compares how many background batches read a slot with how many a fact batch's
+    tokens read: with background batches much larger than the finetuning batch every used slot has
+    df = N and idf = 0 (docs/benchmarks.md, "Slot selection": 36 % of slots at pretraining size vs 1.8 %).
+    The capacities (sequences x seq_len) are compared as max(a/b, b/a) <= `tolerance`; 0 accepts any
+    shape (the explicit override for ablations). Raises one ValueError line naming the file and both shapes.
+    """
+    if tolerance == 0:
+        return
+    path = Path(path)
+    have_b, have_l = meta.get("batch_size"), meta.get("seq_len")
+    if not (isinstance(have_b, int) and isinstance(have_l, int) and have_b > 0 and have_l > 0):
+        raise _bad(path, f"recorded no batch shape; {RECOUNT}")
+    have, want = have_b * have_l, batch_size * seq_len
+    ratio = max(have / want, want / have)
+    if ratio > tolerance:
+        raise _bad(
+            path,
+            f"counted over {have_b} x {have_l}-token batches, but this finetune's batches are "
+            f"{batch_size} x {seq_len} (ratio of tokens per batch {round(ratio, 2)} > tolerance "
+            f"{tolerance}); {RECOUNT}",
+        )
+
+
 def load_background_counts(
     path: str | os.PathLike,
     expect_layers: Mapping[str, int] | None = None,
     expect_checkpoint: str | os.PathLike | None = None,
+    expect_batch: tuple[int, int] | None = None,
+    shape_tolerance: float = 0.0,
 ) -> BackgroundCounts:
     """Load a file written by `save_background_counts`, checking it fits the model being finetuned.
 
     expect_layers: {layer name: n_slots} of the model; each must be present with that many slots.
     expect_checkpoint: the checkpoint being finetuned; must resolve to the path recorded in the file.
+    expect_batch: the finetune's (sequences per batch, seq_len); the counts' batch shape must be within
+    `shape_tolerance` of it (`check_counts_batch_shape`; tolerance 0 accepts any shape).
     None skips a check. Any problem is one ValueError line naming the file and the mismatch.
     """
     from safetensors import safe_open
@@ -319,6 +365,8 @@ def load_background_counts(
         recorded = meta.get("checkpoint", "")
         if Path(recorded).resolve() != Path(expect_checkpoint).resolve():
             raise _bad(path, f"counted on checkpoint {recorded!r}, but finetuning {str(expect_checkpoint)!r}")
+    if expect_batch is not None:
+        check_counts_batch_shape(path, meta, expect_batch[0], expect_batch[1], shape_tolerance)
     n_batches = int(meta.get("n_batches", 0))
     return BackgroundCounts(
         df={n: tensors[f"{n}.df"] for n in layers},

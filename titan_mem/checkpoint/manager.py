@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from titan_mem.checkpoint.dcp_index import read_metadata
+from titan_mem.checkpoint.errors import CheckpointError, root_cause
 from titan_mem.distributed import barrier
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message is one line naming the path and the problem."""
 
 
 class ModelState(Stateful):
@@ -110,15 +109,6 @@ def resume_path(folder: Path, load_step: int) -> Path | None:
     return found[max(found)] if found else None
 
 
-def read_metadata(path: Path):
-    try:
-        return dcp.FileSystemReader(str(path)).read_metadata()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a DCP checkpoint (no .metadata)") from None
-    except Exception as e:  # a truncated or foreign file: DCP raises pickle/EOF/ValueError/...
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
-
-
 def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: set[str] = frozenset()) -> None:
     """Refuse a checkpoint whose model tensors do not match this model by name and global shape."""
     saved = read_metadata(path).state_dict_metadata
@@ -171,8 +161,15 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, states: dict[str, Stateful], extra: dict[str, Any]) -> Path:
-        """Write all `states` for `step`; atomic by write-then-rename."""
+    def save(
+        self,
+        step: int,
+        states: dict[str, Stateful],
+        extra: dict[str, Any],
+        write_files: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write all `states` for `step` (and rank 0's `write_files(partial_folder)`); atomic by
+        write-then-rename."""
         final = self.folder / f"step-{step}"
         partial = self.folder / f"step-{step}.partial"
         if self.rank == 0:
@@ -184,6 +181,8 @@ class CheckpointManager:
         fault = os.environ.get("TITAN_MEM_TEST_KILL_IN_SAVE")  # fault injection for the crash-safety test
         writer = _DieBeforeMetadata(str(partial)) if fault == "before_metadata" else None
         dcp.save({**states, "train_state": train_state}, checkpoint_id=str(partial), storage_writer=writer)
+        if self.rank == 0 and write_files is not None:
+            write_files(partial)
         if fault == "before_rename":  # everything written, nothing committed
             os.kill(os.getpid(), signal.SIGKILL)
         barrier()
@@ -209,7 +208,8 @@ class CheckpointManager:
 
     def load_full(self, path: Path, model: torch.nn.Module, states: dict[str, Stateful]) -> dict[str, Any]:
         """Restore everything saved at `path`; returns the train state (step, extra)."""
-        check_model_compatible(path, model)
+        if "model" in states:
+            check_model_compatible(path, model)
         train_state = {"step": 0, "dp_world_size": 0, "extra": ""}
         self._load({"train_state": train_state}, path)
         check_resume_world_size(path, int(train_state["dp_world_size"]), self.dp_world_size)
@@ -233,18 +233,6 @@ class CheckpointManager:
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             msg = root_cause(e)
             raise CheckpointError(f"{path}: failed to load ({msg})") from None
-
-
-def root_cause(e: BaseException) -> str:
-    """First line of the innermost error (DCP wraps per-rank failures in a dict)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
-            inner = inner[0]  # (exception, traceback summary)
-        e = inner if isinstance(inner, BaseException) else getattr(inner, "exc", e)
-    text = f"{type(e).__name__}: {str(e).strip()}".splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def rng_state() -> dict[str, Any]:

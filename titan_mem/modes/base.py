@@ -1,0 +1,100 @@
+"""The parts a training mode is made of, and their pretraining defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from titan_mem.models.lora import add_lora, lora_parameter_names
+
+
+class ModelConverter(Protocol):
+    """Changes the meta-device model before sharding; names the new tensors a base checkpoint lacks."""
+
+    def convert(self, model: nn.Module) -> None: ...
+
+    def new_tensor_names(self) -> set[str]: ...
+
+
+class LoRAConverter:
+    """Adds LoRA adapters (Hu et al. 2021) to the named projections."""
+
+    def __init__(self, targets: list[str], rank: int, alpha: float):
+        self.targets, self.rank, self.alpha = targets, rank, alpha
+        self._names: set[str] = set()
+
+    def convert(self, model: nn.Module) -> None:
+        add_lora(model, self.targets, self.rank, self.alpha)
+        self._names = set(lora_parameter_names(model))
+
+    def new_tensor_names(self) -> set[str]:
+        return set(self._names)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Frozen statistics: a finetune that trains a subset must not move running means either."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.eval()
+
+
+class TrainablePolicy:
+    """Every parameter trains (pretraining, full finetuning)."""
+
+    def fsdp_ignored(self, model: nn.Module) -> set[str]:
+        """Parameter names FSDP must leave whole on every rank."""
+        return set()
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        """Freeze what does not train (weights are loaded); return the trainable parameters."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+
+class OnlyNamed(TrainablePolicy):
+    """Only the named parameters train (LoRA adapters); query batch-norm statistics frozen."""
+
+    def __init__(self, names: Callable[[], set[str]]):
+        self.names = names
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        keep = self.names()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in keep)
+        freeze_batchnorm(model)
+        return [p for p in model.parameters() if p.requires_grad]
+
+
+class StepHook:
+    """Called by the Trainer at three points of a step; the defaults do nothing."""
+
+    def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        """After each micro-batch's backward."""
+
+    def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
+        """After the last backward, before clipping; returns values to log."""
+        return {}
+
+    def after_step(self, step: int) -> dict[str, Any]:
+        """After the optimizer step of `step`; returns values to log."""
+        return {}
+
+
+@dataclass
+class TrainingMode:
+    name: str
+    policy: TrainablePolicy
+    build_optimizer: Callable[[nn.Module, list[nn.Parameter]], torch.optim.Optimizer]
+    build_checkpoint: Callable[..., Any]
+    converters: list[ModelConverter] = field(default_factory=list)
+    build_hooks: Callable[..., list[StepHook]] = lambda model, optimizer, device: []
+
+    def new_tensor_names(self) -> set[str]:
+        """Tensors a checkpoint from pretraining lacks (fresh adapters)."""
+        out: set[str] = set()
+        for c in self.converters:
+            out |= c.new_tensor_names()
+        return out

@@ -1,0 +1,133 @@
+"""The four training modes, assembled from their parts (see `titan_mem.modes`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from titan_mem.checkpoint.sparse import FullContent, SparseContent
+from titan_mem.components.optim import build_optimizer
+from titan_mem.config import MODES, Config, ConfigError
+from titan_mem.modes.base import (
+    LoRAConverter,
+    OnlyNamed,
+    StepHook,
+    TrainablePolicy,
+    TrainingMode,
+    freeze_batchnorm,
+)
+from titan_mem.sparse.counts import load_background_counts
+from titan_mem.sparse.optimizer import RowSparseOptimizer
+from titan_mem.sparse.selector import SlotSelector
+
+COUNTS_FILE = "background_counts.safetensors"
+
+
+class OnlyValueTables(TrainablePolicy):
+    """Sparse finetuning: only the memory value tables train, kept whole on every rank (outside FSDP) with a
+    row-sparse gradient, so selection and update cost follow the rows touched, never the table."""
+
+    def fsdp_ignored(self, model: nn.Module) -> set[str]:
+        ids = {id(p) for p in model.value_tables().values()}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        layers = model.memory_layers()
+        if not layers:
+            raise ConfigError(
+                "training.mode=sparse_finetune: the model has no memory layer (model.memory_layers)"
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers.values():
+            layer.value_table.weight.requires_grad_(True)
+            layer.record_indices = True
+            layer.sparse_grad = True
+        freeze_batchnorm(model)  # nothing outside the selected rows may change
+        return list({id(p): p for p in model.value_tables().values()}.values())
+
+
+def sparse_counts_path(cfg: Config) -> str | None:
+    """The background counts a sparse finetune reads (None when its ranking needs none)."""
+    ft = cfg.finetune
+    if ft.ranking not in ("tfidf", "kl"):
+        return None
+    counts = ft.background_counts
+    if counts is None and cfg.checkpoint.initial_load_path:
+        counts = str(Path(cfg.checkpoint.initial_load_path) / COUNTS_FILE)
+    if counts is None:
+        raise ConfigError(
+            f"finetune.background_counts: ranking '{ft.ranking}' needs background counts "
+            "(tools/background_counts.py), or set checkpoint.initial_load_path to a folder holding them"
+        )
+    return counts
+
+
+def _slot_selector(
+    cfg: Config, model: nn.Module, optimizer: RowSparseOptimizer, device: torch.device
+) -> SlotSelector:
+    counts, background = sparse_counts_path(cfg), None
+    if counts is not None:
+        base = cfg.checkpoint.initial_load_path
+        try:
+            background = load_background_counts(
+                counts,
+                expect_layers={n: t.shape[0] for n, t in model.value_tables().items()},
+                expect_checkpoint=base if (base and cfg.finetune.check_counts_checkpoint) else None,
+                expect_batch=(cfg.training.global_batch_size, cfg.training.seq_len),
+                shape_tolerance=cfg.finetune.counts_shape_tolerance,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    log = Path(cfg.job.dump_folder) / "selected_slots.jsonl"
+    return SlotSelector(model, optimizer, cfg.finetune.ranking, cfg.finetune.top_t, background, log, device)
+
+
+def build_mode(cfg: Config) -> TrainingMode:
+    """The mode `training.mode` names; refuses what it cannot run (a finetune without its base)."""
+    name = cfg.training.mode
+    if name not in MODES:
+        raise ConfigError(f"training.mode: expected one of {', '.join(MODES)}; got {name!r}")
+    if name != "pretrain" and not cfg.checkpoint.initial_load_path:
+        raise ConfigError(
+            f"checkpoint.initial_load_path: {name} needs the pretrained checkpoint to start from"
+        )
+
+    def dense_optimizer(model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return build_optimizer(model, cfg.optimizer, params)
+
+    if name == "sparse_finetune":
+        sparse_counts_path(cfg)  # refuse a missing counts setting before anything is built
+        save_model = cfg.checkpoint.save_format == "full"
+        run = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+
+        def sparse_checkpoint(model: nn.Module, optimizer: RowSparseOptimizer) -> SparseContent:
+            return SparseContent(model, optimizer, cfg.checkpoint.initial_load_path, run, save_model)
+
+        def hooks(model: nn.Module, optimizer: RowSparseOptimizer, device: torch.device) -> list[StepHook]:
+            return [_slot_selector(cfg, model, optimizer, device)]
+
+        return TrainingMode(
+            name=name,
+            policy=OnlyValueTables(),
+            build_optimizer=lambda model, params: RowSparseOptimizer(model.value_tables(), cfg.optimizer),
+            build_checkpoint=sparse_checkpoint,
+            build_hooks=hooks,
+        )
+    if cfg.checkpoint.save_format == "sparse":
+        raise ConfigError(f"checkpoint.save_format: 'sparse' needs training.mode=sparse_finetune; got {name}")
+    if name == "lora_finetune":
+        ft = cfg.finetune
+        lora = LoRAConverter(ft.lora_targets, ft.lora_rank, ft.lora_alpha)
+        return TrainingMode(
+            name=name,
+            policy=OnlyNamed(lora.new_tensor_names),
+            build_optimizer=dense_optimizer,
+            build_checkpoint=FullContent,
+            converters=[lora],
+        )
+    return TrainingMode(
+        name=name, policy=TrainablePolicy(), build_optimizer=dense_optimizer, build_checkpoint=FullContent
+    )
