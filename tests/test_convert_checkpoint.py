@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from titan_mem import checkpoint_convert as cc
+from titan_mem.checkpoint import files as ckfiles
+from titan_mem.checkpoint import patches as cc
 from titan_mem.models.lora import LoRALinear
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -44,7 +45,9 @@ def ck(tmp_path_factory, pretrained):
     root = tmp_path_factory.mktemp("convert")
     run = [*TINY, f"--job.dump_folder={root / 'run'}"]
     base = pretrained
-    _ok(run_trainer(sparse_finetune_args(base, root / "sft", "--training.steps=3")))
+    # full-format saves: the delta tools compare two whole checkpoints (sparse checkpoints: test_patches.py)
+    full = "--checkpoint.save_format=full"
+    _ok(run_trainer(sparse_finetune_args(base, root / "sft", "--training.steps=3", full)))
     _ok(
         run_trainer(
             [
@@ -384,7 +387,7 @@ def test_failed_write_leaves_nothing(ck, tmp_path, capsys, monkeypatch):
         Path(storage_writer.path, "__0_0.distcp").write_bytes(b"half")
         raise OSError(28, "No space left on device", str(storage_writer.path))
 
-    monkeypatch.setattr(cc.dcp, "save", exploding_save)
+    monkeypatch.setattr(ckfiles.dcp, "save", exploding_save)
     out = tmp_path / "exported"
     rc, _, err = cli_main(capsys, "export-model", ck["base"], out)
     one_line_error(rc, err, "No space left")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
-from titan_mem.sparse.selector import selected_row_gradients
 
 from titan_mem.sparse.counts import load_background_counts
+from titan_mem.sparse.selector import selected_row_gradients
 
 VALUES = "layers.1.feed_forward.values.weight"  # the tiny model's memory value table
 

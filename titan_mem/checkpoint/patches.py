@@ -46,7 +46,8 @@ TensorSpecs = dict[str, dict[str, Any]]  # name -> {"shape": [...], "dtype": "fl
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """An integer view with one row per leading index, so comparisons are bitwise (NaN, -0.0 included)."""
-    t = t.contiguous().reshape(t.shape[0] if t.ndim else 1, -1)
+    rows = t.shape[0] if t.ndim else 1
+    t = t.contiguous().reshape(rows, t.numel() // rows if rows else 0)
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
     return t.view(as_int) if as_int is not None and t.dtype != as_int else t.view(torch.uint8)
 

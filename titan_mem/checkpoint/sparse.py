@@ -24,7 +24,15 @@ from torch.distributed.checkpoint.stateful import Stateful
 from titan_mem.checkpoint.dcp_index import open_dcp
 from titan_mem.checkpoint.errors import CheckpointError
 from titan_mem.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
-from titan_mem.checkpoint.patches import Lineage, apply_rows, read_lineage, read_patch, spec, write_patch
+from titan_mem.checkpoint.patches import (
+    Lineage,
+    after,
+    apply_rows,
+    read_lineage,
+    read_patch,
+    spec,
+    write_patch,
+)
 from titan_mem.distributed import all_reduce_sum
 
 PATCH_FILE = "patch.safetensors"
@@ -137,6 +145,14 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def lineage_of(path: Path) -> Lineage:
+    """Lineage of a full checkpoint (tensor hashes or sidecar) or of a sparse one (its base's + its patch)."""
+    if not is_sparse_checkpoint(path):
+        return read_lineage(open_dcp(path))
+    patch = read_patch(Path(path) / PATCH_FILE)
+    return after(lineage_of(Path(patch.meta["base"])), patch, remove=False)
+
+
 def cached_lineage(base: Path, cache_dir: Path) -> Lineage:
     """`read_lineage(base)`, cached in `cache_dir` and reused while the base's files are unchanged (hashing
     a 1B checkpoint reads all of it once)."""
@@ -150,7 +166,7 @@ def cached_lineage(base: Path, cache_dir: Path) -> Lineage:
                 return Lineage(root=dict(data["root"]), applied=list(data["applied"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # recompute
-    lineage = read_lineage(open_dcp(base))
+    lineage = lineage_of(base)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     tmp.write_text(json.dumps({"key": key, "root": lineage.root, "applied": lineage.applied}))

@@ -77,5 +77,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
         for p in params:
             if p.grad is not None and p.grad.is_sparse and coef < 1.0:
                 g = p.grad.coalesce()
-                p.grad = torch.sparse_coo_tensor(g.indices(), g.values() * coef, g.shape, is_coalesced=True)
+                p.grad = torch.sparse_coo_tensor(
+                    g.indices(), g.values() * coef, g.shape, is_coalesced=True, check_invariants=False
+                )
     return total.float()

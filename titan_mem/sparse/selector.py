@@ -112,7 +112,7 @@ class SlotSelector:
         for name, (rows, grad_rows) in staged.items():
             table = self.tables[name]
             table.grad = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), grad_rows, tuple(table.shape), is_coalesced=True
+                rows.unsqueeze(0), grad_rows, tuple(table.shape), is_coalesced=True, check_invariants=False
             )
         touched = sum(int(global_counts[n][0].numel()) for n in self.tables)
         selected = sum(len(ids) for ids in selected_ids.values())
