@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 CONFIG = str(REPO / "train_configs/debug_model.toml")
 FACTS = [
     "--data.regime=facts",

@@ -8,11 +8,9 @@ the real Trainer (FSDP2 on one rank, synthetic data). Prints one JSON object; `-
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def _child(flavor: str, steps: int, warmup: int, extra: list[str]) -> dict:

@@ -15,7 +15,6 @@ import argparse
 import base64
 import heapq
 import os
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -25,7 +24,6 @@ from pathlib import Path
 import regex
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from titan_mem.data.qa import qa_prompt  # noqa: E402
 from titan_mem.data.synthetic import SyntheticWorld  # noqa: E402

@@ -5,22 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from titan_mem.models.memory import MemoryValues
-
-
-def memory_value_params(model: nn.Module) -> list[nn.Parameter]:
-    """Every memory value table (shared pools counted once)."""
-    seen: dict[int, nn.Parameter] = {}
-    for mod in model.modules():
-        if isinstance(mod, MemoryValues):
-            seen[id(mod.weight)] = mod.weight
-    return list(seen.values())
-
 
 def param_groups(model: nn.Module, cfg, params: list[nn.Parameter] | None = None) -> list[dict]:
     """Split trainable params into groups; `params` restricts them (finetune modes train a subset)."""
     allowed = None if params is None else {id(p) for p in params}
-    value_ids = {id(p) for p in memory_value_params(model)}
+    value_ids = {id(p) for p in model.value_tables().values()}  # shared pools once
     decay, no_decay, values = [], [], []
     seen: set[int] = set()
     for _, p in model.named_parameters():
