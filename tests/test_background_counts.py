@@ -1,4 +1,4 @@
-"""tools/background_counts.py counts over finetune-shaped batches, records the shape, and finetuning checks it."""
+"""background_counts.py counts over finetune-shaped batches and records the shape; finetuning checks it."""
 
 from __future__ import annotations
 
