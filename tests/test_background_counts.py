@@ -1,4 +1,4 @@
-"""background_counts.py counts over finetune-shaped batches and records the shape; finetuning checks it."""
+"""tools/background_counts.py counts finetune-shaped batches and records the shape; finetuning checks it."""
 
 from __future__ import annotations
 

@@ -155,8 +155,9 @@ class FinetuneConfig:
     counts_shape_tolerance: float = _help(
         2.0,
         "Refuse background counts whose batch (sequences x seq_len tokens) is more than this factor larger "
-        "or smaller than the finetuning batch: larger background batches push idf to 0 (docs/benchmarks.md, "
-        "'Slot selection'). 0 = accept any shape (ablations); otherwise >= 1.",
+        "or smaller than the finetuning batch: larger background batches push idf to 0 (debug model: the "
+        "first selected idf-0 rows between 4x and 8x; 2 keeps a 2x margin, docs/benchmarks.md 'Slot "
+        "selection'). 0 = accept any shape (ablations); otherwise >= 1.",
     )
     lora_rank: int = _help(16, "lora_finetune: adapter rank r.")
     lora_alpha: float = _help(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")

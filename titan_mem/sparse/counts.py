@@ -297,9 +297,11 @@ def check_counts_batch_shape(
 
     idf = log((N+1)/(df+1)) compares how many background batches read a slot with how many a fact batch's
     tokens read: with background batches much larger than the finetuning batch every used slot has
-    df = N and idf = 0 (docs/benchmarks.md, "Slot selection": 36 % of slots at pretraining size vs 1.8 %).
-    The capacities (sequences x seq_len) are compared as max(a/b, b/a) <= `tolerance`; 0 accepts any
-    shape (the explicit override for ablations). Raises one ValueError line naming the file and both shapes.
+    df = N and idf = 0. The capacities (sequences x seq_len) are compared as max(a/b, b/a) <= `tolerance`;
+    0 accepts any shape (the explicit override for ablations). The default 2 (FinetuneConfig) comes from
+    docs/benchmarks.md, "Slot selection": at the debug size the idf-0 share of slots grows from 12 % (1x) to
+    30 % (2x) and 79 % (16x), and selected rows first get idf 0 between 4x and 8x. Raises one ValueError line
+    naming the file and both shapes.
     """
     if tolerance == 0:
         return
