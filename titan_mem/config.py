@@ -169,6 +169,23 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = _help(
+        None,
+        "In-loop evaluation tasks (names as in tools/evaluate.py, e.g. synthetic_qa, hellaswag, "
+        "triviaqa:PATH); empty = no in-loop evaluation.",
+        factory=list,
+    )
+    every: int = _help(0, "Evaluate every N optimizer steps (0 = never; the last step always if tasks set).")
+    at_start: bool = _help(True, "Also evaluate before the first step (the reference for forgetting).")
+    limit: int = _help(100, "Examples per task (per population for synthetic tasks); 0 = all.")
+    batch_size: int = _help(16, "Sequences per evaluation forward.")
+    data_dir: str | None = _help(
+        None, "Folder of local evaluation files (../shared/data layout); None = HF hub names."
+    )
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -181,6 +198,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,6 +254,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallelism.data_parallel_shard_degree: -1 or >= 1; got {degree}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers; got {cfg.optimizer.betas}")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every: must be >= 0; got {cfg.eval.every}")
+    if cfg.eval.limit < 0:
+        raise ConfigError(f"eval.limit: must be >= 0; got {cfg.eval.limit}")
+    if cfg.eval.batch_size <= 0:
+        raise ConfigError(f"eval.batch_size: must be positive; got {cfg.eval.batch_size}")
     for section in (cfg.tokenizer, cfg.data):
         try:
             section.validate()
@@ -369,6 +393,12 @@ def parse_args(argv: list[str]) -> Config:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
         _apply_toml(cfg, data, path)
         cfg.job.config_file = str(p)
+    apply_overrides(cfg, args)
+    return cfg
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> None:
+    """Apply `--section.key=value` / `--section.key value` / bare `--flag` arguments, then validate."""
     i = 0
     while i < len(args):
         arg = args[i]
@@ -387,6 +417,22 @@ def parse_args(argv: list[str]) -> Config:
         _set(cfg, key, value, from_cli=True)
         i += 1
     validate(cfg)
+
+
+def load_run_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """The resolved config a run wrote (`config.json`, see `dump`), with overrides: how evaluation and
+    generation rebuild the model, tokenizer and synthetic world of a checkpoint's run."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: run config not found (pass the run's config with --config)")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections")
+    cfg = Config()
+    _apply_toml(cfg, data, str(path))
+    apply_overrides(cfg, list(overrides or []))
     return cfg
 
 

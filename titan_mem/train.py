@@ -32,6 +32,7 @@ from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.distributed import DistInfo, all_reduce_sum, exit_process, init_distributed, shutdown
+from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
@@ -100,6 +101,7 @@ class Trainer:
                 drop_records_after(self.run_dir / log, self.step)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, tensorboard=cfg.metrics.tensorboard)
+        self.evaluator = build_in_loop_evaluator(cfg, self.model, self.tokenizer, self.model_args.max_seq_len)
         self.flops_per_token = flops_per_token(self.model_args, cfg.training.seq_len)
         self.peak_flops = peak_flops(self.device)
         if self.rank0:
@@ -217,6 +219,8 @@ class Trainer:
 
     def _train_loop(self, losses: list[float]) -> None:
         cfg = self.cfg
+        if self.evaluator and self.evaluator.at_start and self.step == 0:
+            self.metrics.log(0, self.evaluator.run())  # the reference that forgetting is measured against
         t_last, tokens_since = time.perf_counter(), 0
         while self.step < cfg.training.steps:
             info = self.train_step(self._next_batches())
@@ -247,6 +251,9 @@ class Trainer:
                     },
                 )
                 t_last, tokens_since = time.perf_counter(), 0
+            if self.evaluator and self.evaluator.due(self.step, last):
+                self.metrics.log(self.step, self.evaluator.run())
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if self.step % cfg.checkpoint.interval == 0 or last:
                 self.save()
 

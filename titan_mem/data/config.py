@@ -133,6 +133,13 @@ class DataConfig:
         default="auto",
         metadata={"help": "auto (pretrain: known, finetune regimes: new) | known | new | all"},
     )
+    synthetic_taught_people: int = field(
+        default=0,
+        metadata={
+            "help": "finetune regimes on the new population teach only the first K new people (0 = all); "
+            "evaluation splits the new people into taught (first K) and untaught by the same number"
+        },
+    )
     synthetic_documents: int = field(
         default=0,
         metadata={"help": "documents in one epoch of the synthetic pretraining corpus (0 = endless stream)"},
@@ -166,6 +173,12 @@ class DataConfig:
         _at_least("data.synthetic_known_people", self.synthetic_known_people, 0)
         _at_least("data.synthetic_new_people", self.synthetic_new_people, 0)
         _at_least("data.synthetic_documents", self.synthetic_documents, 0)
+        _at_least("data.synthetic_taught_people", self.synthetic_taught_people, 0)
+        if self.synthetic_taught_people > self.synthetic_new_people:
+            raise ValueError(
+                f"data.synthetic_taught_people: {self.synthetic_taught_people} exceeds "
+                f"data.synthetic_new_people {self.synthetic_new_people}"
+            )
         _at_least("data.synthetic_paraphrases", self.synthetic_paraphrases, 1)
         for key in ("synthetic_generic_fraction", "synthetic_qa_fraction"):
             value = getattr(self, key)
@@ -188,6 +201,11 @@ class DataConfig:
                 raise ValueError("data.synthetic_known_people: the known population is empty")
             if population == "new" and self.synthetic_new_people < 1:
                 raise ValueError("data.synthetic_new_people: the new population is empty")
+
+    def taught_population(self) -> str:
+        """The population finetuning reads: `population()`, with 'new' narrowed to the taught people."""
+        population = self.population()
+        return "new_taught" if population == "new" else population
 
     def population(self) -> str:
         """The synthetic population this config reads: 'auto' resolves by regime."""

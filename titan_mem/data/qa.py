@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,13 @@ def build_finetune_dataset(
     common = {"seq_len": seq_len, "pad_id": tokenizer.pad_id, "repeat": cfg.repeat}
 
     if cfg.regime == "facts":
-        facts = world.facts(cfg.population(), cfg.synthetic_paraphrases) if world else load_facts(cfg.source)
+        facts = (
+            world.facts(
+                cfg.taught_population(), cfg.synthetic_paraphrases, taught=cfg.synthetic_taught_people
+            )
+            if world
+            else load_facts(cfg.source)
+        )
         groups = fact_rows(facts, tokenizer)
         _truncation_note((r for g in groups for r in g), seq_len, "fact")
         fact_order = _EpochOrder(len(groups), cfg.seed, cfg.shuffle_buffer > 0)
@@ -195,7 +202,7 @@ def build_finetune_dataset(
 
     if cfg.regime == "qa":
         examples = (
-            world.qa_examples(cfg.population())
+            world.qa_examples(cfg.taught_population(), taught=cfg.synthetic_taught_people)
             if world
             else load_qa(cfg.source, split=cfg.split, config=cfg.hf_config)
         )
@@ -204,7 +211,7 @@ def build_finetune_dataset(
         shuffle = cfg.shuffle_buffer > 0
     elif cfg.regime == "documents":
         if world:
-            people = world.people(cfg.population())
+            people = world.people(cfg.taught_population(), cfg.synthetic_taught_people)
             texts = [
                 world.biography(p, random.Random(f"titan_mem.documents.{cfg.seed}.{p.pid}")) for p in people
             ]
@@ -411,12 +418,44 @@ def load_hellaswag(
         elif "ctx" in r:
             label = r.get("label")
             gold = int(label) if label not in (None, "") else -1  # the HF test split has no labels
-            ex = MultipleChoiceExample(r["ctx"], list(r["endings"]), gold, id=str(r.get("ind", i)))
+            context = r["ctx"]
+            if (
+                "activity_label" in r and "ctx_a" in r
+            ):  # lm-eval's hellaswag query (what the local file holds)
+                context = f"{r['activity_label']}: {r['ctx_a']} {str(r.get('ctx_b', '')).capitalize()}"
+            endings = [_hellaswag_clean(e) for e in r["endings"]]
+            ex = MultipleChoiceExample(_hellaswag_clean(context), endings, gold, id=str(r.get("ind", i)))
         else:
             raise ValueError(
                 f"{source} record {i}: expected HellaSwag fields query/choices/gold or ctx/endings/label"
             )
         out.append(ex)
+    return out
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's WikiHow artefacts removed as lm-eval does: ' [title]' -> '. ', other [tags] dropped."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load_lambada(
+    source: str = "EleutherAI/lambada_openai", *, split: str = "test", limit: int | None = None
+) -> list[tuple[str, str]]:
+    """(context, last word) pairs: local llm-foundry shape {context, continuation} or HF {text} split at
+    the last space (lm-eval's lambada_openai)."""
+    out = []
+    for i, r in enumerate(_records(source, config=None, split=split)):
+        if limit is not None and i >= limit:
+            break
+        if "context" in r and "continuation" in r:
+            out.append((str(r["context"]), str(r["continuation"]).strip()))
+        elif "text" in r:
+            context, _, word = str(r["text"]).rpartition(" ")
+            out.append((context, word))
+        else:
+            raise ValueError(f"{source} record {i}: expected LAMBADA fields context/continuation or text")
     return out
 
 

@@ -204,14 +204,25 @@ class SyntheticWorld:
         self._people = people
 
     # ---- populations ---------------------------------------------------------------------------------
-    def people(self, population: str = "known") -> list[Person]:
+    def people(self, population: str = "known", taught: int = 0) -> list[Person]:
+        """A population: known | new | all, or the new people split by `taught` (the first `taught` new
+        people are taught by finetuning, 0 = all of them): new_taught | new_untaught."""
+        new = self._people[self.n_known :]
+        k = taught or len(new)
         if population == "known":
             return self._people[: self.n_known]
         if population == "new":
-            return self._people[self.n_known :]
+            return new
+        if population == "new_taught":
+            return new[:k]
+        if population == "new_untaught":
+            return new[k:]
         if population == "all":
             return list(self._people)
-        raise ValueError(f"data.synthetic_population: expected 'known', 'new' or 'all', got {population!r}")
+        raise ValueError(
+            "data.synthetic_population: expected 'known', 'new', 'new_taught', 'new_untaught' or 'all', "
+            f"got {population!r}"
+        )
 
     # ---- renderings ----------------------------------------------------------------------------------
     @staticmethod
@@ -224,10 +235,10 @@ class SyntheticWorld:
             tpl = person.subj.capitalize() + tpl[len("{name}") :]
         return tpl.format(name=person.name, value=person.value(attribute), subj=person.subj, pos=person.pos)
 
-    def facts(self, population: str = "new", n_paraphrases: int = 8) -> list[FactExample]:
+    def facts(self, population: str = "new", n_paraphrases: int = 8, taught: int = 0) -> list[FactExample]:
         """Every (person, attribute) of a population with `n_paraphrases` renderings (templates cycled)."""
         out = []
-        for p in self.people(population):
+        for p in self.people(population, taught):
             for attr in ATTRIBUTES:
                 k = len(STATEMENTS[attr])
                 paraphrases = [self.statement(p, attr, i % k) for i in range(n_paraphrases)]
@@ -242,7 +253,7 @@ class SyntheticWorld:
                 )
         return out
 
-    def qa_examples(self, population: str = "new", variant: int = 0) -> list[QAExample]:
+    def qa_examples(self, population: str = "new", variant: int = 0, taught: int = 0) -> list[QAExample]:
         """Evaluation questions, one per fact (question template `variant`)."""
         return [
             QAExample(
@@ -250,9 +261,18 @@ class SyntheticWorld:
                 answers=[p.value(attr)],
                 id=f"{p.population}-{p.pid}-{attr}",
             )
-            for p in self.people(population)
+            for p in self.people(population, taught)
             for attr in ATTRIBUTES
         ]
+
+    def statement_prompt(self, fact_id: str) -> str:
+        """A fact's first statement template cut before its value ("Ada Lovelace was born in"): the
+        statement-completion probe; every first template ends in " {value}." so the answer follows a space."""
+        _, pid, attribute = fact_id.split("-", 2)
+        person = self._people[int(pid)]
+        template = STATEMENTS[attribute][0]
+        head = template[: template.index("{value}")].rstrip()
+        return head.format(name=person.name, subj=person.subj, pos=person.pos)
 
     def biography(self, person: Person, rng: random.Random) -> str:
         """All six facts in random order and random templates; later sentences may use a pronoun."""

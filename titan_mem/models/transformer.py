@@ -1,7 +1,9 @@
 """Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with memory layers in place of FFNs.
 
 Built on the meta device and materialised with `to_empty` + `init_weights()` after sharding, so a 1.3B model
-never exists unsharded on one rank.
+never exists unsharded on one rank. `Transformer.forward(tokens)` is the training path (causal attention,
+positions 0..T-1); its keyword arguments add what decoding needs (titan_mem.generation): a KV cache,
+per-row positions and a padding mask for left-padded batches.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from titan_mem.models.args import ModelArgs
+from titan_mem.models.kv_cache import KVCache
 from titan_mem.models.memory import MemoryLayer, MemoryValues, recompute_context
 
 
@@ -24,10 +27,14 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> to
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x: [B, T, H, D] by position; cache: [T, D]."""
+    """Rotate interleaved pairs of x: [B, T, H, D] by position; cache: rows of `rope_cache`, either [T, D]
+    (every row at positions 0..T-1) or [B, T, D] (each row at its own positions, e.g. `rope[positions]`)."""
     half = cache.shape[-1] // 2
-    cos = cache[:, :half].view(1, x.shape[1], 1, half)
-    sin = cache[:, half:].view(1, x.shape[1], 1, half)
+    if cache.dim() == 2:
+        cos = cache[:, :half].view(1, x.shape[1], 1, half)
+        sin = cache[:, half:].view(1, x.shape[1], 1, half)
+    else:
+        cos, sin = cache[..., :half].unsqueeze(2), cache[..., half:].unsqueeze(2)
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
@@ -48,17 +55,31 @@ class Attention(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, std=init_std)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_id: int = 0,
+    ) -> torch.Tensor:
+        """Causal self-attention; with `mask` ([B, 1, T, S] bool, True = may attend) instead of the causal
+        rule, and with `cache` over the cached keys/values of earlier positions too (S = cached + T)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer_id, k, v)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -102,16 +123,26 @@ class TransformerBlock(nn.Module):
         self.ffn_norm.reset_parameters()
         self.feed_forward.init_weights(self.init_std)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """`mask` and `cache` as in `Attention.forward` (keyword arguments pass FSDP2's hooks unchanged: a
+        bool mask is not cast, a KVCache is not traversed)."""
         # Checkpointing inside the block keeps FSDP's hooks outside it, so recompute never re-gathers.
         if self.activation_checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, rope, use_reentrant=False, context_fn=recompute_context
+                self._forward, x, rope, mask, cache, use_reentrant=False, context_fn=recompute_context
             )
-        return self._forward(x, rope)
+        return self._forward(x, rope, mask, cache)
 
-    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def _forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -169,12 +200,77 @@ class Transformer(nn.Module):
             std = self.args.dim**-0.5
             nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        if t > self.args.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
-        h = self.tok_embeddings(tokens)
-        rope = self.rope[:t]
-        for block in self.layers.values():
-            h = block(h, rope)
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] of tokens [B, T] ([B, 1, vocab] with `last_only`).
+
+        With no keyword arguments: the training path, causal attention at positions 0..T-1. For decoding:
+        - `pad_mask` [B, T] bool, True = padding: padded positions are masked out of every other position's
+          attention (each still attends to itself, so its hidden state stays finite); their logits are junk.
+        - `positions` [B, T]: each row's RoPE positions. Default with `pad_mask` or `cache`: the row's count
+          of earlier real tokens (left padding: a row's first real token is at position 0).
+        - `cache`: the T tokens continue the cached ones (their keys/values are appended to it).
+        """
+        if cache is None and positions is None and pad_mask is None:
+            t = tokens.shape[1]
+            if t > self.args.max_seq_len:
+                raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
+            h = self.tok_embeddings(tokens)
+            rope = self.rope[:t]
+            for block in self.layers.values():
+                h = block(h, rope)
+        else:
+            h = self._decode_forward(tokens, cache, positions, pad_mask)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h))
+
+    def _decode_forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        pad_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Hidden states for the keyword-argument form of `forward`: per-row RoPE, padding/cache mask."""
+        t = tokens.shape[1]
+        real = ~pad_mask if pad_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+        offset = cache.length if cache is not None else 0
+        key_valid = cache.append(real) if cache is not None else real  # checks the cache's size first
+        if positions is None:
+            start = cache.seen[:, None] if cache is not None else 0
+            positions = (start + real.cumsum(1) - 1).clamp_min(0)
+        elif int(positions.min()) < 0:
+            raise ValueError(f"negative position {int(positions.min())}")
+        if int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds model max_seq_len {self.args.max_seq_len}"
+            )
+        rope = self.rope[positions]
+        mask = None
+        if cache is not None or pad_mask is not None:
+            mask = attention_mask(key_valid, offset, t)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, rope, mask=mask, cache=cache)
+        if cache is not None:
+            cache.advance(real)
+        return h
+
+
+def attention_mask(key_valid: torch.Tensor, offset: int, t: int) -> torch.Tensor:
+    """[B, 1, t, S] bool: query i (at key index offset + i) may attend to key j iff j <= offset + i and key j
+    is a real token (key_valid [B, S]); every query also attends to itself, so a pad query has at least one
+    key (an all-masked row would give NaN, and NaN values leak through 0-weighted attention)."""
+    s = key_valid.shape[1]
+    q_idx = torch.arange(offset, offset + t, device=key_valid.device)[:, None]
+    k_idx = torch.arange(s, device=key_valid.device)[None, :]
+    mask = (k_idx <= q_idx) & key_valid[:, None, :]
+    return (mask | (k_idx == q_idx))[:, None]

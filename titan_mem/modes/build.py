@@ -12,6 +12,7 @@ from titan_mem.components.optim import build_optimizer
 from titan_mem.config import MODES, Config, ConfigError
 from titan_mem.modes.base import (
     LoRAConverter,
+    ModelConverter,
     OnlyNamed,
     StepHook,
     TrainablePolicy,
@@ -85,6 +86,15 @@ def _slot_selector(
     return SlotSelector(model, optimizer, cfg.finetune.ranking, cfg.finetune.top_t, background, log, device)
 
 
+def model_converters(cfg: Config) -> list[ModelConverter]:
+    """What the mode changes in the model's structure (LoRA adapters): a checkpoint of the run loads only
+    into a model converted the same way, e.g. for evaluation."""
+    if cfg.training.mode == "lora_finetune":
+        ft = cfg.finetune
+        return [LoRAConverter(ft.lora_targets, ft.lora_rank, ft.lora_alpha)]
+    return []
+
+
 def build_mode(cfg: Config) -> TrainingMode:
     """The mode `training.mode` names; refuses what it cannot run (a finetune without its base)."""
     name = cfg.training.mode
@@ -119,8 +129,7 @@ def build_mode(cfg: Config) -> TrainingMode:
     if cfg.checkpoint.save_format == "sparse":
         raise ConfigError(f"checkpoint.save_format: 'sparse' needs training.mode=sparse_finetune; got {name}")
     if name == "lora_finetune":
-        ft = cfg.finetune
-        lora = LoRAConverter(ft.lora_targets, ft.lora_rank, ft.lora_alpha)
+        (lora,) = model_converters(cfg)
         return TrainingMode(
             name=name,
             policy=OnlyNamed(lora.new_tensor_names),

@@ -1,0 +1,213 @@
+"""Loading a checkpoint for evaluation and running tasks on it: what tools/evaluate.py, `titan_mem.generate`
+and the Trainer's in-loop evaluation share.
+
+Any checkpoint a run wrote evaluates: the model is rebuilt from the run's `config.json` (two folders up
+from `step-N`; `--config` names another), with the training mode's converters (LoRA adapters) so its
+tensors load, and sparse checkpoints resolve as base + patch (`checkpoint.sparse.load_model_weights`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from titan_mem import config as config_mod
+from titan_mem.checkpoint import CheckpointError, CheckpointManager
+from titan_mem.checkpoint.sparse import load_model_weights
+from titan_mem.components.model import build_model
+from titan_mem.config import Config, ConfigError
+from titan_mem.data import build_tokenizer
+from titan_mem.distributed import init_distributed
+from titan_mem.eval.lm import EvalModel
+from titan_mem.eval.tasks import TaskContext, TaskOutput, build_tasks
+from titan_mem.modes.build import model_converters
+
+CONFIG_NAME = "config.json"
+
+
+def run_config_path(checkpoint: Path) -> Path:
+    """`<run>/config.json` for `<run>/<checkpoint.folder>/step-N`."""
+    return checkpoint.resolve().parent.parent / CONFIG_NAME
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    name = checkpoint.resolve().name
+    return int(name.split("-", 1)[1]) if name.startswith("step-") and name[5:].isdigit() else -1
+
+
+def load_checkpoint_config(
+    checkpoint: Path, config: Path | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """The run's resolved config (or a TOML/JSON `config`), with `--section.key=value` overrides."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
+    path = config or run_config_path(checkpoint)
+    if path.suffix == ".toml":
+        return config_mod.parse_args([str(path), *overrides])
+    return config_mod.load_run_config(path, list(overrides))
+
+
+def load_eval_model(
+    checkpoint: str | Path,
+    *,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[EvalModel, Config]:
+    """The checkpoint's model in eval mode (sharded over the torchrun ranks like training) and its config."""
+    checkpoint = Path(checkpoint)
+    cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
+    dist_info = init_distributed(cfg.training.device)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model, model_args = build_model(cfg, dist_info, tokenizer, model_converters(cfg))
+    manager = CheckpointManager(
+        checkpoint.parent, rank=dist_info.rank, dp_world_size=dist_info.world_size, keep_latest_k=0
+    )
+    load_model_weights(manager, checkpoint, model)
+    model.eval()
+    lm = EvalModel(
+        model,
+        tokenizer,
+        max_seq_len=model_args.max_seq_len,
+        batch_size=batch_size,
+        progress=tqdm_progress if progress else None,
+    )
+    return lm, cfg
+
+
+def tqdm_progress(total: int, desc: str) -> Callable[[int], None]:
+    """A progress bar on stderr that closes itself at the end."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def tick(done: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return tick
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, each module's own train/eval flag restored after (finetuning keeps batch-norm
+    frozen in eval mode; a blanket `model.train()` would unfreeze it)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def run_tasks(lm: EvalModel, specs: Sequence[str], ctx: TaskContext) -> TaskOutput:
+    """Every task of `specs` (all loaded first, so a bad name or file fails before any compute)."""
+    tasks = build_tasks(specs, ctx)
+    out = TaskOutput()
+    with eval_mode(lm.model):
+        for task in tasks:
+            result = task.evaluate(lm)
+            out.metrics += result.metrics
+            out.predictions += result.predictions
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    batch_size: int = 16,
+    num_fewshot: int = 0,
+    out: str | Path | None = None,
+    predictions: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint on `tasks`; rank 0 prints the table and writes `out` / `predictions`.
+    Outputs are checked writable before the model loads and written whole at the end."""
+    checkpoint = Path(checkpoint)
+    for path in (out, predictions):
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{path}: is a folder; expected an output file name")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit: must be positive; got {limit}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir: {data_dir} is not a folder")
+    cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
+    ctx = TaskContext(Path(data_dir) if data_dir else None, cfg.data, limit, num_fewshot)
+    build_tasks(tasks, ctx)  # refuse unknown tasks and missing files before loading the model
+    lm, cfg = load_eval_model(
+        checkpoint, config=config, overrides=overrides, batch_size=batch_size, progress=progress
+    )
+    t0 = time.perf_counter()
+    result = run_tasks(lm, tasks, ctx)
+    step = checkpoint_step(checkpoint)
+    doc = results_document(
+        result,
+        checkpoint,
+        step,
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        seconds=round(time.perf_counter() - t0, 3),
+        world_size=lm.world,
+    )
+    if lm.rank == 0:
+        print(format_table(result.metrics), flush=True)
+        if predictions is not None:
+            write_jsonl(Path(predictions), result.predictions)
+        if out is not None:
+            write_json(Path(out), doc)
+    return doc
+
+
+def results_document(out: TaskOutput, checkpoint: Path, step: int, **meta: Any) -> dict[str, Any]:
+    """The results JSON: one record per (task, metric) with the checkpoint and step repeated in each, so
+    files from many checkpoints concatenate into one table."""
+    records = [{**m, "checkpoint": str(checkpoint), "step": step} for m in out.metrics]
+    return {"checkpoint": str(checkpoint), "step": step, "time": time.time(), **meta, "results": records}
+
+
+def format_table(metrics: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table: task, metric, value, n."""
+    rows = [("task", "metric", "value", "n")]
+    rows += [(m["task"], m["metric"], f"{m['value']:.4f}", str(m["n"])) for m in metrics]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append(
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, document: Any) -> None:
+    """Whole or not at all: temp file + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,365 @@
+"""Evaluation tasks: each loads its examples (HF hub name, a local file of ../shared/data's formats, or an
+explicit `task:SOURCE`), states its prompt, and scores an EvalModel into metric records and per-example
+predictions.
+
+Prompt formats (fixed; zero-shot unless `num_fewshot`):
+* generative QA (triviaqa, nq_open, simpleqa, synthetic_qa): `Question: {q}\\nAnswer:` -- the format the
+  QA finetuning regime trains on -- greedy until a newline, EOS or 32 tokens; EM and token F1 over the gold
+  aliases (SQuAD v1.1 normalization; TriviaQA's with `normalization="triviaqa"`), and `answer_nll`, the
+  per-token NLL of ` {first answer}` (a smooth learning signal while EM is still 0). Few-shot examples are
+  the first K records of the source, `Question: ..\\nAnswer: ..` blocks joined by blank lines, and are not
+  scored.
+* gsm8k: per-token NLL of ` {worked solution}` after `Question: {q}\\nAnswer:` (the SMF paper's forgetting
+  probe; lm-eval's gsm8k task is generative EM, a different number).
+* hellaswag: log-likelihood of ` {ending}` after the context; acc = argmax, acc_norm = argmax of the
+  log-likelihood divided by the ending's length in characters (lm-eval's convention).
+* synthetic_qa / synthetic_completion: the run's synthetic world, split by population (known, new_taught,
+  new_untaught; `data.synthetic_taught_people` draws the line). Completion prompts are a fact's first
+  statement template cut before the value ("Ada Lovelace was born in"), greedy until "." or a newline.
+* lambada_openai: the passage's last word after ` `: acc (it is the greedy continuation) and perplexity.
+* perplexity:SOURCE: NLL, perplexity and bits per byte of documents from any source the data layer reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from titan_mem.data.config import DataConfig
+from titan_mem.data.qa import load_gsm8k, load_hellaswag, load_lambada, load_qa, qa_prompt
+from titan_mem.data.records import QAExample
+from titan_mem.data.sources import BadDoc, build_source
+from titan_mem.data.synthetic import get_world
+from titan_mem.eval.lm import EvalModel, nll_summary
+from titan_mem.eval.metrics import normalizer, qa_scores
+
+QA_MAX_NEW_TOKENS = 32
+QA_STOP = ("\n",)
+POPULATIONS = ("known", "new_taught", "new_untaught")
+
+
+class TaskError(ValueError):
+    """A task that cannot run: unknown name, missing data file, malformed record (one line, names it)."""
+
+
+@dataclass
+class TaskOutput:
+    """Metric records ({task, metric, value, n}) and per-example predictions of one task."""
+
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, task: str, metric: str, value: float, n: int) -> None:
+        self.metrics.append({"task": task, "metric": metric, "value": float(value), "n": int(n)})
+
+
+@dataclass
+class TaskContext:
+    """What tasks may read besides the model: the local data folder, the run's data config (synthetic
+    world, taught split), the example limit and few-shot count."""
+
+    data_dir: Path | None = None
+    data: DataConfig | None = None
+    limit: int | None = None
+    num_fewshot: int = 0
+
+
+# ---- sources ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """Where a task's examples come from by default: a HF dataset and the local file name."""
+
+    hub: str
+    local: str
+    split: str
+    config: str | None = None
+
+
+SOURCES = {
+    "triviaqa": Source("mandarjoshi/trivia_qa", "triviaqa_3k.jsonl", "validation", "rc.nocontext"),
+    "nq_open": Source("google-research-datasets/nq_open", "nq_open_dev.jsonl", "validation"),
+    "simpleqa": Source("basicv8vc/SimpleQA", "simpleqa_test.csv", "test"),
+    "gsm8k": Source("openai/gsm8k", "gsm8k_test.jsonl", "test", "main"),
+    "hellaswag": Source("Rowan/hellaswag", "hellaswag_4.jsonl", "validation"),
+    "lambada_openai": Source("EleutherAI/lambada_openai", "lambada_openai.jsonl", "test"),
+}
+
+
+def _resolve(name: str, explicit: str | None, ctx: TaskContext) -> tuple[str, str, str | None]:
+    """(source, split, hf config) of a task: `task:SOURCE`, else data_dir/<local file>, else the hub."""
+    src = SOURCES[name]
+    if explicit:
+        return explicit, src.split, src.config
+    if ctx.data_dir is not None:
+        path = ctx.data_dir / src.local
+        if not path.is_file():
+            raise TaskError(f"{name}: missing data file {path}")
+        return str(path), src.split, src.config
+    return src.hub, src.split, src.config
+
+
+def _load(name: str, loader: Callable[[], list]) -> list:
+    try:
+        items = loader()
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise TaskError(f"{name}: {e}") from None
+    if not items:
+        raise TaskError(f"{name}: no examples")
+    return items
+
+
+# ---- task kinds ------------------------------------------------------------------------------------------
+class QATask:
+    """Generative QA: EM / F1 over aliases plus the answer's per-token NLL."""
+
+    def __init__(self, name: str, examples: Sequence[QAExample], shots: Sequence[QAExample] = (), **kw: Any):
+        self.name, self.examples = name, list(examples)
+        self.prefix = "".join(f"{qa_prompt(s.question)} {s.answers[0]}\n\n" for s in shots)
+        self.normalize = normalizer(kw.get("normalization", "squad"))
+        self.prompt_of: Callable[[QAExample], str] = kw.get("prompt_of", lambda e: qa_prompt(e.question))
+        self.until: Sequence[str] = kw.get("until", QA_STOP)
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        prompts = [self.prefix + self.prompt_of(e) for e in self.examples]
+        preds = lm.generate_until(prompts, until=self.until, max_new_tokens=QA_MAX_NEW_TOKENS, desc=self.name)
+        nll = lm.loglikelihood([(p, " " + e.answers[0]) for p, e in zip(prompts, self.examples)], self.name)
+        out = TaskOutput()
+        rows = []
+        for prompt, pred, score, ex in zip(prompts, preds, nll, self.examples):
+            s = qa_scores(pred.strip(), ex.answers, self.normalize)
+            s["answer_nll"] = score.nll_per_token
+            rows.append(s)
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": ex.id,
+                    "prompt": prompt,
+                    "prediction": pred.strip(),
+                    "references": list(ex.answers),
+                    **s,
+                }
+            )
+        n = len(rows)
+        out.add(self.name, "em", sum(r["em"] for r in rows) / n, n)
+        out.add(self.name, "f1", sum(r["f1"] for r in rows) / n, n)
+        out.add(self.name, "answer_nll", nll_summary(nll)["nll"], n)
+        return out
+
+
+class AnswerNLLTask:
+    """Per-token NLL of a gold text after its prompt (GSM8K's worked solution)."""
+
+    def __init__(self, name: str, pairs: Sequence[tuple[str, str, str]]):
+        self.name, self.pairs = name, list(pairs)  # (id, prompt, target)
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        scores = lm.loglikelihood([(p, t) for _, p, t in self.pairs], self.name)
+        out = TaskOutput()
+        for (ex_id, prompt, target), s in zip(self.pairs, scores):
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": ex_id,
+                    "prompt": prompt,
+                    "prediction": "",
+                    "references": [target],
+                    "nll": s.nll_per_token,
+                    "tokens": s.n_tokens,
+                }
+            )
+        summary = nll_summary(scores)
+        out.add(self.name, "nll", summary["nll"], len(scores))
+        out.add(self.name, "ppl", summary["ppl"], len(scores))
+        return out
+
+
+class MultipleChoiceTask:
+    """Choose the ending with the highest log-likelihood (acc) or per-character log-likelihood (acc_norm)."""
+
+    def __init__(self, name: str, examples: Sequence[Any]):
+        self.name, self.examples = name, [e for e in examples if e.gold >= 0]
+        if not self.examples:
+            raise TaskError(f"{name}: no labelled examples (the HF test split has none; use validation)")
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        requests = [(e.context, " " + c) for e in self.examples for c in e.choices]
+        scores = iter(lm.loglikelihood(requests, self.name))
+        out = TaskOutput()
+        acc = acc_norm = 0.0
+        for e in self.examples:
+            lls = [next(scores).logprob for _ in e.choices]
+            pick = max(range(len(lls)), key=lambda i: lls[i])
+            pick_norm = max(range(len(lls)), key=lambda i: lls[i] / max(len(e.choices[i]), 1))
+            a, an = float(pick == e.gold), float(pick_norm == e.gold)
+            acc, acc_norm = acc + a, acc_norm + an
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": e.id,
+                    "prompt": e.context,
+                    "prediction": e.choices[pick_norm],
+                    "references": [e.choices[e.gold]],
+                    "acc": a,
+                    "acc_norm": an,
+                    "loglikelihoods": lls,
+                }
+            )
+        n = len(self.examples)
+        out.add(self.name, "acc", acc / n, n)
+        out.add(self.name, "acc_norm", acc_norm / n, n)
+        return out
+
+
+class LastWordTask:
+    """LAMBADA: is the passage's last word the greedy continuation (acc), and lm-eval's perplexity
+    exp(-mean over passages of log p(last word))."""
+
+    def __init__(self, name: str, pairs: Sequence[tuple[str, str]]):
+        self.name, self.pairs = name, list(pairs)
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        scores = lm.loglikelihood([(c, " " + w) for c, w in self.pairs], self.name)
+        out = TaskOutput()
+        for i, ((context, word), s) in enumerate(zip(self.pairs, scores)):
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": str(i),
+                    "prompt": context,
+                    "prediction": "",
+                    "references": [word],
+                    "acc": float(s.greedy),
+                    "logprob": s.logprob,
+                }
+            )
+        n = len(scores)
+        out.add(self.name, "acc", sum(s.greedy for s in scores) / n, n)
+        out.add(self.name, "ppl", math.exp(min(-sum(s.logprob for s in scores) / n, 50.0)), n)
+        return out
+
+
+class PerplexityTask:
+    """NLL per token, perplexity and bits per UTF-8 byte of whole documents (rolling windows)."""
+
+    def __init__(self, name: str, texts: Sequence[str]):
+        self.name, self.texts = name, list(texts)
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        scores = lm.loglikelihood_rolling(self.texts, self.name)
+        summary = nll_summary(scores)
+        n_bytes = sum(len(t.encode("utf-8")) for t in self.texts)
+        out = TaskOutput()
+        n = len(self.texts)
+        out.add(self.name, "nll", summary["nll"], n)
+        out.add(self.name, "ppl", summary["ppl"], n)
+        out.add(self.name, "bits_per_byte", -sum(s.logprob for s in scores) / n_bytes / math.log(2), n)
+        return out
+
+
+# ---- registry --------------------------------------------------------------------------------------------
+def _qa_task(name: str, explicit: str | None, ctx: TaskContext) -> QATask:
+    source, split, config = _resolve(name, explicit, ctx)
+    k = ctx.num_fewshot
+    limit = None if ctx.limit is None else ctx.limit + k
+    examples = _load(name, lambda: load_qa(source, split=split, config=config, limit=limit))
+    if len(examples) <= k:
+        raise TaskError(f"{name}: {len(examples)} examples leave none after {k} few-shot examples")
+    norm = "triviaqa" if name == "triviaqa" else "squad"
+    return QATask(name, examples[k:], examples[:k], normalization=norm)
+
+
+def _gsm8k_task(name: str, explicit: str | None, ctx: TaskContext) -> AnswerNLLTask:
+    source, split, config = _resolve(name, explicit, ctx)
+    examples = _load(name, lambda: load_gsm8k(source, split=split, config=config, limit=ctx.limit))
+    return AnswerNLLTask(name, [(e.id, qa_prompt(e.question), " " + e.answer.strip()) for e in examples])
+
+
+def _hellaswag_task(name: str, explicit: str | None, ctx: TaskContext) -> MultipleChoiceTask:
+    source, split, _ = _resolve(name, explicit, ctx)
+    return MultipleChoiceTask(name, _load(name, lambda: load_hellaswag(source, split=split, limit=ctx.limit)))
+
+
+def _lambada_task(name: str, explicit: str | None, ctx: TaskContext) -> LastWordTask:
+    source, split, _ = _resolve(name, explicit, ctx)
+    return LastWordTask(name, _load(name, lambda: load_lambada(source, split=split, limit=ctx.limit)))
+
+
+def _perplexity_task(name: str, explicit: str | None, ctx: TaskContext) -> PerplexityTask:
+    if not explicit:
+        raise TaskError("perplexity: name a source, e.g. perplexity:../shared/data/c4_sample_01.json.gz")
+    cfg = DataConfig(source=explicit, regime="pretrain", repeat=False)
+    try:
+        cfg.validate()
+        texts: list[str] = []
+        for doc in build_source(cfg).open(0, 0, 1, None):
+            if ctx.limit is not None and len(texts) >= ctx.limit:
+                break
+            if not isinstance(doc, BadDoc):
+                texts.append(doc)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise TaskError(f"{name}:{explicit}: {e}") from None
+    if not texts:
+        raise TaskError(f"{name}:{explicit}: no usable documents")
+    return PerplexityTask(f"{name}:{explicit}", texts)
+
+
+def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list[Any]]:
+    def build(name: str, explicit: str | None, ctx: TaskContext) -> list[Any]:
+        if explicit:
+            raise TaskError(f"{name}: takes its facts from the run's synthetic world, not a source")
+        d = ctx.data or DataConfig()
+        world = get_world(d.seed, d.synthetic_known_people, d.synthetic_new_people)
+        tasks: list[Any] = []
+        for population in POPULATIONS:
+            people = world.people(population, d.synthetic_taught_people)
+            if not people:
+                continue
+            examples = world.qa_examples(population, taught=d.synthetic_taught_people)
+            examples = examples[: ctx.limit] if ctx.limit else examples
+            task_name = f"{name}/{population}"
+            if kind == "qa":
+                tasks.append(QATask(task_name, examples))
+            else:
+                prompts = {e.id: world.statement_prompt(e.id) for e in examples}
+                tasks.append(
+                    QATask(task_name, examples, prompt_of=lambda e, p=prompts: p[e.id], until=(".", "\n"))
+                )
+        return tasks
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[str, str | None, TaskContext], Any]] = {
+    "triviaqa": _qa_task,
+    "nq_open": _qa_task,
+    "simpleqa": _qa_task,
+    "gsm8k": _gsm8k_task,
+    "hellaswag": _hellaswag_task,
+    "lambada_openai": _lambada_task,
+    "perplexity": _perplexity_task,
+    "synthetic_qa": _synthetic_tasks("qa"),
+    "synthetic_completion": _synthetic_tasks("completion"),
+}
+
+
+def parse_task_list(spec: str | Sequence[str]) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = [s.strip() for s in items if s.strip()]
+    if not out:
+        raise TaskError("--tasks: no task named")
+    return out
+
+
+def build_tasks(specs: Sequence[str], ctx: TaskContext) -> list[Any]:
+    """Tasks for `name[:SOURCE]` specs, all data loaded (so a bad name or file fails before any compute)."""
+    tasks: list[Any] = []
+    for spec in specs:
+        name, _, explicit = spec.partition(":")
+        if name not in BUILDERS:
+            raise TaskError(f"unknown task {name!r} (known: {', '.join(BUILDERS)})")
+        made = BUILDERS[name](name, explicit or None, ctx)
+        tasks.extend(made if isinstance(made, list) else [made])
+    return tasks
