@@ -153,3 +153,18 @@ def test_finetune_refuses_mismatched_state(tok):
 def test_global_batch_must_split_evenly(tok):
     with pytest.raises(ValueError, match="global_batch_size 6"):
         _loader(tok, regime="facts", bsz=4, gbs=6, **SYN)
+
+
+@pytest.mark.parametrize("regime", ["facts", "qa", "documents"])
+def test_taught_people_narrow_every_finetune_regime(tok, regime):
+    """data.synthetic_taught_people=K: finetuning reads only the first K new people (the rest stay untaught
+    for evaluation's new_untaught population)."""
+    world = get_world(0, 20, 4)
+    taught, untaught = world.people("new_taught", 2), world.people("new_untaught", 2)
+    assert [p.pid for p in taught + untaught] == [p.pid for p in world.people("new")]
+    cfg = dict(regime=regime, shuffle_buffer=0, repeat=False, synthetic_taught_people=2, **SYN)
+    text = "".join(" ".join(_rows(tok, b)) for b in _loader(tok, seq_len=64, bsz=1, **cfg))
+    assert all(p.name in text for p in taught)
+    assert not any(p.name in text for p in untaught)
+    with pytest.raises(ValueError, match="synthetic_taught_people: 5 exceeds"):
+        DataConfig(**{**SYN, "synthetic_taught_people": 5}).validate()

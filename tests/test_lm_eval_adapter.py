@@ -54,13 +54,17 @@ def cli_run(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def own(checkpoint, cli_run):
-    """The project's scorers on the checkpoint: its EvalModel and {task: TaskOutput}."""
+    """The project's scorers on the checkpoint: its EvalModel and {task: TaskOutput}. Loading makes a
+    one-rank process group in this pytest process; it is destroyed after the module so later tests see
+    none."""
+    from titan_mem.distributed import shutdown
     from titan_mem.eval.runner import load_eval_model
     from titan_mem.eval.tasks import TaskContext, build_tasks
 
     lm, _ = load_eval_model(checkpoint, batch_size=BATCH)
     tasks = build_tasks(["hellaswag", "gsm8k"], TaskContext(data_dir=SHARED_DATA, limit=GSM8K_LIMIT))
-    return lm, {t.name: t.evaluate(lm) for t in tasks}
+    yield lm, {t.name: t.evaluate(lm) for t in tasks}
+    shutdown()
 
 
 def metric(output, name: str) -> float:

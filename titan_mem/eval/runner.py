@@ -116,7 +116,9 @@ def run_tasks(lm: EvalModel, specs: Sequence[str], ctx: TaskContext) -> TaskOutp
     out = TaskOutput()
     with eval_mode(lm.model):
         for task in tasks:
+            t0 = time.perf_counter()
             result = task.evaluate(lm)
+            out.seconds[task.name] = round(time.perf_counter() - t0, 3)
             out.metrics += result.metrics
             out.predictions += result.predictions
     return out
@@ -163,6 +165,7 @@ def evaluate_checkpoint(
         limit=limit,
         num_fewshot=num_fewshot,
         seconds=round(time.perf_counter() - t0, 3),
+        task_seconds=result.seconds,
         world_size=lm.world,
     )
     if lm.rank == 0:

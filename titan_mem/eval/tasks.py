@@ -51,6 +51,7 @@ class TaskOutput:
 
     metrics: list[dict[str, Any]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per task (runner fills it)
 
     def add(self, task: str, metric: str, value: float, n: int) -> None:
         self.metrics.append({"task": task, "metric": metric, "value": float(value), "n": int(n)})
@@ -101,13 +102,16 @@ def _resolve(name: str, explicit: str | None, ctx: TaskContext) -> tuple[str, st
     return src.hub, src.split, src.config
 
 
-def _load(name: str, loader: Callable[[], list]) -> list:
+def _load(name: str, source: str, loader: Callable[[], list]) -> list:
+    """The examples `loader` reads from `source`; any failure is one TaskError naming the task and source
+    (the loaders' own messages name the record or line)."""
     try:
         items = loader()
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise TaskError(f"{name}: {e}") from None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        msg = str(e) if source in str(e) else f"{source}: {e}"
+        raise TaskError(f"{name}: {msg}") from None
     if not items:
-        raise TaskError(f"{name}: no examples")
+        raise TaskError(f"{name}: {source}: no examples")
     return items
 
 
@@ -264,7 +268,7 @@ def _qa_task(name: str, explicit: str | None, ctx: TaskContext) -> QATask:
     source, split, config = _resolve(name, explicit, ctx)
     k = ctx.num_fewshot
     limit = None if ctx.limit is None else ctx.limit + k
-    examples = _load(name, lambda: load_qa(source, split=split, config=config, limit=limit))
+    examples = _load(name, source, lambda: load_qa(source, split=split, config=config, limit=limit))
     if len(examples) <= k:
         raise TaskError(f"{name}: {len(examples)} examples leave none after {k} few-shot examples")
     norm = "triviaqa" if name == "triviaqa" else "squad"
@@ -273,18 +277,20 @@ def _qa_task(name: str, explicit: str | None, ctx: TaskContext) -> QATask:
 
 def _gsm8k_task(name: str, explicit: str | None, ctx: TaskContext) -> AnswerNLLTask:
     source, split, config = _resolve(name, explicit, ctx)
-    examples = _load(name, lambda: load_gsm8k(source, split=split, config=config, limit=ctx.limit))
+    examples = _load(name, source, lambda: load_gsm8k(source, split=split, config=config, limit=ctx.limit))
     return AnswerNLLTask(name, [(e.id, qa_prompt(e.question), " " + e.answer.strip()) for e in examples])
 
 
 def _hellaswag_task(name: str, explicit: str | None, ctx: TaskContext) -> MultipleChoiceTask:
     source, split, _ = _resolve(name, explicit, ctx)
-    return MultipleChoiceTask(name, _load(name, lambda: load_hellaswag(source, split=split, limit=ctx.limit)))
+    return MultipleChoiceTask(
+        name, _load(name, source, lambda: load_hellaswag(source, split=split, limit=ctx.limit))
+    )
 
 
 def _lambada_task(name: str, explicit: str | None, ctx: TaskContext) -> LastWordTask:
     source, split, _ = _resolve(name, explicit, ctx)
-    return LastWordTask(name, _load(name, lambda: load_lambada(source, split=split, limit=ctx.limit)))
+    return LastWordTask(name, _load(name, source, lambda: load_lambada(source, split=split, limit=ctx.limit)))
 
 
 def _perplexity_task(name: str, explicit: str | None, ctx: TaskContext) -> PerplexityTask:
