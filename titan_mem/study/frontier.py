@@ -1,0 +1,110 @@
+"""Learning vs forgetting: each finetuning run is a point (how much it learned, how much it forgot), each
+method a sweep of points, and methods are compared at *matched learning* (DESIGN.md, "The study"; Lin et
+al. 2025 compare forgetting at similar learning levels).
+
+* learning = improvement of the learning metric over the base (e.g. taught-fact F1 up, or answer NLL down);
+* forgetting = relative worsening of a held-out metric over the base (0 = none, 0.11 = 11 % worse);
+* a method's Pareto front = its runs that no other run of the method beats on both (more learning and less
+  forgetting); forgetting at a learning level = linear interpolation along the front, sorted by learning,
+  undefined outside the learning range the front covers (no extrapolation).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finetuning run (or one evaluation point of it) on the learning-forgetting plane."""
+
+    learning: float
+    forgetting: float
+    label: str = ""
+
+
+def learning_gain(base: float, value: float, higher_is_better: bool) -> float:
+    """How far the learning metric moved in its good direction (same units as the metric)."""
+    return value - base if higher_is_better else base - value
+
+
+def relative_forgetting(base: float, value: float, higher_is_better: bool) -> float:
+    """Relative worsening of a held-out metric: (base - value) / |base| for scores (F1 dropping), (value -
+    base) / |base| for losses (NLL rising). Negative = the metric improved. A zero base has no scale."""
+    if base == 0:
+        raise ValueError("relative forgetting: the base value is 0 (no scale to measure against)")
+    worse = base - value if higher_is_better else value - base
+    return worse / abs(base)
+
+
+def pareto_front(points: Iterable[Point]) -> list[Point]:
+    """The non-dominated points, sorted by learning: a point is dominated when another has at least as
+    much learning and at most as much forgetting, and is strictly better in one."""
+    pts = sorted(points, key=lambda p: (-p.learning, p.forgetting))
+    front: list[Point] = []
+    best_forgetting = math.inf
+    for p in pts:  # most learning first: keep a point only if it forgets less than all that learned more
+        if p.forgetting < best_forgetting:
+            front.append(p)
+            best_forgetting = p.forgetting
+    return sorted(front, key=lambda p: p.learning)
+
+
+def forgetting_at(front: Sequence[Point], level: float) -> float | None:
+    """Forgetting where the front reaches `level` of learning (linear between neighbouring points); None if
+    the front does not span the level."""
+    if not front:
+        return None
+    pts = sorted(front, key=lambda p: p.learning)
+    if level < pts[0].learning or level > pts[-1].learning:
+        return None
+    for a, b in zip(pts, pts[1:]):
+        if a.learning <= level <= b.learning:
+            if b.learning == a.learning:
+                return min(a.forgetting, b.forgetting)
+            w = (level - a.learning) / (b.learning - a.learning)
+            return a.forgetting + w * (b.forgetting - a.forgetting)
+    return pts[0].forgetting  # a single-point front at exactly `level`
+
+
+@dataclass(frozen=True)
+class Matched:
+    """Forgetting of one method at one learning level over seeds: mean, sample std, and how many seeds'
+    fronts reached the level (a level some seeds do not reach is reported with the seeds that do)."""
+
+    level: float
+    mean: float | None
+    std: float | None
+    n_seeds: int
+    n_reached: int
+
+
+def matched_forgetting(points_by_seed: dict[int, list[Point]], levels: Sequence[float]) -> list[Matched]:
+    """Per seed: the front of that seed's sweep, read at each level; then mean/std across seeds."""
+    fronts = {seed: pareto_front(pts) for seed, pts in points_by_seed.items()}
+    out = []
+    for level in levels:
+        values = [v for v in (forgetting_at(f, level) for f in fronts.values()) if v is not None]
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        out.append(Matched(level, mean, std, len(fronts), len(values)))
+    return out
+
+
+def common_levels(fronts: Iterable[Sequence[Point]], n: int = 5) -> list[float]:
+    """`n` learning levels every front spans (the overlap of their learning ranges), evenly spaced; empty
+    when the methods' ranges do not overlap -- then no matched comparison exists and the report says so."""
+    lo, hi = -math.inf, math.inf
+    for front in fronts:
+        if not front:
+            return []
+        lo = max(lo, min(p.learning for p in front))
+        hi = min(hi, max(p.learning for p in front))
+    if lo > hi:
+        return []
+    if n == 1 or lo == hi:
+        return [lo]
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
