@@ -378,6 +378,16 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def read_toml(path: Path, kind: str = "config") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is one ConfigError line naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {kind} file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
 def parse_args(argv: list[str]) -> Config:
     """Build a Config from `[CONFIG.toml] [--section.key=value | --section.key value]...`."""
     cfg = Config()
@@ -385,12 +395,7 @@ def parse_args(argv: list[str]) -> Config:
     if args and not args[0].startswith("--"):
         path = args.pop(0)
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        data = read_toml(p)
         _apply_toml(cfg, data, path)
         cfg.job.config_file = str(p)
     apply_overrides(cfg, args)

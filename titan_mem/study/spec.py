@@ -15,15 +15,11 @@ naming the file and key.
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from titan_mem.config import ConfigError, read_toml
 
 
 class StudyError(ValueError):
@@ -109,12 +105,10 @@ SECTIONS: dict[str, set[str]] = {
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; relative paths are relative to the working directory (the repo root)."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"{path}: study file not found")
     try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise StudyError(f"{path}: not valid TOML ({e})") from None
+        data = read_toml(path, "study")
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     where = str(path)
     for name, table in data.items():
         if name == "arm":
