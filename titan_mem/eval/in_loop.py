@@ -16,7 +16,7 @@ import torch
 
 from titan_mem.config import Config, ConfigError
 from titan_mem.eval.lm import EvalModel
-from titan_mem.eval.runner import eval_mode
+from titan_mem.eval.runner import run_tasks
 from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks
 
 
@@ -38,12 +38,9 @@ class InLoopEvaluator:
         return self.every > 0 and (step % self.every == 0 or last)
 
     def run(self) -> dict[str, float]:
-        values: dict[str, float] = {}
-        with torch.no_grad(), eval_mode(self.lm.model):
-            for task in self.tasks:
-                for m in task.evaluate(self.lm).metrics:
-                    values[f"eval/{m['task']}/{m['metric']}"] = m["value"]
-        return values
+        with torch.no_grad():
+            metrics = run_tasks(self.lm, self.tasks).metrics
+        return {f"eval/{m['task']}/{m['metric']}": m["value"] for m in metrics}
 
 
 def build_in_loop_evaluator(

@@ -20,6 +20,7 @@ import torch
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, CheckpointManager
+from titan_mem.checkpoint.files import atomic_file
 from titan_mem.checkpoint.sparse import load_model_weights
 from titan_mem.components.model import build_model
 from titan_mem.config import Config, ConfigError
@@ -61,10 +62,13 @@ def load_eval_model(
     overrides: Sequence[str] = (),
     batch_size: int = 16,
     progress: bool = False,
+    cfg: Config | None = None,
 ) -> tuple[EvalModel, Config]:
-    """The checkpoint's model in eval mode (sharded over the torchrun ranks like training) and its config."""
+    """The checkpoint's model in eval mode (sharded over the torchrun ranks like training) and its config
+    (`cfg`: the one `load_checkpoint_config` already read, else read here)."""
     checkpoint = Path(checkpoint)
-    cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
+    if cfg is None:
+        cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
     dist_info = init_distributed(cfg.training.device)
     tokenizer = build_tokenizer(cfg.tokenizer)
     model, model_args = build_model(cfg, dist_info, tokenizer, model_converters(cfg))
@@ -110,9 +114,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def run_tasks(lm: EvalModel, specs: Sequence[str], ctx: TaskContext) -> TaskOutput:
-    """Every task of `specs` (all loaded first, so a bad name or file fails before any compute)."""
-    tasks = build_tasks(specs, ctx)
+def run_tasks(lm: EvalModel, tasks: Sequence[Any]) -> TaskOutput:
+    """Every built task (`build_tasks`: data loaded once, before any compute) on the model in eval mode."""
     out = TaskOutput()
     with eval_mode(lm.model):
         for task in tasks:
@@ -150,12 +153,10 @@ def evaluate_checkpoint(
         raise ConfigError(f"--data-dir: {data_dir} is not a folder")
     cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
     ctx = TaskContext(Path(data_dir) if data_dir else None, cfg.data, limit, num_fewshot)
-    build_tasks(tasks, ctx)  # refuse unknown tasks and missing files before loading the model
-    lm, cfg = load_eval_model(
-        checkpoint, config=config, overrides=overrides, batch_size=batch_size, progress=progress
-    )
+    built = build_tasks(tasks, ctx)  # unknown tasks and missing files fail before the model loads
+    lm, cfg = load_eval_model(checkpoint, batch_size=batch_size, progress=progress, cfg=cfg)
     t0 = time.perf_counter()
-    result = run_tasks(lm, tasks, ctx)
+    result = run_tasks(lm, built)
     step = checkpoint_step(checkpoint)
     doc = results_document(
         result,
@@ -200,17 +201,11 @@ def format_table(metrics: Sequence[dict[str, Any]]) -> str:
 
 
 def write_json(path: Path, document: Any) -> None:
-    """Whole or not at all: temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)
+    """Whole or not at all (`atomic_file`: temp file, fsync, rename)."""
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
