@@ -137,3 +137,37 @@ def test_cost_follows_touched_slots_not_table():
     kl = slot_scores(touched, counts, "kl", background)
     p_bg = 4 / (4 << 40)
     assert kl[1].item() == pytest.approx(0.5 * math.log((0.5 + KL_EPS) / (p_bg + KL_EPS)), rel=1e-12)
+
+
+def test_adaptive_mass_keeps_the_fewest_slots_holding_the_mass():
+    # ranking 'all': scores = counts; order slot 3 (5), 1 (2), 6 (2; tie -> lower id first), 4 (1);
+    # cumulative mass 5, 7, 9, 10 of 10
+    def pick(mass: float, top_t: int = 100) -> list[int]:
+        return select_slots(TOUCHED, COUNTS, "all", top_t, rule="mass", mass=mass).tolist()
+
+    assert pick(0.5) == [3]
+    assert pick(0.6) == [1, 3]
+    assert pick(0.9) == [1, 3, 6]
+    assert pick(1.0) == [1, 3, 4, 6]
+    assert pick(1.0, top_t=2) == [1, 3]  # top_t caps the adaptive count
+
+
+def _poisson_tail(c: int, rate: float) -> float:
+    return 1.0 - sum(math.exp(-rate) * rate**k / math.factorial(k) for k in range(c))
+
+
+def test_adaptive_poisson_keeps_slots_read_more_than_background_predicts():
+    # p_read = (df + 1) / (N + 2), rate = -log(1 - p_read); significant when P(X >= c) < alpha / K
+    tails = {}
+    for slot, c in zip(TOUCHED.tolist(), COUNTS.tolist()):
+        rate = -math.log(1 - (DF[slot].item() + 1) / (N + 2))
+        tails[slot] = _poisson_tail(c, rate)
+    for alpha in (0.2, 0.35, 0.6, 0.9):
+        want = sorted(s for s, p in tails.items() if p < alpha / 4)
+        got = select_slots(TOUCHED, COUNTS, "tfidf", 100, bg(), rule="poisson", alpha=alpha).tolist()
+        assert got == want
+    assert len({p < 0.6 / 4 for p in tails.values()}) == 2  # the levels above really split the slots
+    with pytest.raises(ValueError, match="needs background counts"):
+        select_slots(TOUCHED, COUNTS, "tf", 4, rule="poisson")
+    with pytest.raises(ValueError, match="top_t_rule"):
+        select_slots(TOUCHED, COUNTS, "tf", 4, rule="sqrt")

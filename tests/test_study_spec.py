@@ -55,7 +55,7 @@ def test_arms_expand_to_sweep_times_seeds(tmp_path):
     first = spec.arms[0]
     assert first.name == "sparse-lr2.0-top_t10-rankingtfidf-seed0"
     assert first.overrides() == [
-        "--training.mode=sparse_finetune", "--job.seed=0", "--data.seed=0",
+        "--training.mode=sparse_finetune", "--optimizer.name=sgd", "--job.seed=0", "--data.seed=0",
         "--optimizer.lr=2.0", "--finetune.top_t=10", "--finetune.ranking=tfidf",
     ]  # fmt: skip
     assert spec.learning.metric == "answer_nll" and not spec.learning.higher_is_better

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.data.config import DataConfig, TokenizerConfig
+from titan_mem.sparse.scores import RANKINGS, TOP_T_RULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -144,6 +145,16 @@ class FinetuneConfig:
     top_t: int = _help(
         500, "sparse_finetune: value rows updated per step and memory layer (paper: 500 facts)."
     )
+    top_t_rule: str = _help(
+        "fixed",
+        "sparse_finetune: rows a batch may update: fixed (top_t) | mass (the fewest best-ranked slots "
+        "holding top_t_mass of the batch's score mass) | poisson (slots read significantly more than the "
+        "background predicts, level top_t_alpha); adaptive rules never exceed top_t (sparse/scores.py).",
+    )
+    top_t_mass: float = _help(0.5, "sparse_finetune, top_t_rule=mass: share of the score mass kept, (0, 1].")
+    top_t_alpha: float = _help(
+        0.01, "sparse_finetune, top_t_rule=poisson: family-wise significance level, (0, 1)."
+    )
     background_counts: str | None = _help(
         None,
         "Background slot counts file (tools/background_counts.py); None = <initial_load_path>/"
@@ -236,7 +247,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.log_freq: must be positive; got {cfg.metrics.log_freq}")
     if not 0.0 <= cfg.lr_scheduler.decay_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.decay_ratio: must be in [0, 1]; got {cfg.lr_scheduler.decay_ratio}")
-    _choice("finetune.ranking", cfg.finetune.ranking, ("tfidf", "tf", "kl", "all"))
+    _choice("finetune.ranking", cfg.finetune.ranking, RANKINGS)
+    _choice("finetune.top_t_rule", cfg.finetune.top_t_rule, TOP_T_RULES)
+    if not 0 < cfg.finetune.top_t_mass <= 1:
+        raise ConfigError(f"finetune.top_t_mass: must be in (0, 1]; got {cfg.finetune.top_t_mass}")
+    if not 0 < cfg.finetune.top_t_alpha < 1:
+        raise ConfigError(f"finetune.top_t_alpha: must be in (0, 1); got {cfg.finetune.top_t_alpha}")
     if cfg.finetune.top_t < 0:
         raise ConfigError(f"finetune.top_t: must be >= 0; got {cfg.finetune.top_t}")
     tol = cfg.finetune.counts_shape_tolerance

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REGIMES = ("pretrain", "facts", "qa", "documents")
+FACT_PARAPHRASES = ("file", "templates")
 SOURCE_TYPES = ("auto", "synthetic", "local", "hf")
 POPULATIONS = ("auto", "known", "new", "all")
 TEXT_SPLITS = ("file", "line", "paragraph")
@@ -121,6 +122,18 @@ class DataConfig:
         default=True,
         metadata={"help": "loop over a finite source forever, reshuffling per epoch (epoch is in the state)"},
     )
+    fact_paraphrases: str = field(
+        default="file",
+        metadata={
+            "help": "facts regime on a non-synthetic source: file (records {fact_id, paraphrases}) | "
+            "templates (the source is a QA set such as TriviaQA; each pair is rendered through "
+            "synthetic_paraphrases statement templates, data/qa.py QA_FACT_TEMPLATES)"
+        },
+    )
+    max_examples: int = field(
+        default=0,
+        metadata={"help": "facts / qa regimes: only the first N facts or QA pairs of the source (0 = all)"},
+    )
     synthetic_known_people: int = field(
         default=1000,
         metadata={"help": "people whose facts are in the synthetic pretraining corpus"},
@@ -140,6 +153,21 @@ class DataConfig:
             "evaluation splits the new people into taught (first K) and untaught by the same number"
         },
     )
+    synthetic_qa_people: int = field(
+        default=0,
+        metadata={
+            "help": "QA pairs in the synthetic pretraining corpus are about the first K known people only "
+            "(0 = all); the others appear only in biographies, so QA about them (eval population "
+            "known_bio) measures whether the model extracts facts it saw only as statements"
+        },
+    )
+    synthetic_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "seed of the synthetic world (people and facts); None = data.seed. A study varies "
+            "data.seed (fact order) across seeds while keeping the world"
+        },
+    )
     synthetic_documents: int = field(
         default=0,
         metadata={"help": "documents in one epoch of the synthetic pretraining corpus (0 = endless stream)"},
@@ -154,7 +182,10 @@ class DataConfig:
     )
     synthetic_paraphrases: int = field(
         default=8,
-        metadata={"help": "facts regime on the synthetic corpus: distinct paraphrases rendered per fact"},
+        metadata={
+            "help": "facts regime on the synthetic corpus or with fact_paraphrases=templates: distinct "
+            "paraphrases rendered per fact"
+        },
     )
 
     def validate(self) -> None:
@@ -163,6 +194,8 @@ class DataConfig:
         _one_of("data.source_type", self.source_type, SOURCE_TYPES)
         _one_of("data.regime", self.regime, REGIMES)
         _one_of("data.text_split", self.text_split, TEXT_SPLITS)
+        _one_of("data.fact_paraphrases", self.fact_paraphrases, FACT_PARAPHRASES)
+        _at_least("data.max_examples", self.max_examples, 0)
         _one_of("data.synthetic_population", self.synthetic_population, POPULATIONS)
         if not self.text_field:
             raise ValueError("data.text_field: expected a field name, got ''")
@@ -174,6 +207,12 @@ class DataConfig:
         _at_least("data.synthetic_new_people", self.synthetic_new_people, 0)
         _at_least("data.synthetic_documents", self.synthetic_documents, 0)
         _at_least("data.synthetic_taught_people", self.synthetic_taught_people, 0)
+        _at_least("data.synthetic_qa_people", self.synthetic_qa_people, 0)
+        if self.synthetic_qa_people > self.synthetic_known_people:
+            raise ValueError(
+                f"data.synthetic_qa_people: {self.synthetic_qa_people} exceeds "
+                f"data.synthetic_known_people {self.synthetic_known_people}"
+            )
         if self.synthetic_taught_people > self.synthetic_new_people:
             raise ValueError(
                 f"data.synthetic_taught_people: {self.synthetic_taught_people} exceeds "
@@ -201,6 +240,10 @@ class DataConfig:
                 raise ValueError("data.synthetic_known_people: the known population is empty")
             if population == "new" and self.synthetic_new_people < 1:
                 raise ValueError("data.synthetic_new_people: the new population is empty")
+
+    def world_seed(self) -> int:
+        """The synthetic world's seed: `synthetic_seed`, else `seed`."""
+        return self.seed if self.synthetic_seed is None else self.synthetic_seed
 
     def taught_population(self) -> str:
         """The population finetuning reads: `population()`, with 'new' narrowed to the taught people."""

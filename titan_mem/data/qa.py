@@ -173,19 +173,23 @@ def build_finetune_dataset(
 
     world = None
     if cfg.source == "synthetic" or cfg.source_type == "synthetic":
-        from titan_mem.data.synthetic import get_world
+        from titan_mem.data.synthetic import world_of
 
-        world = get_world(cfg.seed, cfg.synthetic_known_people, cfg.synthetic_new_people)
+        world = world_of(cfg)
     common = {"seq_len": seq_len, "pad_id": tokenizer.pad_id, "repeat": cfg.repeat}
 
+    first = cfg.max_examples or None
     if cfg.regime == "facts":
-        facts = (
-            world.facts(
+        if world:
+            facts = world.facts(
                 cfg.taught_population(), cfg.synthetic_paraphrases, taught=cfg.synthetic_taught_people
             )
-            if world
-            else load_facts(cfg.source)
-        )
+        elif cfg.fact_paraphrases == "templates":
+            qa = load_qa(cfg.source, split=cfg.split, config=cfg.hf_config, limit=first)
+            facts = facts_from_qa(qa, cfg.synthetic_paraphrases)
+        else:
+            facts = load_facts(cfg.source)
+        facts = facts[:first]
         groups = fact_rows(facts, tokenizer)
         _truncation_note((r for g in groups for r in g), seq_len, "fact")
         fact_order = _EpochOrder(len(groups), cfg.seed, cfg.shuffle_buffer > 0)
@@ -205,7 +209,7 @@ def build_finetune_dataset(
             world.qa_examples(cfg.taught_population(), taught=cfg.synthetic_taught_people)
             if world
             else load_qa(cfg.source, split=cfg.split, config=cfg.hf_config)
-        )
+        )[:first]
         rows = qa_rows(examples, tokenizer)
         _truncation_note(rows, seq_len, "qa")
         shuffle = cfg.shuffle_buffer > 0
@@ -456,6 +460,31 @@ def load_lambada(
             out.append((context, word))
         else:
             raise ValueError(f"{source} record {i}: expected LAMBADA fields context/continuation or text")
+    return out
+
+
+# Statements that hold a QA pair's answer, for teaching a QA set as facts (Lin et al. 2025 had a model write
+# paraphrases of each TriviaQA fact; templates are the offline stand-in, or give {fact_id, paraphrases}).
+QA_FACT_TEMPLATES = (
+    "Question: {q}\nAnswer: {a}",
+    "{q} The answer is {a}.",
+    'The answer to the question "{q}" is {a}.',
+    "{a} is the answer to this question: {q}",
+    "Q: {q} A: {a}",
+    'Asked "{q}", the right reply is {a}.',
+    "Trivia fact: {q} Answer: {a}.",
+    'If someone asks "{q}", tell them {a}.',
+)
+
+
+def facts_from_qa(examples: Sequence[QAExample], n_paraphrases: int) -> list[FactExample]:
+    """Each QA pair (first answer) as a fact rendered through `n_paraphrases` templates (cycled)."""
+    out = []
+    for e in examples:
+        q, a = e.question.strip(), e.answers[0].strip()
+        k = len(QA_FACT_TEMPLATES)
+        paraphrases = [QA_FACT_TEMPLATES[i % k].format(q=q, a=a) for i in range(n_paraphrases)]
+        out.append(FactExample(fact_id=str(e.id), paraphrases=paraphrases, question=q, answer=a))
     return out
 
 

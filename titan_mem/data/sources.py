@@ -370,9 +370,9 @@ class SyntheticSource:
     """The embedded corpus: document k is a pure function of (seed, k), so the position is one index."""
 
     def __init__(self, cfg: DataConfig) -> None:
-        from titan_mem.data.synthetic import get_world
+        from titan_mem.data.synthetic import world_of
 
-        self.world = get_world(cfg.seed, cfg.synthetic_known_people, cfg.synthetic_new_people)
+        self.world = world_of(cfg)
         self.population = cfg.population()
         self.generic_fraction = cfg.synthetic_generic_fraction
         self.qa_fraction = cfg.synthetic_qa_fraction

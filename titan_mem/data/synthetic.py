@@ -20,6 +20,7 @@ import functools
 import random
 from dataclasses import dataclass
 
+from titan_mem.data.config import DataConfig
 from titan_mem.data.records import FactExample, QAExample
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "work_city")
@@ -156,10 +157,15 @@ def _unique(gen, n: int, max_tries: int = 100) -> list[str]:
 class SyntheticWorld:
     """People, their facts and the renderings, for one (seed, n_known, n_new)."""
 
-    def __init__(self, seed: int = 0, n_known: int = 1000, n_new: int = 100) -> None:
+    def __init__(self, seed: int = 0, n_known: int = 1000, n_new: int = 100, qa_people: int = 0) -> None:
         from faker import Faker  # imported here: ~0.1 s, only needed for the synthetic corpus
 
+        if not 0 <= qa_people <= n_known:
+            raise ValueError(f"data.synthetic_qa_people: expected 0..{n_known} got {qa_people}")
         self.seed, self.n_known, self.n_new = seed, n_known, n_new
+        # Known people 0..qa_people-1 appear in pretraining as biographies *and* QA pairs; the rest only as
+        # biographies, so QA about them measures extraction (Allen-Zhu & Li 2023, mixed training). 0 = all.
+        self.qa_people = qa_people or n_known
         fake = Faker("en_US")
         fake.seed_instance(seed)
         self.cities = _unique(fake.city, 200)
@@ -205,12 +211,17 @@ class SyntheticWorld:
 
     # ---- populations ---------------------------------------------------------------------------------
     def people(self, population: str = "known", taught: int = 0) -> list[Person]:
-        """A population: known | new | all, or the new people split by `taught` (the first `taught` new
-        people are taught by finetuning, 0 = all of them): new_taught | new_untaught."""
+        """A population: known | new | all; the known people split by whether pretraining shows QA about
+        them: known_qa | known_bio (biographies only); the new people split by `taught` (the first `taught`
+        new people are taught by finetuning, 0 = all of them): new_taught | new_untaught."""
         new = self._people[self.n_known :]
         k = taught or len(new)
         if population == "known":
             return self._people[: self.n_known]
+        if population == "known_qa":
+            return self._people[: self.qa_people]
+        if population == "known_bio":
+            return self._people[self.qa_people : self.n_known]
         if population == "new":
             return new
         if population == "new_taught":
@@ -220,7 +231,8 @@ class SyntheticWorld:
         if population == "all":
             return list(self._people)
         raise ValueError(
-            "data.synthetic_population: expected 'known', 'new', 'new_taught', 'new_untaught' or 'all', "
+            "data.synthetic_population: expected 'known', 'known_qa', 'known_bio', 'new', 'new_taught', "
+            "'new_untaught' or 'all', "
             f"got {population!r}"
         )
 
@@ -296,6 +308,14 @@ class SyntheticWorld:
         n = rng.randint(2, 4)
         return "\n\n".join(_GENERIC[rng.randrange(len(_GENERIC))](self, rng) for _ in range(n))
 
+    def heldout_prose(self, n: int) -> list[str]:
+        """`n` generic documents drawn from a random stream pretraining never reads (its own seed
+        namespace): prose of the pretraining distribution the model has not seen, to measure forgetting."""
+        return [
+            self.generic_document(random.Random(f"titan_mem.synthetic.heldout.{self.seed}.{i}"))
+            for i in range(n)
+        ]
+
     def document(
         self,
         index: int,
@@ -312,14 +332,23 @@ class SyntheticWorld:
             return self.generic_document(rng)
         person = people[rng.randrange(len(people))]
         if u < generic_fraction + qa_fraction:
+            if population == "known":  # QA only about the QA-exposed part of the known population
+                person = people[rng.randrange(self.qa_people)]
             return self.qa_document(person, rng)
         return self.biography(person, rng)
 
 
 @functools.lru_cache(maxsize=4)
-def get_world(seed: int = 0, n_known: int = 1000, n_new: int = 100) -> SyntheticWorld:
+def get_world(seed: int = 0, n_known: int = 1000, n_new: int = 100, qa_people: int = 0) -> SyntheticWorld:
     """Cached world: building 1,100 people takes ~0.1 s; experiments ask for the same world often."""
-    return SyntheticWorld(seed, n_known, n_new)
+    return SyntheticWorld(seed, n_known, n_new, qa_people)
+
+
+def world_of(cfg: DataConfig) -> SyntheticWorld:
+    """The synthetic world a data config describes (one place that reads its world keys)."""
+    return get_world(
+        cfg.world_seed(), cfg.synthetic_known_people, cfg.synthetic_new_people, cfg.synthetic_qa_people
+    )
 
 
 # ---- generic descriptive prose -------------------------------------------------------------------------

@@ -13,9 +13,13 @@ Prompt formats (fixed; zero-shot unless `num_fewshot`):
   probe; lm-eval's gsm8k task is generative EM, a different number).
 * hellaswag: log-likelihood of ` {ending}` after the context; acc = argmax, acc_norm = argmax of the
   log-likelihood divided by the ending's length in characters (lm-eval's convention).
-* synthetic_qa / synthetic_completion: the run's synthetic world, split by population (known, new_taught,
-  new_untaught; `data.synthetic_taught_people` draws the line). Completion prompts are a fact's first
-  statement template cut before the value ("Ada Lovelace was born in"), greedy until "." or a newline.
+* synthetic_qa / synthetic_completion: the run's synthetic world, split by population (known; known_bio,
+  the known people pretraining showed only as biographies, when `data.synthetic_qa_people` splits them;
+  new_taught, new_untaught; `data.synthetic_taught_people` draws the line). Completion prompts are a
+  fact's first statement template cut before the value ("Ada Lovelace was born in"), greedy until "." or
+  a newline.
+* synthetic_prose: NLL / perplexity of held-out generic prose of the run's synthetic world (documents of
+  the pretraining distribution from a random stream pretraining never reads).
 * lambada_openai: the passage's last word after ` `: acc (it is the greedy continuation) and perplexity.
 * perplexity:SOURCE: NLL, perplexity and bits per byte of documents from any source the data layer reads.
 """
@@ -32,13 +36,13 @@ from titan_mem.data.config import DataConfig
 from titan_mem.data.qa import load_gsm8k, load_hellaswag, load_lambada, load_qa, qa_prompt
 from titan_mem.data.records import QAExample
 from titan_mem.data.sources import BadDoc, build_source
-from titan_mem.data.synthetic import get_world
+from titan_mem.data.synthetic import world_of
 from titan_mem.eval.lm import EvalModel, nll_summary
 from titan_mem.eval.metrics import normalizer, qa_scores
 
 QA_MAX_NEW_TOKENS = 32
 QA_STOP = ("\n",)
-POPULATIONS = ("known", "new_taught", "new_untaught")
+POPULATIONS = ("known", "known_bio", "new_taught", "new_untaught")
 
 
 class TaskError(ValueError):
@@ -317,7 +321,7 @@ def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list
         if explicit:
             raise TaskError(f"{name}: takes its facts from the run's synthetic world, not a source")
         d = ctx.data or DataConfig()
-        world = get_world(d.seed, d.synthetic_known_people, d.synthetic_new_people)
+        world = world_of(d)
         tasks: list[Any] = []
         for population in POPULATIONS:
             people = world.people(population, d.synthetic_taught_people)
@@ -338,6 +342,12 @@ def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list
     return build
 
 
+def _synthetic_prose_task(name: str, explicit: str | None, ctx: TaskContext) -> PerplexityTask:
+    if explicit:
+        raise TaskError(f"{name}: takes its prose from the run's synthetic world, not a source")
+    return PerplexityTask(name, world_of(ctx.data or DataConfig()).heldout_prose(ctx.limit or 200))
+
+
 BUILDERS: dict[str, Callable[[str, str | None, TaskContext], Any]] = {
     "triviaqa": _qa_task,
     "nq_open": _qa_task,
@@ -348,6 +358,7 @@ BUILDERS: dict[str, Callable[[str, str | None, TaskContext], Any]] = {
     "perplexity": _perplexity_task,
     "synthetic_qa": _synthetic_tasks("qa"),
     "synthetic_completion": _synthetic_tasks("completion"),
+    "synthetic_prose": _synthetic_prose_task,
 }
 
 

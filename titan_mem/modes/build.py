@@ -53,14 +53,15 @@ class OnlyValueTables(TrainablePolicy):
 def sparse_counts_path(cfg: Config) -> str | None:
     """The background counts a sparse finetune reads (None when its ranking needs none)."""
     ft = cfg.finetune
-    if ft.ranking not in ("tfidf", "kl"):
+    if ft.ranking not in ("tfidf", "kl") and ft.top_t_rule != "poisson":
         return None
     counts = ft.background_counts
     if counts is None and cfg.checkpoint.initial_load_path:
         counts = str(Path(cfg.checkpoint.initial_load_path) / COUNTS_FILE)
     if counts is None:
         raise ConfigError(
-            f"finetune.background_counts: ranking '{ft.ranking}' needs background counts "
+            f"finetune.background_counts: ranking '{ft.ranking}' / top_t_rule '{ft.top_t_rule}' needs "
+            "background counts "
             "(tools/background_counts.py), or set checkpoint.initial_load_path to a folder holding them"
         )
     return counts
@@ -83,7 +84,7 @@ def _slot_selector(
         except ValueError as e:
             raise ConfigError(str(e)) from None
     log = Path(cfg.job.dump_folder) / "selected_slots.jsonl"
-    return SlotSelector(model, optimizer, cfg.finetune.ranking, cfg.finetune.top_t, background, log, device)
+    return SlotSelector(model, optimizer, cfg.finetune, background, log, device)
 
 
 def model_converters(cfg: Config) -> list[ModelConverter]:

@@ -77,13 +77,14 @@ class SlotSelector:
         self,
         model: nn.Module,
         optimizer: Any,
-        ranking: str,
-        top_t: int,
+        finetune: Any,
         background: BackgroundCounts | None,
         log_path: Path,
         device: torch.device | None = None,
     ):
-        self.ranking, self.top_t, self.background = ranking, top_t, background
+        """`finetune`: the [finetune] section (ranking, top_t, top_t_rule, top_t_mass, top_t_alpha)."""
+        self.ranking, self.top_t, self.background = finetune.ranking, finetune.top_t, background
+        self.rule = {"rule": finetune.top_t_rule, "mass": finetune.top_t_mass, "alpha": finetune.top_t_alpha}
         self.optimizer = optimizer  # reports the norm of the update it applied
         self.tables = model.value_tables()
         self.n_slots = {name: t.shape[0] for name, t in self.tables.items()}
@@ -106,7 +107,7 @@ class SlotSelector:
 
         def choose(name: str) -> torch.Tensor:
             touched, counts = global_counts[name]
-            return select_slots(touched, counts, self.ranking, self.top_t, self._bg(name))
+            return select_slots(touched, counts, self.ranking, self.top_t, self._bg(name), **self.rule)
 
         staged, selected_ids = selected_row_gradients(self.tables, choose)
         for name, (rows, grad_rows) in staged.items():

@@ -4,12 +4,16 @@ naming the file and key.
 
     [study]     name, out (folder), seeds = [0, 1, 2]
     [base]      checkpoint = "RUN/checkpoints/step-N"   | pretrain_config = "train_configs/x.toml"
-                pretrain_overrides = ["--training.steps=400"]
+                pretrain_overrides = ["--training.steps=400"], background_batches = 1000
     [finetune]  config = "train_configs/debug_sparse_finetune.toml", overrides = [...]
     [eval]      tasks = [...], every = 20, limit = 60, data_dir = "../shared/data"
                 learning = "synthetic_qa/new_taught:answer_nll", forgetting = ["synthetic_qa/known:f1", ...]
+                show = [...]  (more metrics for the report's tables)
     [[arm]]     method = "sparse" | "full" | "lora", plus sweep keys, each a value or a list of values:
-                sparse: lr, top_t, ranking; full: lr; lora: lr, rank
+                sparse: lr, top_t, ranking, rule (fixed | mass | poisson: adaptive t), mass, alpha;
+                full: lr; lora: lr, rank; any method: optimizer (default sparse sgd, full/lora adamw)
+    [quick]     what `--quick` changes: seeds, pretrain_overrides / finetune_overrides (appended),
+                background_batches, limit, every, out (default: <out>-quick)
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ class StudyError(ValueError):
 
 
 MODE_OF = {"sparse": "sparse_finetune", "full": "full_finetune", "lora": "lora_finetune"}
+# Lin et al. 2025: sparse memory finetuning with SGD (AdamW forgets more), full finetuning and LoRA with AdamW
+OPTIMIZER_OF = {"sparse": "sgd", "full": "adamw", "lora": "adamw"}
 SWEEP_KEYS: dict[str, dict[str, str]] = {
-    "sparse": {"lr": "optimizer.lr", "top_t": "finetune.top_t", "ranking": "finetune.ranking"},
-    "full": {"lr": "optimizer.lr"},
-    "lora": {"lr": "optimizer.lr", "rank": "finetune.lora_rank"},
+    "sparse": {
+        "lr": "optimizer.lr",
+        "top_t": "finetune.top_t",
+        "ranking": "finetune.ranking",
+        "rule": "finetune.top_t_rule",
+        "mass": "finetune.top_t_mass",
+        "alpha": "finetune.top_t_alpha",
+        "optimizer": "optimizer.name",
+    },
+    "full": {"lr": "optimizer.lr", "optimizer": "optimizer.name"},
+    "lora": {"lr": "optimizer.lr", "rank": "finetune.lora_rank", "optimizer": "optimizer.name"},
 }
 # metrics where a higher value is better; every other metric (nll, ppl, bits_per_byte, answer_nll) is a loss
 HIGHER_IS_BETTER = {"em", "f1", "acc", "acc_norm"}
@@ -65,9 +79,12 @@ class Arm:
         return "-".join(str(p).replace("/", "_") for p in parts)
 
     def overrides(self) -> list[str]:
+        """The trainer overrides of this arm. The seed moves the fact order (`data.seed`) and any random
+        init (`job.seed`); the synthetic world stays the base's (the runner pins `data.synthetic_seed`)."""
         keys = SWEEP_KEYS[self.method]
         out = [
             f"--training.mode={MODE_OF[self.method]}",
+            f"--optimizer.name={OPTIMIZER_OF[self.method]}",
             f"--job.seed={self.seed}",
             f"--data.seed={self.seed}",
         ]
@@ -83,6 +100,7 @@ class StudySpec:
     base_checkpoint: Path | None
     pretrain_config: Path | None
     pretrain_overrides: list[str]
+    background_batches: int
     finetune_config: Path
     finetune_overrides: list[str]
     eval_tasks: list[str]
@@ -91,19 +109,30 @@ class StudySpec:
     eval_data_dir: str | None
     learning: MetricRef
     forgetting: list[MetricRef]
+    show: list[MetricRef]
     arms: list[Arm] = field(default_factory=list)
 
 
 SECTIONS: dict[str, set[str]] = {
     "study": {"name", "out", "seeds"},
-    "base": {"checkpoint", "pretrain_config", "pretrain_overrides"},
+    "base": {"checkpoint", "pretrain_config", "pretrain_overrides", "background_batches"},
     "finetune": {"config", "overrides"},
-    "eval": {"tasks", "every", "limit", "data_dir", "learning", "forgetting"},
+    "eval": {"tasks", "every", "limit", "data_dir", "learning", "forgetting", "show"},
+    "quick": {
+        "seeds",
+        "pretrain_overrides",
+        "finetune_overrides",
+        "background_batches",
+        "limit",
+        "every",
+        "out",
+    },  # fmt: skip
 }
 
 
-def load_study(path: str | Path) -> StudySpec:
-    """Read and check a study file; relative paths are relative to the working directory (the repo root)."""
+def load_study(path: str | Path, quick: bool = False) -> StudySpec:
+    """Read and check a study file; relative paths are relative to the working directory (the repo root).
+    `quick`: apply the file's [quick] table (a few-minute version of the same study)."""
     path = Path(path)
     try:
         data = read_toml(path, "study")
@@ -122,6 +151,26 @@ def load_study(path: str | Path) -> StudySpec:
                 raise StudyError(f"{where}: unknown key {name}.{key}")
     study, base = data.get("study", {}), data.get("base", {})
     ft, ev = data.get("finetune", {}), data.get("eval", {})
+    if quick:
+        q = data.get("quick")
+        if q is None:
+            raise StudyError(f"{where}: --quick: the file has no [quick] table")
+        study, base, ft, ev = dict(study), dict(base), dict(ft), dict(ev)
+        for key, (table, into) in {
+            "seeds": (study, "seeds"),
+            "background_batches": (base, "background_batches"),
+            "limit": (ev, "limit"),
+            "every": (ev, "every"),
+            "out": (study, "out"),
+        }.items():
+            if key in q:
+                table[into] = q[key]
+        if "out" not in q and "out" in study:
+            study["out"] = f"{study['out']}-quick"
+        for key, table in (("pretrain_overrides", base), ("finetune_overrides", ft)):
+            extra = _str_list(where, f"quick.{key}", q.get(key, []))
+            field_name = key if key == "pretrain_overrides" else "overrides"
+            table[field_name] = _str_list(where, f"{key}", table.get(field_name, [])) + extra
 
     def need(table: dict, section: str, key: str) -> Any:
         if key not in table:
@@ -149,6 +198,7 @@ def load_study(path: str | Path) -> StudySpec:
         base_checkpoint=Path(checkpoint) if checkpoint else None,
         pretrain_config=Path(recipe) if recipe else None,
         pretrain_overrides=_str_list(where, "base.pretrain_overrides", base.get("pretrain_overrides", [])),
+        background_batches=_positive(where, "base.background_batches", base.get("background_batches", 1000)),
         finetune_config=finetune_config,
         finetune_overrides=_str_list(where, "finetune.overrides", ft.get("overrides", [])),
         eval_tasks=_str_list(where, "eval.tasks", need(ev, "eval", "tasks")),
@@ -158,6 +208,7 @@ def load_study(path: str | Path) -> StudySpec:
         learning=_metric(where, "eval.learning", need(ev, "eval", "learning")),
         forgetting=[_metric(where, "eval.forgetting", m) for m in _str_list(where, "eval.forgetting",
                                                                              need(ev, "eval", "forgetting"))],
+        show=[_metric(where, "eval.show", m) for m in _str_list(where, "eval.show", ev.get("show", []))],
     )  # fmt: skip
     if not spec.eval_tasks:
         raise StudyError(f"{where}: eval.tasks is empty")
@@ -172,6 +223,14 @@ def load_study(path: str | Path) -> StudySpec:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise StudyError(f"{where}: arms repeat: {', '.join(dupes[:3])}")
+    return spec
+
+
+def with_base(spec: StudySpec, checkpoint: str | Path) -> StudySpec:
+    """The study started from an existing checkpoint instead of its [base] (`--base`)."""
+    if not Path(checkpoint).is_dir():
+        raise StudyError(f"--base: {checkpoint} is not a checkpoint folder")
+    spec.base_checkpoint, spec.pretrain_config, spec.pretrain_overrides = Path(checkpoint), None, []
     return spec
 
 
