@@ -168,3 +168,19 @@ def test_taught_people_narrow_every_finetune_regime(tok, regime):
     assert not any(p.name in text for p in untaught)
     with pytest.raises(ValueError, match="synthetic_taught_people: 5 exceeds"):
         DataConfig(**{**SYN, "synthetic_taught_people": 5}).validate()
+
+
+def test_qa_set_taught_as_template_facts(tmp_path, tok):
+    """data.fact_paraphrases=templates: each QA pair becomes one fact of template statements holding its
+    answer; data.max_examples keeps the first N pairs (TriviaQA's 1K facts in studies/triviaqa_1b.toml)."""
+    path = tmp_path / "tqa.jsonl"
+    rows = [{"question": f"Which city is number {i}?", "answer": [f"City{i}", f"C{i}"]} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(regime="facts", source=str(path), fact_paraphrases="templates", synthetic_paraphrases=3)
+    batches = _take(_loader(tok, shuffle_buffer=0, bsz=3, max_examples=2, seq_len=48, **kw), 3)
+    first = _rows(tok, batches[0])
+    assert len(set(first)) == 3 and all("Which city is number 0?" in r and "City0" in r for r in first)
+    assert all("City1" in r for r in _rows(tok, batches[1]))
+    assert _rows(tok, batches[2]) == first  # 2 facts per epoch: max_examples cut the other 3
+    with pytest.raises(ValueError, match="data.fact_paraphrases"):
+        DataConfig(fact_paraphrases="model").validate()

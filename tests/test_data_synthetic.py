@@ -82,3 +82,23 @@ def test_biography_states_all_six_facts(world):
 def test_unknown_population_is_an_error(world):
     with pytest.raises(ValueError, match="synthetic_population"):
         world.people("old")
+
+
+def test_qa_documents_only_about_the_qa_people_and_held_out_prose_is_unseen():
+    """synthetic_qa_people=K: pretraining QA pairs name only the first K known people (the rest appear only
+    in biographies: population known_bio); held-out prose is drawn from a stream pretraining never reads."""
+    w = SyntheticWorld(seed=3, n_known=12, n_new=2, qa_people=4)
+    qa_names = {p.name for p in w.people("known_qa")}
+    bio_names = {p.name for p in w.people("known_bio")}
+    assert len(qa_names) == 4 and len(bio_names) == 8 and not qa_names & bio_names
+    docs = [w.document(i, generic_fraction=0.0, qa_fraction=0.5) for i in range(300)]
+    qa_docs = [d for d in docs if d.startswith("Question:")]
+    bios = [d for d in docs if not d.startswith("Question:")]
+    assert len(qa_docs) > 100 and len(bios) > 100
+    assert all(any(n in d for n in qa_names) and not any(n in d for n in bio_names) for d in qa_docs)
+    assert any(any(n in d for n in bio_names) for d in bios)
+    prose = w.heldout_prose(20)
+    pretraining = {w.document(i, generic_fraction=1.0) for i in range(2000)}
+    assert len(set(prose)) == 20 and not set(prose) & pretraining
+    with pytest.raises(ValueError, match="synthetic_qa_people"):
+        SyntheticWorld(seed=3, n_known=12, n_new=2, qa_people=13)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from titan_mem.study.spec import StudyError, load_study
+from titan_mem.study.spec import StudyError, load_study, with_base
 
 GOOD = """
 [study]
@@ -90,3 +90,18 @@ def test_no_arms_and_missing_file(tmp_path):
         load_study(_write(tmp_path, GOOD.split("[[arm]]")[0]))
     with pytest.raises(StudyError, match="study file not found"):
         load_study(tmp_path / "nope.toml")
+
+
+def test_quick_table_and_base_override(tmp_path):
+    quick = GOOD + '\n[quick]\nseeds = [0]\nfinetune_overrides = ["--training.steps=2"]\nlimit = 2\n'
+    path = _write(tmp_path, quick)
+    full, fast = load_study(path), load_study(path, quick=True)
+    assert (full.seeds, fast.seeds) == ([0, 1], [0])
+    assert fast.finetune_overrides == ["--training.steps=4", "--training.steps=2"]  # appended: the last wins
+    assert (fast.eval_limit, fast.eval_every) == (2, 2)
+    assert str(fast.out) == f"{full.out}-quick" and len(fast.arms) == len(full.arms) // 2
+    with pytest.raises(StudyError, match="has no \\[quick\\] table"):
+        load_study(_write(tmp_path, GOOD), quick=True)
+    with pytest.raises(StudyError, match="--base: /nope is not a checkpoint folder"):
+        with_base(full, "/nope")
+    assert with_base(full, tmp_path).base_checkpoint == tmp_path and full.pretrain_config is None
