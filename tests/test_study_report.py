@@ -66,8 +66,9 @@ def test_matched_forgetting_by_hand(tmp_path, monkeypatch):
     assert a.levels == pytest.approx([1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
     at = {m: {round(r.level, 6): r for r in rows} for m, rows in a.matched[AVERAGE].items()}
     # level 2: sparse seeds forget 10 % and 20 % -> 15 % +- 7.07; full 30 % in both seeds
-    assert at["sparse"][2.0].mean == pytest.approx(0.15) and at["sparse"][2.0].std == pytest.approx(0.0707107)
-    assert at["full"][2.0].mean == pytest.approx(0.30) and at["full"][2.0].std == pytest.approx(0.0, abs=1e-12)
+    sparse, full = at["sparse"][2.0], at["full"][2.0]
+    assert sparse.mean == pytest.approx(0.15) and sparse.std == pytest.approx(0.0707107)
+    assert full.mean == pytest.approx(0.30) and full.std == pytest.approx(0.0, abs=1e-12)
     # level 1.4: linear between (1, 0) and (2, 0.1 | 0.2) -> 4 % and 8 %; full between 20 % and 30 % -> 24 %
     assert at["sparse"][1.4].mean == pytest.approx(0.06)
     assert at["full"][1.4].mean == pytest.approx(0.24)
