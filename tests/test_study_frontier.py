@@ -6,6 +6,7 @@ import pytest
 
 from titan_mem.study.frontier import (
     Point,
+    anchored_front,
     common_levels,
     forgetting_at,
     learning_gain,
@@ -59,3 +60,16 @@ def test_common_levels_are_the_overlap_of_the_ranges():
     b = [Point(0.2, 0.0), Point(0.9, 0.3)]
     assert common_levels([a, b], n=3) == pytest.approx([0.2, 0.35, 0.5])
     assert common_levels([a, [Point(0.6, 0.0), Point(0.7, 0.1)]]) == []  # no overlap: no matched level
+
+
+def test_fronts_read_from_the_base_when_a_run_forgets_nothing():
+    """A run that learned 0.4 and forgot nothing dominates the base (0, 0); the matched reading still
+    starts at the base, so level 0.2 is read on the segment base -> that run instead of 'not reached'."""
+    base = Point(0.0, 0.0, "base")
+    pts = [Point(0.4, 0.0, "a"), Point(0.8, 0.2, "b"), Point(0.3, 0.1, "dominated")]
+    assert [p.label for p in pareto_front([base, *pts])] == ["a", "b"]
+    assert [p.label for p in anchored_front(pts, base)] == ["base", "a", "b"]
+    (low, high) = matched_forgetting({0: pts}, [0.2, 0.6], origin=base)
+    assert low.mean == pytest.approx(0.0) and high.mean == pytest.approx(0.1)
+    (unanchored,) = matched_forgetting({0: pts}, [0.2])
+    assert unanchored.n_reached == 0

@@ -62,16 +62,18 @@ def _spec(tmp_path: Path):
 def test_matched_forgetting_by_hand(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     a = analyze(_spec(tmp_path), BASE, RECORDS)
-    # fronts span learning 1..2 for both methods (the base point (0, 0) is dominated by (1, 0) for sparse)
-    assert a.levels == pytest.approx([1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
+    # fronts start at the base (0, 0) and reach learning 2 for both methods: levels above 0 up to 2
+    assert a.levels == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
     at = {m: {round(r.level, 6): r for r in rows} for m, rows in a.matched[AVERAGE].items()}
     # level 2: sparse seeds forget 10 % and 20 % -> 15 % +- 7.07; full 30 % in both seeds
     sparse, full = at["sparse"][2.0], at["full"][2.0]
     assert sparse.mean == pytest.approx(0.15) and sparse.std == pytest.approx(0.0707107)
     assert full.mean == pytest.approx(0.30) and full.std == pytest.approx(0.0, abs=1e-12)
-    # level 1.4: linear between (1, 0) and (2, 0.1 | 0.2) -> 4 % and 8 %; full between 20 % and 30 % -> 24 %
-    assert at["sparse"][1.4].mean == pytest.approx(0.06)
-    assert at["full"][1.4].mean == pytest.approx(0.24)
+    # level 1.2: linear between (1, 0) and (2, 0.1 | 0.2) -> 2 % and 4 %; full between 20 % and 30 % -> 22 %
+    assert at["sparse"][1.2].mean == pytest.approx(0.03)
+    assert at["full"][1.2].mean == pytest.approx(0.22)
+    # level 0.4: from the base: sparse's (1, 0) dominates the base, forgetting 0; full base -> (1, 20 %): 8 %
+    assert at["sparse"][0.4].mean == pytest.approx(0.0) and at["full"][0.4].mean == pytest.approx(0.08)
     assert all(r.n_reached == 2 for rows in a.matched[AVERAGE].values() for r in rows)
     # per-metric forgetting equals the mean here (both metrics move by the same relative amount)
     assert a.matched["t/known:f1"]["full"][-1].mean == pytest.approx(0.30)

@@ -7,8 +7,8 @@ over seeds (frontier.py has the arithmetic).
   `relative_forgetting` against the base (0.1 = held-out metrics 10 % worse on average); per-metric
   numbers are kept too;
 * every evaluation point of an arm is a point (an earlier point is the same run stopped earlier), so a
-  method's front is over its sweep *and* its training length; the base itself, (0, 0), is a point of
-  every method (zero steps), so fronts start at no learning and no forgetting;
+  method's front is over its sweep *and* its training length; every front starts at the base, (0, 0)
+  (zero steps: `frontier.anchored_front`);
 * fronts are per seed; levels are where every method's front (pooled over seeds) spans the same learning.
 """
 
@@ -22,15 +22,16 @@ from typing import Any
 from titan_mem.study.frontier import (
     Matched,
     Point,
+    anchored_front,
     common_levels,
     learning_gain,
     matched_forgetting,
-    pareto_front,
     relative_forgetting,
 )
 from titan_mem.study.spec import MetricRef, StudySpec
 
 AVERAGE = "mean held-out"
+BASE_POINT = Point(0.0, 0.0, "base")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Analysis:
         return list(self.points)
 
     def pooled_front(self, method: str, name: str = AVERAGE) -> list[Point]:
-        return pareto_front(p for pts in self.points[method][name].values() for p in pts)
+        return anchored_front((p for pts in self.points[method][name].values() for p in pts), BASE_POINT)
 
 
 def _value(rec_metrics: dict[str, float], ref: MetricRef, where: str) -> float:
@@ -94,16 +95,14 @@ def analyze(
         per, mean = forgetting_of(base, rec["metrics"], spec.forgetting, where)
         label = f"{rec['arm']}@{rec['step']}"
         for name, value in ((AVERAGE, mean), *per.items()):
-            seed_points = points[rec["method"]][name][rec["seed"]]
-            if not seed_points:
-                seed_points.append(Point(0.0, 0.0, "base"))
-            seed_points.append(Point(gain, value, label))
+            points[rec["method"]][name][rec["seed"]].append(Point(gain, value, label))
     out.points = {m: {n: dict(by_seed) for n, by_seed in v.items()} for m, v in points.items()}
     # level 0 is the base, where every method forgets nothing: compare above it
     levels = common_levels([out.pooled_front(m) for m in out.methods], n_levels + 1)
     out.levels = [x for x in levels if x > 0]
     out.matched = {
-        name: {m: matched_forgetting(out.points[m][name], out.levels) for m in out.methods} for name in names
+        name: {m: matched_forgetting(out.points[m][name], out.levels, BASE_POINT) for m in out.methods}
+        for name in names
     }
     return out
 

@@ -82,9 +82,22 @@ class Matched:
     n_reached: int
 
 
-def matched_forgetting(points_by_seed: dict[int, list[Point]], levels: Sequence[float]) -> list[Matched]:
-    """Per seed: the front of that seed's sweep, read at each level; then mean/std across seeds."""
-    fronts = {seed: pareto_front(pts) for seed, pts in points_by_seed.items()}
+def anchored_front(points: Iterable[Point], origin: Point | None = None) -> list[Point]:
+    """The Pareto front, starting at `origin` (the base model: no learning, no forgetting) when given. A run
+    that learned something while forgetting nothing dominates the base and would cut the front's start
+    off, leaving low levels unread; every method passes through the base, so the front is read from it."""
+    front = pareto_front(points)
+    if origin is None:
+        return front
+    return [origin, *(p for p in front if p.learning > origin.learning)]
+
+
+def matched_forgetting(
+    points_by_seed: dict[int, list[Point]], levels: Sequence[float], origin: Point | None = None
+) -> list[Matched]:
+    """Per seed: the front of that seed's sweep (from `origin`, if given), read at each level; then
+    mean/std across seeds."""
+    fronts = {seed: anchored_front(pts, origin) for seed, pts in points_by_seed.items()}
     out = []
     for level in levels:
         values = [v for v in (forgetting_at(f, level) for f in fronts.values()) if v is not None]
