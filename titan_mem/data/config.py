@@ -127,7 +127,7 @@ class DataConfig:
         metadata={
             "help": "facts regime on a non-synthetic source: file (records {fact_id, paraphrases}) | "
             "templates (the source is a QA set such as TriviaQA; each pair is rendered through "
-            "synthetic_paraphrases statement templates, data/qa.py QA_FACT_TEMPLATES)"
+            "synthetic_paraphrases statement templates, data/facts.py QA_FACT_TEMPLATES)"
         },
     )
     max_examples: int = field(

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from titan_mem.data.config import DataConfig
+from titan_mem.data.facts import facts_from_qa
 from titan_mem.data.packing import Row, make_row, rows_to_batch
 from titan_mem.data.records import FactExample, GSM8KExample, MultipleChoiceExample, QAExample
 from titan_mem.data.sources import BadDoc, DocStats, build_source
@@ -460,31 +461,6 @@ def load_lambada(
             out.append((context, word))
         else:
             raise ValueError(f"{source} record {i}: expected LAMBADA fields context/continuation or text")
-    return out
-
-
-# Statements that hold a QA pair's answer, for teaching a QA set as facts (Lin et al. 2025 had a model write
-# paraphrases of each TriviaQA fact; templates are the offline stand-in, or give {fact_id, paraphrases}).
-QA_FACT_TEMPLATES = (
-    "Question: {q}\nAnswer: {a}",
-    "{q} The answer is {a}.",
-    'The answer to the question "{q}" is {a}.',
-    "{a} is the answer to this question: {q}",
-    "Q: {q} A: {a}",
-    'Asked "{q}", the right reply is {a}.',
-    "Trivia fact: {q} Answer: {a}.",
-    'If someone asks "{q}", tell them {a}.',
-)
-
-
-def facts_from_qa(examples: Sequence[QAExample], n_paraphrases: int) -> list[FactExample]:
-    """Each QA pair (first answer) as a fact rendered through `n_paraphrases` templates (cycled)."""
-    out = []
-    for e in examples:
-        q, a = e.question.strip(), e.answers[0].strip()
-        k = len(QA_FACT_TEMPLATES)
-        paraphrases = [QA_FACT_TEMPLATES[i % k].format(q=q, a=a) for i in range(n_paraphrases)]
-        out.append(FactExample(fact_id=str(e.id), paraphrases=paraphrases, question=q, answer=a))
     return out
 
 
