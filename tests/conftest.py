@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# triton picks interpreter mode when a kernel is decorated (import time): set it before any test imports
+# titan_mem, so the Triton lookup kernels run on CPU tensors in tests/test_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -135,7 +141,6 @@ def load_model_tensors(step_dir: Path) -> dict:
     checkpoint is read as its base (DCP's own reader) with the patch file's finetuned rows put in."""
     import tempfile
 
-    import torch
     from safetensors import safe_open
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -1,12 +1,18 @@
 """The memory value lookup behind one function, so faster kernels and sharded tables can replace it.
 
 out[n] = sum_j weights[n, j] * values[indices[n, j]]   (a weighted bag of value rows per token)
+
+Two backends: PyTorch (`embedding_bag`, the CPU path and the tests' oracle) and Triton kernels with a
+row-sparse backward (`triton_lookup`), picked per call by `backend`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# The one list of lookup backends. "auto": Triton for plain CUDA tensors when triton is installed, else torch.
+LOOKUP_BACKENDS = ("auto", "torch", "triton")
 
 
 class _RowSparseLookup(torch.autograd.Function):
@@ -47,17 +53,44 @@ class _RowSparseLookup(torch.autograd.Function):
         return grad_values, None, grad_weights
 
 
+def _use_triton(values: torch.Tensor, backend: str) -> bool:
+    """Imports triton_lookup only when it may run: triton and torch._dynamo cost ~1.5 s at import, paid by
+    every CPU process (the test suite's trainers) that would never use them."""
+    if backend not in LOOKUP_BACKENDS:
+        raise ValueError(f"value_lookup: backend {backend!r} is not one of {LOOKUP_BACKENDS}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True  # triton_value_lookup raises a clear RuntimeError if it cannot run here
+    # auto: plain CUDA tensors only; a DTensor (tensor parallel) or other subclass stays on torch's dispatch.
+    if not values.is_cuda or type(values) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    from titan_mem.kernels import triton_lookup
+
+    return triton_lookup.HAVE_TRITON
+
+
 def value_lookup(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Weighted sum of value rows.
 
     values: [M, D] table; indices: [N, K] int64 rows into it; weights: [N, K] (any float dtype).
-    Returns [N, D] in values' dtype. The default PyTorch path (`embedding_bag` with per-sample weights) gives
-    a dense table gradient, as FSDP needs for pretraining; `sparse_grad=True` gives a coalesced sparse one.
+    Returns [N, D] in values' dtype. The table gradient is dense by default, as FSDP needs for pretraining;
+    `sparse_grad=True` gives a coalesced sparse one over the unique rows touched. `backend` is one of
+    LOOKUP_BACKENDS. The torch path rounds weights to values' dtype (embedding_bag needs one dtype); the
+    Triton path keeps them in fp32, so bf16 results differ within bf16 rounding.
     """
     if indices.shape != weights.shape or indices.dim() != 2:
         raise ValueError(f"value_lookup: indices {tuple(indices.shape)} and weights {tuple(weights.shape)}")
+    if _use_triton(values, backend):
+        from titan_mem.kernels import triton_lookup
+
+        return triton_lookup.triton_value_lookup(values, indices, weights, sparse_grad)
     if sparse_grad:
         return _RowSparseLookup.apply(values, indices, weights)
     return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
