@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.data.config import DataConfig, TokenizerConfig
+from titan_mem.kernels import LOOKUP_BACKENDS
 from titan_mem.sparse.scores import RANKINGS, TOP_T_RULES
 
 if sys.version_info >= (3, 11):
@@ -82,6 +83,9 @@ class TrainingConfig:
     mixed_precision_reduce: str = _help("float32", "FSDP gradient reduce dtype.")
     activation_checkpoint: str = _help("none", "none | full (recompute each block in backward).")
     compile: bool = _help(False, "torch.compile each transformer block.")
+    memory_kernel: str = _help(
+        "auto", "Value-lookup kernel: auto (Triton on CUDA, else PyTorch) | torch | triton."
+    )
     device: str = _help("auto", "auto | cpu | cuda.")
 
 
@@ -135,6 +139,12 @@ class MetricsConfig:
 @dataclass
 class ParallelismConfig:
     data_parallel_shard_degree: int = _help(-1, "FSDP ranks (-1 = all ranks).")
+    memory_parallel_degree: int = _help(
+        -1,
+        "Ranks that split each memory value table by columns (parallel/memory_parallel.py): -1 = all "
+        "data-parallel ranks; k = groups of k, replicated across groups; 0 = off (FSDP shards the table "
+        "by rows and all-gathers it whole every micro-batch).",
+    )
 
 
 @dataclass
@@ -268,6 +278,10 @@ def validate(cfg: Config) -> None:
     ):
         degree = cfg.parallelism.data_parallel_shard_degree
         raise ConfigError(f"parallelism.data_parallel_shard_degree: -1 or >= 1; got {degree}")
+    if cfg.parallelism.memory_parallel_degree < -1:
+        degree = cfg.parallelism.memory_parallel_degree
+        raise ConfigError(f"parallelism.memory_parallel_degree: -1, 0 or >= 1; got {degree}")
+    _choice("training.memory_kernel", cfg.training.memory_kernel, LOOKUP_BACKENDS)
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers; got {cfg.optimizer.betas}")
     if cfg.eval.every < 0:

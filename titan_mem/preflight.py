@@ -50,6 +50,11 @@ def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainingMode]:
             f"parallelism.data_parallel_shard_degree: {dp_degree} != world size {world_size} "
             "(FSDP over all ranks is the only layout so far)"
         )
+    mp_degree = cfg.parallelism.memory_parallel_degree
+    if mp_degree > 0 and world_size % mp_degree:
+        raise ConfigError(
+            f"parallelism.memory_parallel_degree: {mp_degree} does not divide the world size {world_size}"
+        )
     grad_accum = config_mod.validate_batch(cfg, world_size)
     _check_resume_world_size(cfg, world_size)
     if cfg.checkpoint.initial_load_path and not resume_checkpoint_exists(cfg):

@@ -200,7 +200,7 @@ class Trainer:
                 self.step,
                 self._states(),
                 {"model_args": repr(self.model_args)},
-                write_files=self.content.write_files,
+                write_files=self.content.file_writer(),
             )
             self._log(f"saved checkpoint {path}")
 
@@ -280,6 +280,7 @@ def dry_run(cfg: Config) -> None:
         seq_len=cfg.training.seq_len,
         micro_batch_size=cfg.training.micro_batch_size,
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
+        memory_parallel=cfg.parallelism.memory_parallel_degree != 0,
     )
     print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {tokenizer.n_words})")
     for key, value in counts.as_dict().items():

@@ -2,7 +2,7 @@
 
 Both variants run in one invocation, each in a fresh child process (so CPU peak RSS is per variant), with
 the real Trainer (FSDP2 on one rank, synthetic data). Prints one JSON object; `--out` also writes it.
-    python tools/bench_train_step.py [--steps 30] [--warmup 5] [--out outputs/bench_train_step.json]
+    python tools/bench_train_step.py [--pair debug|1b] [--steps 30] [--warmup 5] [--out FILE] [--k=v]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PAIRS = {"debug": ("debug", "debug_dense"), "1b": ("1b", "1b_dense")}
 
 
 def _child(flavor: str, steps: int, warmup: int, extra: list[str]) -> dict:
@@ -40,6 +41,10 @@ def _child(flavor: str, steps: int, warmup: int, extra: list[str]) -> dict:
         "params_total": counts.total,
         "params_active_per_token": counts.active_per_token,
         **timing,
+        # MFU as the trainer logs it: tokens/s x training FLOPs a token / the device's peak (None on CPU)
+        "mfu": (timing["tokens_per_s"] * trainer.flops_per_token / trainer.peak_flops)
+        if trainer.peak_flops
+        else None,
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_mem_kind": "cuda max_memory_allocated" if trainer.device.type == "cuda" else "process peak RSS",
     }
@@ -56,16 +61,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--pair", choices=sorted(PAIRS), default="debug", help="memory flavor and its dense twin"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.warmup, extra)))
         return
     results = {}
-    for flavor in ("debug", "debug_dense"):
+    memory_flavor, dense_flavor = PAIRS[args.pair]
+    for flavor in (memory_flavor, dense_flavor):
         child_args = ["--child", flavor, "--steps", str(args.steps), "--warmup", str(args.warmup), *extra]
         results[flavor] = run_child(__file__, child_args, REPO)
-    mem, dense = results["debug"], results["debug_dense"]
+    mem, dense = results[memory_flavor], results[dense_flavor]
     write_report(
         {
             "benchmark": "train_step",

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from titan_mem.checkpoint.dcp_index import read_metadata
 from titan_mem.checkpoint.errors import CheckpointError, root_cause
 from titan_mem.distributed import barrier
+from titan_mem.parallel.memory_parallel import optimizer_state_local, optimizer_state_view
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -55,10 +56,10 @@ class OptimizerState(Stateful):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return optimizer_state_view(self.model, get_optimizer_state_dict(self.model, self.optimizer))
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, sd)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state_local(self.model, sd))
 
 
 class SchedulerState(Stateful):

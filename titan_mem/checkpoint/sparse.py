@@ -11,7 +11,9 @@ the patch was made on, put the patched rows back, load the row state onto each t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from titan_mem.checkpoint.errors import CheckpointError
 from titan_mem.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from titan_mem.checkpoint.patches import (
     Lineage,
+    Patch,
     after,
     apply_rows,
     read_lineage,
@@ -34,6 +37,7 @@ from titan_mem.checkpoint.patches import (
     write_patch,
 )
 from titan_mem.distributed import all_reduce_sum
+from titan_mem.parallel.memory_parallel import column_shard_of
 
 PATCH_FILE = "patch.safetensors"
 ROW_OPTIMIZER_FILE = "row_optimizer.safetensors"
@@ -53,8 +57,9 @@ class FullContent:
     def dcp_states(self) -> dict[str, Stateful]:
         return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer)}
 
-    def write_files(self, folder: Path) -> None:
-        """Rank 0, into the partial folder: nothing beyond DCP."""
+    def file_writer(self) -> None:
+        """Every rank, before a save: no files beyond DCP."""
+        return None
 
     def restore_files(self, folder: Path) -> None:
         """Every rank, after the DCP states are loaded: nothing beyond DCP."""
@@ -76,23 +81,31 @@ class SparseContent:
 
     # ------------------------------------------------------------------ save (rank 0)
 
-    def write_files(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
+    def file_writer(self) -> Callable[[Path], None]:
+        """Every rank, before a save: collect what the files hold (whole rows, gathered over the columns of
+        a memory-parallel table); returns what rank 0 runs to write them into the partial folder."""
         tensors, meta = self.optimizer.state_tensors()
-        save_file(tensors, str(folder / ROW_OPTIMIZER_FILE), metadata=meta)
-        if self.save_model:
-            return
-        if self.base is None:
-            raise CheckpointError(
-                "checkpoint: a sparse checkpoint needs checkpoint.initial_load_path (its base)"
-            )
-        tables, specs = {}, {}
-        for name, (rows, base_rows, now) in self.optimizer.changed_rows().items():
-            fqn = self.fqn[name]
-            tables[fqn] = (rows, base_rows, now)
-            specs[fqn] = spec(self.optimizer.tables[name].data)
-        write_patch(folder / PATCH_FILE, tables, specs, self.lineage(), str(self.base.resolve()))
+        changed = None if self.save_model else self.optimizer.changed_rows()
+
+        def write(folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(folder / ROW_OPTIMIZER_FILE), metadata=meta)
+            if changed is None:
+                return
+            if self.base is None:
+                raise CheckpointError(
+                    "checkpoint: a sparse checkpoint needs checkpoint.initial_load_path (its base)"
+                )
+            tables, specs = {}, {}
+            for name, (rows, base_rows, now) in changed.items():
+                fqn = self.fqn[name]
+                tables[fqn] = (rows, base_rows, now)
+                # whole rows: the table's shape, not a column shard's
+                specs[fqn] = {**spec(now), "shape": [self.optimizer.tables[name].shape[0], now.shape[1]]}
+            write_patch(folder / PATCH_FILE, tables, specs, self.lineage(), str(self.base.resolve()))
+
+        return write
 
     def lineage(self) -> Lineage:
         """The base's lineage (tensor hashes), computed once and cached beside the run's checkpoints."""
@@ -134,11 +147,26 @@ class SparseContent:
             raise CheckpointError(
                 f"{path}: patches tables {sorted(patch.tables)}, the model has {sorted(tables)}"
             )
-        apply_rows(tables, patch, path)
+        apply_rows(
+            tables, own_columns(patch, {fqn: self.optimizer.tables[n] for fqn, n in by_fqn.items()}), path
+        )
         for fqn, name in by_fqn.items():
             self.optimizer.restore_changed_rows(
                 name, patch.tensors[f"rows/{fqn}"], patch.tensors[f"base/{fqn}"]
             )
+
+
+def own_columns(patch: Patch, tables: dict[str, torch.Tensor]) -> Patch:
+    """The patch as this rank sees it: whole rows cut to its columns of each memory-parallel table."""
+    tensors = dict(patch.tensors)
+    for fqn, table in tables.items():
+        shard = column_shard_of(table)
+        if shard is None:
+            continue
+        for side in ("base", "finetuned"):
+            key = f"{side}/{fqn}"
+            tensors[key] = shard.columns_of(tensors[key])
+    return dataclasses.replace(patch, tensors=tensors)
 
 
 def _world() -> int:
@@ -193,6 +221,10 @@ def load_model_weights(
     full = {}
     for fqn in patch.tables:
         p = params[fqn]
-        full[fqn] = (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone()
+        shard = column_shard_of(p)
+        if shard is not None:  # memory-parallel: whole rows from every rank's columns
+            full[fqn] = shard.gather_columns(p.data.detach()).clone()
+        else:
+            full[fqn] = (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach().clone()
     apply_rows(full, patch, path)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -18,6 +18,7 @@ from titan_mem.distributed import DistInfo
 from titan_mem.models.args import ModelArgs, build_model_args
 from titan_mem.models.transformer import Transformer
 from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
+from titan_mem.parallel.memory_parallel import memory_parallel_mesh
 
 
 def build_model(
@@ -42,6 +43,19 @@ def build_model(
     mp = mixed_precision_policy(
         dist_info.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
     )
+    memory_mesh = None
+    if model_args.memory.layers and cfg.parallelism.memory_parallel_degree != 0:
+        try:
+            memory_mesh = memory_parallel_mesh(
+                dist_info.device.type, dist_info.world_size, cfg.parallelism.memory_parallel_degree
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if model_args.v_dim % memory_mesh.size(1):
+            raise ConfigError(
+                f"parallelism.memory_parallel_degree: value dim {model_args.v_dim} is not divisible by "
+                f"{memory_mesh.size(1)} memory-parallel ranks"
+            )
     model = parallelize_and_init(
         model,
         dist_info.mesh,
@@ -51,5 +65,9 @@ def build_model(
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
         compile_blocks=cfg.training.compile,
         ignored_param_names=fsdp_ignored(model) if fsdp_ignored is not None else set(),
+        memory_mesh=memory_mesh,
+        memory_dtype=mp.param_dtype,
     )
+    for layer in model.memory_layers().values():
+        layer.value_table.backend = cfg.training.memory_kernel
     return model, model_args

@@ -21,18 +21,32 @@ import torch.nn.functional as F
 
 from titan_mem.kernels import value_lookup
 from titan_mem.models.args import MemoryArgs
+from titan_mem.parallel.memory_parallel import column_shard_of, memory_parallel_lookup
 
 
 class MemoryValues(nn.Module):
-    """The value table [n_slots, v_dim]; its own module so several memory layers can share one pool."""
+    """The value table [n_slots, v_dim]; its own module so several memory layers can share one pool.
+
+    Whole, FSDP-sharded by rows, or (parallel.memory_parallel) this rank's column slice of it.
+    """
 
     def __init__(self, n_slots: int, v_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+        self.backend = "auto"  # lookup kernel: kernels.LOOKUP_BACKENDS
+        self.compute_dtype: torch.dtype | None = None  # a column-sharded table's lookup dtype (bf16 on GPU)
 
     def init_weights(self) -> None:
         # XLM PKM: values ~ N(0, v_dim^-1/2).
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
+        """Weighted bags of rows [N, K] -> [N, v_dim], whichever way the table is held."""
+        shard = column_shard_of(self.weight)
+        if shard is None:
+            return value_lookup(self.weight, indices, weights, sparse_grad, self.backend)
+        table = self.weight if self.compute_dtype is None else self.weight.to(self.compute_dtype)
+        return memory_parallel_lookup(table, shard, indices, weights, sparse_grad, self.backend)
 
 
 _recompute = threading.local()
@@ -216,7 +230,7 @@ class MemoryLayer(nn.Module):
         if self.record_indices:
             self.last_indices = slots.detach().view(*shape[:-1], self.heads, self.topk)
         n = flat.shape[0]
-        bag = value_lookup(self.value_table.weight, slots.view(n, -1), weights.view(n, -1), self.sparse_grad)
+        bag = self.value_table.lookup(slots.view(n, -1), weights.view(n, -1), self.sparse_grad)
         bag = bag.to(x.dtype)
         if self.args.plus:
             out = self.value_proj(bag * F.silu(self.gate_proj(flat)))

@@ -77,8 +77,12 @@ def estimate_memory_gib(
     activation_checkpoint: bool,
     optimizer_states: int = 2,
     param_bytes: int = 2,
+    memory_parallel: bool = False,
 ) -> dict[str, float]:
     """Rough per-GPU peak: sharded fp32 params+grads+optimizer states, one gathered block, activations.
+
+    With `memory_parallel` the value tables are column shards that are never gathered, so the biggest
+    gathered block is the memory layer without its values.
 
     Activations per block follow Korthikanti et al. 2022 (eq. 2) without the attention-score term (SDPA is
     fused): 34 * s * b * h bytes in 16-bit; with full recompute only the block input (2 * s * b * h) stays.
@@ -88,7 +92,7 @@ def estimate_memory_gib(
     state = c.total * (4 + 4 + 4 * optimizer_states) / world_size
     biggest_block = (
         max(
-            _memory_layer_params(args)[0] + _memory_layer_params(args)[1] if args.memory.layers else 0,
+            sum(_memory_layer_params(args)[: 1 if memory_parallel else 2]) if args.memory.layers else 0,
             3 * args.dim * args.ffn_hidden_dim,
         )
         + 4 * args.dim * args.dim

@@ -12,7 +12,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from titan_mem.models.lora import LoRALinear
+from titan_mem.models.memory import MemoryValues, is_value_table
 from titan_mem.models.transformer import Transformer
+from titan_mem.parallel.memory_parallel import shard_columns
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -34,13 +36,26 @@ def parallelize_and_init(
     activation_checkpoint: bool = False,
     compile_blocks: bool = False,
     ignored_param_names: set[str] | None = None,
+    memory_mesh: DeviceMesh | None = None,
+    memory_dtype: torch.dtype | None = None,
 ) -> Transformer:
     """Shard `model` (built on meta) with FSDP2 over `mesh` and fill it with seeded initial weights.
 
     `ignored_param_names` stay plain tensors, whole on every rank (to_empty makes new Parameter objects,
-    so they are named, not passed).
+    so they are named, not passed). With a `memory_mesh`, value tables are split by columns over it
+    (parallel.memory_parallel) and FSDP leaves them alone; `memory_dtype` is their lookup dtype.
     """
-    names = ignored_param_names or set()
+    names = set(ignored_param_names or ())
+    if memory_mesh is not None:
+        names |= {n for n, _ in model.named_parameters(remove_duplicate=False) if is_value_table(n)}
+
+    def split_tables(module: torch.nn.Module) -> None:
+        if memory_mesh is None:
+            return
+        for mod in module.modules():
+            if isinstance(mod, MemoryValues):
+                shard_columns(mod, memory_mesh)
+                mod.compute_dtype = memory_dtype
 
     def ignored() -> set[torch.nn.Parameter] | None:
         found = {p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
@@ -55,6 +70,7 @@ def parallelize_and_init(
             for mod in block.modules():
                 if isinstance(mod, LoRALinear):
                     mod.init_lora()
+        split_tables(block)
         if compile_blocks:
             block.compile()
         fully_shard(
@@ -68,6 +84,8 @@ def parallelize_and_init(
         mod.to_empty(device=device)
     with torch.no_grad():
         model.init_root_weights(device)
+    for mod in model.root_modules():
+        split_tables(mod)
     # The root stays gathered after forward: its output layer is used again at once in backward.
     fully_shard(
         model,

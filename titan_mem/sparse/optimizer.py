@@ -5,6 +5,9 @@ It reads each table's gradient as a sparse COO tensor holding exactly the select
 puts it there) and updates those rows only. It also remembers every row it has ever updated and that row's
 value before the first update: a sparse checkpoint is exactly that (a knowledge patch), so its size follows
 the rows selected, never the table.
+
+On a memory-parallel (column-sharded) table every rank updates its columns of the same rows; what leaves
+the optimizer for a checkpoint (changed rows, row state) is gathered to whole rows, and split again on load.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from titan_mem.parallel.memory_parallel import column_shard_of
 from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
 
 
@@ -66,7 +70,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             updater.set_lr(lr)
             before = table.data.index_select(0, rows)
             updater.step(rows, grad_rows)
-            sq += float((table.data.index_select(0, rows) - before).double().pow(2).sum())
+            change = (table.data.index_select(0, rows) - before).double().pow(2).sum()
+            shard = column_shard_of(table)
+            if shard is not None and shard.size > 1:  # the whole rows' change: every rank's columns
+                torch.distributed.all_reduce(change, group=shard.group)
+            sq += float(change)
         self.last_update_norm = sq**0.5
 
     def _remember(self, name: str, rows: torch.Tensor) -> None:
@@ -87,18 +95,34 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ what a sparse checkpoint holds
 
+    def _whole_rows(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Per-row tensors [R, D/P] of a column-sharded table as whole rows [R, D] (a collective)."""
+        shard = column_shard_of(self.tables[name])
+        if shard is None or t.dim() != 2 or t.shape[1] != shard.width:
+            return t
+        return shard.gather_columns(t)
+
+    def _own_columns(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shard = column_shard_of(self.tables[name])
+        return t if shard is None else shard.columns_of(t)
+
     def changed_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """{table: (rows ever updated (sorted), their base values, their current values)}."""
+        """{table: (rows ever updated (sorted), their base values, their current values)}, whole rows
+        (every rank must call it when a table is column-sharded)."""
         return {
-            name: (rows, self._base_rows[name], self.tables[name].data.index_select(0, rows))
+            name: (
+                rows,
+                self._whole_rows(name, self._base_rows[name]),
+                self._whole_rows(name, self.tables[name].data.index_select(0, rows)),
+            )
             for name, rows in self._rows_ever.items()
         }
 
     def restore_changed_rows(self, name: str, rows: torch.Tensor, base_rows: torch.Tensor) -> None:
-        """After a resume: the rows updated so far and their base values (from the patch)."""
+        """After a resume: the rows updated so far and their base values (from the patch, whole rows)."""
         dev = self.tables[name].device
         self._rows_ever[name] = rows.to(dev, torch.int64)
-        self._base_rows[name] = base_rows.to(dev, self.tables[name].dtype)
+        self._base_rows[name] = self._own_columns(name, base_rows.to(dev, self.tables[name].dtype))
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Row-optimizer state as flat tensors + JSON metadata (a safetensors file: loading runs no code)."""
@@ -107,7 +131,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         for name, updater in self.updaters.items():
             for key, value in updater.state_dict().items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                    tensors[f"{name}/{key}"] = self._whole_rows(name, value.detach()).cpu().contiguous()
                 else:
                     scalars.setdefault(name, {})[key] = value
         meta = {"lr": json.dumps(self.param_groups[0]["lr"]), "scalars": json.dumps(scalars)}
@@ -122,6 +146,6 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             prefix = f"{name}/"
             for key, t in tensors.items():
                 if key.startswith(prefix):
-                    sd[key[len(prefix) :]] = t.to(device)
+                    sd[key[len(prefix) :]] = self._own_columns(name, t.to(device))
             updater.load_state_dict(sd)
         self.param_groups[0]["lr"] = float(json.loads(meta["lr"]))

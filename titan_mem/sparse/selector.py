@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from titan_mem.distributed import all_reduce_sum
+from titan_mem.parallel.memory_parallel import column_shard_of
 from titan_mem.sparse.counts import BackgroundCounts, SlotCounter, count_slots
 from titan_mem.sparse.scores import select_slots
 
@@ -65,7 +66,11 @@ def selected_row_gradients(
             grad_rows = torch.zeros(rows.numel(), table.shape[1], device=table.device, dtype=table.dtype)
         else:
             grad_rows = rows_of_sparse_grad(table.grad, rows.to(table.grad.device))
-        all_reduce_sum(grad_rows)
+        shard = column_shard_of(table)
+        if shard is None:
+            all_reduce_sum(grad_rows)
+        elif shard.replicas > 1:  # a column shard's gradient already sums its group's tokens
+            dist.all_reduce(grad_rows, group=shard.replicate_group)
         out[names[0]] = (rows, grad_rows)
     return out, selected_ids
 
