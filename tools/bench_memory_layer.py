@@ -15,6 +15,7 @@ comm      bytes per rank and micro-batch of an FSDP-gathered vs a memory-paralle
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -165,13 +166,11 @@ def comm_child(out: Path, degree: int) -> None:
             "N": tokens.numel(),
             "K": mem.heads * mem.topk,
         }
-        out.write_text(__import__("json").dumps(result))
+        out.write_text(json.dumps(result))
 
 
 def measured_comm() -> dict:
     """Both layouts on 2 CPU ranks; the difference of their totals is the value table's traffic."""
-    import json
-
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for degree, name in ((0, "fsdp"), (-1, "memory_parallel")):
