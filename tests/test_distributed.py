@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import pytest
 from conftest import REPO, _env, free_port, launch, losses, run_trainer
 from conftest import ok as _ok
 
@@ -38,11 +39,23 @@ def _assert_curves_match(one: list[dict], two: list[dict]) -> None:
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (one, two)
 
 
-def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path):
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],  # dense AdamW on a table split over one memory-parallel group of 2
+        ["--optimizer.memory_update=lazy", "--parallelism.memory_parallel_degree=1"],  # 2 replicas, lazy
+    ],
+    ids=["dense", "lazy_replicas"],
+)
+def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path, values):
     """Micro-batches differ too (1 rank: 2 x 4 rows, 2 ranks: 2 x 2 rows each), and the batch's loss tokens
-    are uneven over both, so a loss normalised per rank or per micro-batch would not match."""
+    are uneven over both, so a loss normalised per rank or per micro-batch would not match. Lazy value rows
+    on 2 replicas: each rank's row-sparse gradient covers other rows, summed once per step."""
     curves = _equivalence_curves(
-        tiny, tmp_path, 5, {1: ["--training.micro_batch_size=4"], 2: ["--training.micro_batch_size=2"]}
+        [*tiny, *values],
+        tmp_path,
+        5,
+        {1: ["--training.micro_batch_size=4"], 2: ["--training.micro_batch_size=2"]},
     )
     one, two = curves[1], curves[2]
     assert one[-1]["loss"] < one[0]["loss"] - 0.3, one  # the fixed batch is being learned

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from titan_mem.config_sections import ConfigError, EvalConfig, FinetuneConfig, choice, help_field
 from titan_mem.data.config import DataConfig, TokenizerConfig
 from titan_mem.kernels import LOOKUP_BACKENDS
-from titan_mem.sparse.scores import RANKINGS, TOP_T_RULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,184 +25,125 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; its message is one line naming the key."""
-
-
-def _help(default: Any, text: str, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class JobConfig:
-    config_file: str | None = _help(None, "TOML file this job was read from (set by the loader).")
-    dump_folder: str = _help("outputs/debug", "Run folder: checkpoints, metrics.jsonl, resolved config.")
-    description: str = _help("", "Free text describing the run.")
-    seed: int = _help(0, "Seed for model init and everything random in the trainer.")
-    deterministic: bool = _help(False, "Use deterministic algorithms (bit-exact resume on CPU).")
-    dry_run: bool = _help(
+    config_file: str | None = help_field(None, "TOML file this job was read from (set by the loader).")
+    dump_folder: str = help_field("outputs/debug", "Run folder: checkpoints, metrics.jsonl, resolved config.")
+    description: str = help_field("", "Free text describing the run.")
+    seed: int = help_field(0, "Seed for model init and everything random in the trainer.")
+    deterministic: bool = help_field(False, "Use deterministic algorithms (bit-exact resume on CPU).")
+    dry_run: bool = help_field(
         False, "Build on the meta device, print parameter counts and memory estimate, exit."
     )
 
 
 @dataclass
 class ModelConfig:
-    flavor: str = _help(
+    flavor: str = help_field(
         "debug", "Named model size from titan_mem.models.args.FLAVORS (debug, debug_dense, 1b, 1b_dense)."
     )
     # Optional overrides of single flavor fields; None keeps the flavor's value.
-    dim: int | None = _help(None, "Override: model width.")
-    n_layers: int | None = _help(None, "Override: number of transformer blocks.")
-    n_heads: int | None = _help(None, "Override: attention heads.")
-    n_kv_heads: int | None = _help(None, "Override: key/value heads (grouped-query attention).")
-    ffn_hidden_dim: int | None = _help(None, "Override: SwiGLU hidden size.")
-    max_seq_len: int | None = _help(None, "Override: maximum sequence length (RoPE table size).")
-    tie_embeddings: bool | None = _help(None, "Override: share input embedding and output projection.")
-    memory_layers: list[int] | None = _help(None, "Override: block indices whose FFN is a memory layer.")
-    memory_n_keys: int | None = _help(None, "Override: half-keys per product half (slots = n_keys**2).")
-    memory_heads: int | None = _help(None, "Override: memory heads.")
-    memory_topk: int | None = _help(None, "Override: slots read per head per token.")
-    memory_k_dim: int | None = _help(None, "Override: full key dimension (each half is k_dim/2).")
-    memory_v_dim: int | None = _help(None, "Override: value row dimension (-1 = model dim).")
-    memory_plus: bool | None = _help(None, "Override: Memory+ gated output (False = plain PKM).")
-    memory_query_norm: str | None = _help(None, "Override: query normalisation: none | rms | batchnorm.")
-    memory_shared_values: bool | None = _help(None, "Override: one value pool shared by all memory layers.")
+    dim: int | None = help_field(None, "Override: model width.")
+    n_layers: int | None = help_field(None, "Override: number of transformer blocks.")
+    n_heads: int | None = help_field(None, "Override: attention heads.")
+    n_kv_heads: int | None = help_field(None, "Override: key/value heads (grouped-query attention).")
+    ffn_hidden_dim: int | None = help_field(None, "Override: SwiGLU hidden size.")
+    max_seq_len: int | None = help_field(None, "Override: maximum sequence length (RoPE table size).")
+    tie_embeddings: bool | None = help_field(None, "Override: share input embedding and output projection.")
+    memory_layers: list[int] | None = help_field(None, "Override: block indices whose FFN is a memory layer.")
+    memory_n_keys: int | None = help_field(None, "Override: half-keys per product half (slots = n_keys**2).")
+    memory_heads: int | None = help_field(None, "Override: memory heads.")
+    memory_topk: int | None = help_field(None, "Override: slots read per head per token.")
+    memory_k_dim: int | None = help_field(None, "Override: full key dimension (each half is k_dim/2).")
+    memory_v_dim: int | None = help_field(None, "Override: value row dimension (-1 = model dim).")
+    memory_plus: bool | None = help_field(None, "Override: Memory+ gated output (False = plain PKM).")
+    memory_query_norm: str | None = help_field(None, "Override: query normalisation: none | rms | batchnorm.")
+    memory_shared_values: bool | None = help_field(
+        None, "Override: one value pool shared by all memory layers."
+    )
 
 
 @dataclass
 class TrainingConfig:
-    mode: str = _help("pretrain", "pretrain | sparse_finetune | full_finetune | lora_finetune.")
-    seq_len: int = _help(256, "Tokens per sequence.")
-    global_batch_size: int = _help(16, "Sequences per optimizer step, over all data-parallel ranks.")
-    micro_batch_size: int = _help(8, "Sequences per forward/backward per rank (accumulation fills the rest).")
-    steps: int = _help(100, "Optimizer steps to run (total, counting resumed ones).")
-    max_norm: float = _help(1.0, "Gradient-norm clip; 0 disables clipping.")
-    mixed_precision_param: str = _help("bfloat16", "FSDP compute dtype on GPU (float32 on CPU).")
-    mixed_precision_reduce: str = _help("float32", "FSDP gradient reduce dtype.")
-    activation_checkpoint: str = _help("none", "none | full (recompute each block in backward).")
-    compile: bool = _help(False, "torch.compile each transformer block.")
-    memory_kernel: str = _help(
+    mode: str = help_field("pretrain", "pretrain | sparse_finetune | full_finetune | lora_finetune.")
+    seq_len: int = help_field(256, "Tokens per sequence.")
+    global_batch_size: int = help_field(16, "Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = help_field(
+        8, "Sequences per forward/backward per rank (accumulation fills the rest)."
+    )
+    steps: int = help_field(100, "Optimizer steps to run (total, counting resumed ones).")
+    max_norm: float = help_field(1.0, "Gradient-norm clip; 0 disables clipping.")
+    mixed_precision_param: str = help_field("bfloat16", "FSDP compute dtype on GPU (float32 on CPU).")
+    mixed_precision_reduce: str = help_field("float32", "FSDP gradient reduce dtype.")
+    activation_checkpoint: str = help_field("none", "none | full (recompute each block in backward).")
+    compile: bool = help_field(False, "torch.compile each transformer block.")
+    memory_kernel: str = help_field(
         "auto", "Value-lookup kernel: auto (Triton on CUDA, else PyTorch) | torch | triton."
     )
-    device: str = _help("auto", "auto | cpu | cuda.")
+    device: str = help_field("auto", "auto | cpu | cuda.")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = _help(
+    name: str = help_field(
         "", "adamw | sgd; empty = the mode's default: sgd for sparse_finetune (SMF paper), else adamw."
     )
-    lr: float = _help(3e-3, "Peak learning rate of dense parameters.")
-    betas: list[float] = _help(None, "AdamW betas.", factory=lambda: [0.9, 0.95])
-    eps: float = _help(1e-8, "AdamW epsilon.")
-    weight_decay: float = _help(0.1, "Decoupled weight decay of matrices (norms/biases get none).")
-    memory_lr: float | None = _help(None, "Learning rate of memory value rows (None = lr).")
-    memory_weight_decay: float = _help(0.0, "Weight decay of memory value rows.")
-    momentum: float = _help(0.0, "SGD momentum.")
+    lr: float = help_field(3e-3, "Peak learning rate of dense parameters.")
+    betas: list[float] = help_field(None, "AdamW betas.", factory=lambda: [0.9, 0.95])
+    eps: float = help_field(1e-8, "AdamW epsilon.")
+    weight_decay: float = help_field(0.1, "Decoupled weight decay of matrices (norms/biases get none).")
+    memory_lr: float | None = help_field(None, "Learning rate of memory value rows (None = lr).")
+    memory_weight_decay: float = help_field(0.0, "Weight decay of memory value rows.")
+    momentum: float = help_field(0.0, "SGD momentum.")
+    memory_update: str = help_field(
+        "dense",
+        "dense | lazy: AdamW on every value row each step, or lazily on the rows read (sparse/lazy_adamw).",
+    )
 
 
 @dataclass
 class LRSchedulerConfig:
-    warmup_steps: int = _help(10, "Linear warmup steps from 0 to the peak.")
-    decay_type: str = _help("cosine", "cosine | wsd (warmup-stable-decay) | constant.")
-    decay_ratio: float = _help(0.2, "wsd only: fraction of steps spent in the final linear decay.")
-    min_lr_factor: float = _help(0.1, "Final learning rate as a fraction of the peak.")
+    warmup_steps: int = help_field(10, "Linear warmup steps from 0 to the peak.")
+    decay_type: str = help_field("cosine", "cosine | wsd (warmup-stable-decay) | constant.")
+    decay_ratio: float = help_field(0.2, "wsd only: fraction of steps spent in the final linear decay.")
+    min_lr_factor: float = help_field(0.1, "Final learning rate as a fraction of the peak.")
 
 
 @dataclass
 class CheckpointConfig:
-    enable: bool = _help(True, "Save DCP checkpoints.")
-    folder: str = _help("checkpoints", "Checkpoint folder, relative to job.dump_folder.")
-    interval: int = _help(50, "Save every N steps (and at the last step).")
-    keep_latest_k: int = _help(2, "Keep only the newest k checkpoints (0 = keep all).")
-    load_step: int = _help(-1, "Resume from this step (-1 = newest found in the folder, if any).")
-    initial_load_path: str | None = _help(None, "Checkpoint step folder to start from when none to resume.")
-    save_format: str = _help(
+    enable: bool = help_field(True, "Save DCP checkpoints.")
+    folder: str = help_field("checkpoints", "Checkpoint folder, relative to job.dump_folder.")
+    interval: int = help_field(50, "Save every N steps (and at the last step).")
+    keep_latest_k: int = help_field(2, "Keep only the newest k checkpoints (0 = keep all).")
+    load_step: int = help_field(-1, "Resume from this step (-1 = newest found in the folder, if any).")
+    initial_load_path: str | None = help_field(
+        None, "Checkpoint step folder to start from when none to resume."
+    )
+    save_format: str = help_field(
         "auto",
         "auto | full | sparse. auto: sparse_finetune saves knowledge patches on its base (rows ever updated, "
         "their row-optimizer state, schedule, data position), every other mode the whole model; full: the "
         "whole model in sparse_finetune too.",
     )
-    initial_load_model_only: bool = _help(
+    initial_load_model_only: bool = help_field(
         True, "Load only model weights from initial_load_path (false: its full state, continuing its step)."
     )
 
 
 @dataclass
 class MetricsConfig:
-    log_freq: int = _help(10, "Log every N steps.")
-    tensorboard: bool = _help(False, "Also write TensorBoard events (if tensorboard is installed).")
+    log_freq: int = help_field(10, "Log every N steps.")
+    tensorboard: bool = help_field(False, "Also write TensorBoard events (if tensorboard is installed).")
 
 
 @dataclass
 class ParallelismConfig:
-    data_parallel_shard_degree: int = _help(-1, "FSDP ranks (-1 = all ranks).")
-    memory_parallel_degree: int = _help(
+    data_parallel_shard_degree: int = help_field(-1, "FSDP ranks (-1 = all ranks).")
+    memory_parallel_degree: int = help_field(
         -1,
         "Ranks that split each memory value table by columns (parallel/memory_parallel.py): -1 = all "
         "data-parallel ranks; k = groups of k, replicated across groups; 0 = off (FSDP shards the table "
         "by rows and all-gathers it whole every micro-batch).",
-    )
-
-
-@dataclass
-class FinetuneConfig:
-    ranking: str = _help(
-        "tfidf", "sparse_finetune slot ranking: tfidf | tf | kl | all (Lin et al. 2025; Goyal et al.)."
-    )
-    top_t: int = _help(
-        500, "sparse_finetune: value rows updated per step and memory layer (paper: 500 facts)."
-    )
-    top_t_rule: str = _help(
-        "fixed",
-        "sparse_finetune: rows a batch may update: fixed (top_t) | mass (the fewest best-ranked slots "
-        "holding top_t_mass of the batch's score mass) | poisson (slots read significantly more than the "
-        "background predicts, level top_t_alpha); adaptive rules never exceed top_t (sparse/scores.py).",
-    )
-    top_t_mass: float = _help(0.5, "sparse_finetune, top_t_rule=mass: share of the score mass kept, (0, 1].")
-    top_t_alpha: float = _help(
-        0.01, "sparse_finetune, top_t_rule=poisson: family-wise significance level, (0, 1)."
-    )
-    background_counts: str | None = _help(
-        None,
-        "Background slot counts file (tools/background_counts.py); None = <initial_load_path>/"
-        "background_counts.safetensors.",
-    )
-    check_counts_checkpoint: bool = _help(
-        True, "Refuse background counts recorded for another checkpoint than initial_load_path."
-    )
-    counts_shape_tolerance: float = _help(
-        2.0,
-        "Refuse background counts whose batch (sequences x seq_len tokens) is more than this factor larger "
-        "or smaller than the finetuning batch: larger background batches push idf to 0 (debug model: the "
-        "first selected idf-0 rows between 4x and 8x; 2 keeps a 2x margin, docs/benchmarks.md 'Slot "
-        "selection'). 0 = accept any shape (ablations); otherwise >= 1.",
-    )
-    lora_rank: int = _help(16, "lora_finetune: adapter rank r.")
-    lora_alpha: float = _help(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")
-    lora_targets: list[str] = _help(
-        None,
-        "lora_finetune: linear layers that get adapters.",
-        factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
-    )
-
-
-@dataclass
-class EvalConfig:
-    tasks: list[str] = _help(
-        None,
-        "In-loop evaluation tasks (names as in tools/evaluate.py, e.g. synthetic_qa, hellaswag, "
-        "triviaqa:PATH); empty = no in-loop evaluation.",
-        factory=list,
-    )
-    every: int = _help(0, "Evaluate every N optimizer steps (0 = never; the last step always if tasks set).")
-    at_start: bool = _help(True, "Also evaluate before the first step (the reference for forgetting).")
-    limit: int = _help(100, "Examples per task (per population for synthetic tasks); 0 = all.")
-    batch_size: int = _help(16, "Sequences per evaluation forward.")
-    data_dir: str | None = _help(
-        None, "Folder of local evaluation files (../shared/data layout); None = HF hub names."
     )
 
 
@@ -228,23 +169,18 @@ class Config:
 MODES = ("pretrain", "sparse_finetune", "full_finetune", "lora_finetune")
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that make a run impossible; each error names its key."""
-    _choice("training.mode", cfg.training.mode, MODES)
-    _choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
+    choice("training.mode", cfg.training.mode, MODES)
+    choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
     if not cfg.optimizer.name:
         cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
-    _choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
-    _choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "wsd", "constant"))
-    _choice("training.activation_checkpoint", cfg.training.activation_checkpoint, ("none", "full"))
-    _choice("training.device", cfg.training.device, ("auto", "cpu", "cuda"))
+    choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
+    choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "wsd", "constant"))
+    choice("training.activation_checkpoint", cfg.training.activation_checkpoint, ("none", "full"))
+    choice("training.device", cfg.training.device, ("auto", "cpu", "cuda"))
     for key in ("mixed_precision_param", "mixed_precision_reduce"):
-        _choice(f"training.{key}", getattr(cfg.training, key), ("bfloat16", "float32", "float16"))
+        choice(f"training.{key}", getattr(cfg.training, key), ("bfloat16", "float32", "float16"))
     t = cfg.training
     for key in ("seq_len", "global_batch_size", "micro_batch_size", "steps"):
         if getattr(t, key) <= 0:
@@ -257,40 +193,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.log_freq: must be positive; got {cfg.metrics.log_freq}")
     if not 0.0 <= cfg.lr_scheduler.decay_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.decay_ratio: must be in [0, 1]; got {cfg.lr_scheduler.decay_ratio}")
-    _choice("finetune.ranking", cfg.finetune.ranking, RANKINGS)
-    _choice("finetune.top_t_rule", cfg.finetune.top_t_rule, TOP_T_RULES)
-    if not 0 < cfg.finetune.top_t_mass <= 1:
-        raise ConfigError(f"finetune.top_t_mass: must be in (0, 1]; got {cfg.finetune.top_t_mass}")
-    if not 0 < cfg.finetune.top_t_alpha < 1:
-        raise ConfigError(f"finetune.top_t_alpha: must be in (0, 1); got {cfg.finetune.top_t_alpha}")
-    if cfg.finetune.top_t < 0:
-        raise ConfigError(f"finetune.top_t: must be >= 0; got {cfg.finetune.top_t}")
-    tol = cfg.finetune.counts_shape_tolerance
-    if not (tol == 0 or tol >= 1):  # also refuses nan
-        raise ConfigError(
-            f"finetune.counts_shape_tolerance: must be 0 (accept any shape) or >= 1 (a ratio); got {tol}"
-        )
-    if cfg.finetune.lora_rank <= 0:
-        raise ConfigError(f"finetune.lora_rank: must be positive; got {cfg.finetune.lora_rank}")
-    if (
-        cfg.parallelism.data_parallel_shard_degree not in (-1,)
-        and cfg.parallelism.data_parallel_shard_degree < 1
-    ):
-        degree = cfg.parallelism.data_parallel_shard_degree
+    if (degree := cfg.parallelism.data_parallel_shard_degree) != -1 and degree < 1:
         raise ConfigError(f"parallelism.data_parallel_shard_degree: -1 or >= 1; got {degree}")
     if cfg.parallelism.memory_parallel_degree < -1:
         degree = cfg.parallelism.memory_parallel_degree
         raise ConfigError(f"parallelism.memory_parallel_degree: -1, 0 or >= 1; got {degree}")
-    _choice("training.memory_kernel", cfg.training.memory_kernel, LOOKUP_BACKENDS)
+    choice("training.memory_kernel", cfg.training.memory_kernel, LOOKUP_BACKENDS)
+    choice("optimizer.memory_update", cfg.optimizer.memory_update, ("dense", "lazy"))
+    lazy_ok = cfg.training.mode in ("pretrain", "full_finetune") and cfg.optimizer.name == "adamw"
+    if cfg.optimizer.memory_update == "lazy" and not (lazy_ok and cfg.parallelism.memory_parallel_degree):
+        raise ConfigError(
+            "optimizer.memory_update: 'lazy' needs optimizer.name=adamw, training.mode pretrain or "
+            "full_finetune and parallelism.memory_parallel_degree != 0 (a row-sparse gradient); got "
+            f"{cfg.optimizer.name}, {cfg.training.mode}, {cfg.parallelism.memory_parallel_degree}"
+        )
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers; got {cfg.optimizer.betas}")
-    if cfg.eval.every < 0:
-        raise ConfigError(f"eval.every: must be >= 0; got {cfg.eval.every}")
-    if cfg.eval.limit < 0:
-        raise ConfigError(f"eval.limit: must be >= 0; got {cfg.eval.limit}")
-    if cfg.eval.batch_size <= 0:
-        raise ConfigError(f"eval.batch_size: must be positive; got {cfg.eval.batch_size}")
-    for section in (cfg.tokenizer, cfg.data):
+    for section in (cfg.tokenizer, cfg.data, cfg.finetune, cfg.eval):
         try:
             section.validate()
         except ValueError as e:

@@ -9,6 +9,7 @@
 # 3. pretrain_1b for a few steps on one GPU (N_LAYERS blocks, memory layer kept), measured peak memory next
 #    to the --job.dry_run estimate
 # 4. tools/bench_train_step.py --pair 1b: tokens/s and MFU of the 1B memory model vs its dense twin, one run
+# 5. tools/bench_lazy_adamw.py: lazy vs dense AdamW step on a 1B rank's value shard, and their loss difference
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -45,4 +46,6 @@ echo "== 4. memory model vs dense twin"
   --tokenizer.name=cl100k_base --training.seq_len=2048 --training.micro_batch_size=4 \
   --training.global_batch_size=4 --model.n_layers="$N_LAYERS" --training.activation_checkpoint=full \
   --training.compile=true > /dev/null
+echo "== 5. lazy vs dense value AdamW: optimizer step on a 1B rank's shard (1M x 128), loss on the debug model"
+"$PY" tools/bench_lazy_adamw.py --table 1048576x128 --steps 100 --out "$OUT/bench_lazy_adamw.json" > /dev/null
 echo "results in $OUT/"

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from titan_mem.parallel.memory_parallel import column_shard_of, squared_norm
+from titan_mem.sparse.lazy_adamw import LazyRowAdamW
 
 
 def param_groups(model: nn.Module, cfg, params: list[nn.Parameter] | None = None) -> list[dict]:
@@ -41,6 +42,9 @@ def build_optimizer(model: nn.Module, cfg, params: list[nn.Parameter] | None = N
     groups = param_groups(model, cfg, params)
     if not groups:
         raise ValueError("optimizer: no trainable parameters")
+    if cfg.name == "adamw" and cfg.memory_update == "lazy":
+        lazy = [p for g in groups if g["name"] == "memory_values" for p in g["params"]]
+        return LazyRowAdamW(groups, lazy, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from titan_mem.models.lora import add_lora, lora_parameter_names
+from titan_mem.parallel.memory_parallel import all_reduce_sparse_rows, column_shard_of
 
 
 class ModelConverter(Protocol):
@@ -54,6 +55,16 @@ class TrainablePolicy:
         return [p for p in model.parameters() if p.requires_grad]
 
 
+class LazyValueRows(TrainablePolicy):
+    """Every parameter trains; memory value tables get a row-sparse gradient (only the rows read) for the
+    lazy row AdamW (optimizer.memory_update=lazy, sparse/lazy_adamw.py)."""
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        for layer in model.memory_layers().values():
+            layer.sparse_grad = True
+        return super().apply(model)
+
+
 class OnlyNamed(TrainablePolicy):
     """Only the named parameters train (LoRA adapters); query batch-norm statistics frozen."""
 
@@ -81,6 +92,32 @@ class StepHook:
     def after_step(self, step: int) -> dict[str, Any]:
         """After the optimizer step of `step`; returns values to log."""
         return {}
+
+
+class SumSparseRowsOverReplicas(StepHook):
+    """Lazy value rows: sum each column shard's row-sparse gradient over memory-parallel replica groups once
+    per step, before clipping (dense gradients are all-reduced in backward instead); logs the fraction of
+    value rows the step read (`value_rows_read`), which is how far lazy AdamW is from dense AdamW."""
+
+    def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        """Coalesce after each backward: accumulated sparse gradients only concatenate, which would hold a
+        copy of the rows read per micro-batch; coalesced, they never exceed the table's own size."""
+        for table in {id(p): p for p in model.value_tables().values()}.values():
+            if table.grad is not None and table.grad.is_sparse:
+                table.grad = table.grad.coalesce()
+
+    def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
+        read = total = 0
+        for table in {id(p): p for p in model.value_tables().values()}.values():
+            if table.grad is None or not table.grad.is_sparse:
+                continue
+            shard = column_shard_of(table)
+            if shard is not None and shard.replicas > 1:
+                table.grad = all_reduce_sparse_rows(table.grad, shard.replicate_group)
+            else:
+                table.grad = table.grad.coalesce()
+            read, total = read + table.grad._nnz(), total + table.shape[0]
+        return {"value_rows_read": read / total} if total else {}
 
 
 @dataclass

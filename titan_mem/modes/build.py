@@ -11,10 +11,12 @@ from titan_mem.checkpoint.sparse import FullContent, SparseContent
 from titan_mem.components.optim import build_optimizer
 from titan_mem.config import MODES, Config, ConfigError
 from titan_mem.modes.base import (
+    LazyValueRows,
     LoRAConverter,
     ModelConverter,
     OnlyNamed,
     StepHook,
+    SumSparseRowsOverReplicas,
     TrainablePolicy,
     TrainingMode,
     freeze_batchnorm,
@@ -137,6 +139,14 @@ def build_mode(cfg: Config) -> TrainingMode:
             build_optimizer=dense_optimizer,
             build_checkpoint=FullContent,
             converters=[lora],
+        )
+    if cfg.optimizer.memory_update == "lazy":  # config.validate allows it for pretrain and full_finetune
+        return TrainingMode(
+            name=name,
+            policy=LazyValueRows(),
+            build_optimizer=dense_optimizer,
+            build_checkpoint=FullContent,
+            build_hooks=lambda model, optimizer, device: [SumSparseRowsOverReplicas()],
         )
     return TrainingMode(
         name=name, policy=TrainablePolicy(), build_optimizer=dense_optimizer, build_checkpoint=FullContent

@@ -158,6 +158,18 @@ def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: dist.P
     return out
 
 
+def all_reduce_sparse_rows(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum of every rank's row-sparse COO gradient over `group` (replicas of a memory-parallel group): the
+    union of their rows, the same on every rank. Costs ranks x rows read x D/P, never the table."""
+    grad = grad.coalesce()
+    rows, vals = grad.indices()[0], grad.values()
+    sizes = _sizes(rows.numel(), group, rows.device)
+    all_rows, all_vals = _all_gather_rows(rows, sizes, group), _all_gather_rows(vals, sizes, group)
+    return torch.sparse_coo_tensor(
+        all_rows.unsqueeze(0), all_vals, grad.shape, check_invariants=False
+    ).coalesce()
+
+
 class _GatherBags(torch.autograd.Function):
     """(indices, weights) of all the group's tokens. Backward: rank r's weight gradient is partial (its
     columns only); token owner s receives every rank's partial for its tokens and sums them."""
@@ -201,7 +213,9 @@ class _SumOverReplicas(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if grad.is_sparse:  # sparse finetuning: the slot selector reduces the selected rows
+        if (
+            grad.is_sparse
+        ):  # reduced once per step: by the slot selector (selected rows) or the lazy-rows hook
             return grad, None
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)

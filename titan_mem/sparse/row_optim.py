@@ -215,18 +215,49 @@ class RowSparseAdamW(_RowSparseOptimizer):
         sidx = self._state_rows(rows)
         st = self._state
         w = self.table.index_select(0, rows).to(self.state_dtype)
-        g = grad_rows.to(self.state_dtype)
         step = st["row_step"].index_select(0, sidx) + 1
-        m = st["exp_avg"].index_select(0, sidx).lerp_(g, 1 - self.beta1)
-        v = st["exp_avg_sq"].index_select(0, sidx).mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        if self.weight_decay:
-            w.mul_(1 - self.lr * self.weight_decay)
-        s = step.to(torch.float64)
-        step_size = (self.lr / (1 - self.beta1**s)).to(self.state_dtype).unsqueeze(1)
-        bc2_sqrt = torch.sqrt(1 - self.beta2**s).to(self.state_dtype).unsqueeze(1)
-        denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-        w.sub_(m / denom * step_size)
+        m = st["exp_avg"].index_select(0, sidx)
+        v = st["exp_avg_sq"].index_select(0, sidx)
+        adamw_rows(
+            w,
+            grad_rows.to(self.state_dtype),
+            m,
+            v,
+            step,
+            self.lr,
+            (self.beta1, self.beta2),
+            self.eps,
+            self.weight_decay,
+        )
         st["row_step"].index_copy_(0, sidx, step)
         st["exp_avg"].index_copy_(0, sidx, m)
         st["exp_avg_sq"].index_copy_(0, sidx, v)
         self.table.index_copy_(0, rows, w.to(self.table.dtype))
+
+
+def adamw_rows(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    step: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW update of gathered rows, in place on w, m, v ([R, D], fp32/fp64), in torch.optim.AdamW's
+    order (Loshchilov & Hutter 2019, Alg. 2): w <- w (1 - lr wd); m <- b1 m + (1-b1) g;
+    v <- b2 v + (1-b2) g^2; w <- w - lr/(1-b1^s) * m / (sqrt(v)/sqrt(1-b2^s) + eps), with s = `step` [R]
+    already advanced, per row. The one definition shared by sparse finetuning's row optimizer and
+    pretraining's lazy AdamW."""
+    beta1, beta2 = betas
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
+    s = step.to(torch.float64)
+    step_size = (lr / (1 - beta1**s)).to(w.dtype).unsqueeze(1)
+    bc2_sqrt = torch.sqrt(1 - beta2**s).to(w.dtype).unsqueeze(1)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    w.sub_(m / denom * step_size)

@@ -1,0 +1,117 @@
+"""The `[finetune]` and `[eval]` sections of the TOML config, and the field helper every section uses.
+
+Kept apart from `titan_mem.config` (the loader and the training sections) so each module stays small;
+`validate()` raises ValueError naming the key, which the loader turns into one ConfigError line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from titan_mem.sparse.scores import RANKINGS, TOP_T_RULES
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key."""
+
+
+def help_field(default: Any, text: str, factory: Any = None) -> Any:
+    """A dataclass field with its `--help` line (every config key has a default and a help text)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def choice(key: str, value: Any, allowed: tuple) -> None:
+    """Refuse a value outside `allowed`, naming the key."""
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    ranking: str = help_field(
+        "tfidf", "sparse_finetune slot ranking: tfidf | tf | kl | all (Lin et al. 2025; Goyal et al.)."
+    )
+    top_t: int = help_field(
+        500, "sparse_finetune: value rows updated per step and memory layer (paper: 500 facts)."
+    )
+    top_t_rule: str = help_field(
+        "fixed",
+        "sparse_finetune: rows a batch may update: fixed (top_t) | mass (the fewest best-ranked slots "
+        "holding top_t_mass of the batch's score mass) | poisson (slots read significantly more than the "
+        "background predicts, level top_t_alpha); adaptive rules never exceed top_t (sparse/scores.py).",
+    )
+    top_t_mass: float = help_field(
+        0.5, "sparse_finetune, top_t_rule=mass: share of the score mass kept, (0, 1]."
+    )
+    top_t_alpha: float = help_field(
+        0.01, "sparse_finetune, top_t_rule=poisson: family-wise significance level, (0, 1)."
+    )
+    background_counts: str | None = help_field(
+        None,
+        "Background slot counts file (tools/background_counts.py); None = <initial_load_path>/"
+        "background_counts.safetensors.",
+    )
+    check_counts_checkpoint: bool = help_field(
+        True, "Refuse background counts recorded for another checkpoint than initial_load_path."
+    )
+    counts_shape_tolerance: float = help_field(
+        2.0,
+        "Refuse background counts whose batch (sequences x seq_len tokens) is more than this factor larger "
+        "or smaller than the finetuning batch: larger background batches push idf to 0 (debug model: the "
+        "first selected idf-0 rows between 4x and 8x; 2 keeps a 2x margin, docs/benchmarks.md 'Slot "
+        "selection'). 0 = accept any shape (ablations); otherwise >= 1.",
+    )
+    lora_rank: int = help_field(16, "lora_finetune: adapter rank r.")
+    lora_alpha: float = help_field(32.0, "lora_finetune: scale alpha (update scaled by alpha / r).")
+    lora_targets: list[str] = help_field(
+        None,
+        "lora_finetune: linear layers that get adapters.",
+        factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+    )
+
+    def validate(self) -> None:
+        choice("finetune.ranking", self.ranking, RANKINGS)
+        choice("finetune.top_t_rule", self.top_t_rule, TOP_T_RULES)
+        if not 0 < self.top_t_mass <= 1:
+            raise ConfigError(f"finetune.top_t_mass: must be in (0, 1]; got {self.top_t_mass}")
+        if not 0 < self.top_t_alpha < 1:
+            raise ConfigError(f"finetune.top_t_alpha: must be in (0, 1); got {self.top_t_alpha}")
+        if self.top_t < 0:
+            raise ConfigError(f"finetune.top_t: must be >= 0; got {self.top_t}")
+        tol = self.counts_shape_tolerance
+        if not (tol == 0 or tol >= 1):  # also refuses nan
+            raise ConfigError(
+                f"finetune.counts_shape_tolerance: must be 0 (accept any shape) or >= 1 (a ratio); got {tol}"
+            )
+        if self.lora_rank <= 0:
+            raise ConfigError(f"finetune.lora_rank: must be positive; got {self.lora_rank}")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = help_field(
+        None,
+        "In-loop evaluation tasks (names as in tools/evaluate.py, e.g. synthetic_qa, hellaswag, "
+        "triviaqa:PATH); empty = no in-loop evaluation.",
+        factory=list,
+    )
+    every: int = help_field(
+        0, "Evaluate every N optimizer steps (0 = never; the last step always if tasks set)."
+    )
+    at_start: bool = help_field(True, "Also evaluate before the first step (the reference for forgetting).")
+    limit: int = help_field(100, "Examples per task (per population for synthetic tasks); 0 = all.")
+    batch_size: int = help_field(16, "Sequences per evaluation forward.")
+    data_dir: str | None = help_field(
+        None, "Folder of local evaluation files (../shared/data layout); None = HF hub names."
+    )
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0; got {self.every}")
+        if self.limit < 0:
+            raise ConfigError(f"eval.limit: must be >= 0; got {self.limit}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size: must be positive; got {self.batch_size}")
