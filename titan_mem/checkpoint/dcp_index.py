@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from titan_mem.checkpoint.errors import CheckpointError, ConvertError, root_cause
+from titan_mem.checkpoint.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError, safe_load
 
 MODEL_KEY = "model"
 
@@ -29,7 +28,9 @@ MODEL_KEY = "model"
 def read_metadata(path: Path) -> Metadata:
     """DCP's `.metadata` of a checkpoint folder, or a one-line CheckpointError."""
     try:
-        return dcp.FileSystemReader(str(path)).read_metadata()
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a DCP checkpoint (no .metadata)") from None
     except Exception as e:  # a truncated or foreign file: DCP raises pickle/EOF/ValueError/...
@@ -109,12 +110,9 @@ def load_flat(index: DcpIndex, keys: list[str] | None = None) -> dict[str, Any]:
         return state
     try:
         with single_process():
-            dcp.load(
-                state,
-                storage_reader=dcp.FileSystemReader(str(index.path)),
-                planner=DefaultLoadPlanner(),
-                no_dist=True,
-            )
+            safe_load(state, str(index.path), no_dist=True)
+    except UnsafeCheckpointError as e:
+        raise ConvertError(index.path, str(e).removeprefix(f"{index.path}: ")) from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # DCP's CheckpointException derives from BaseException

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -31,6 +30,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_mem.checkpoint.dcp_index import read_metadata
 from titan_mem.checkpoint.errors import CheckpointError, root_cause
+from titan_mem.checkpoint.safe_dcp import UnsafeCheckpointError, decode_state, encode_state, safe_load
 from titan_mem.distributed import barrier
 from titan_mem.parallel.memory_parallel import optimizer_state_local, optimizer_state_view
 
@@ -75,16 +75,17 @@ class SchedulerState(Stateful):
 
 
 class RankState(Stateful):
-    """Objects that differ per rank (data loader position, RNG), stored under a rank-specific key."""
+    """Objects that differ per rank (data loader position, RNG), stored under a rank-specific key as JSON
+    bytes (safe_dcp.encode_state): never a pickle, so loading one cannot run code."""
 
     def __init__(self, rank: int, get: Any, put: Any):
         self.key, self.get, self.put = f"rank{rank}", get, put
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.key: pickle.dumps(self.get())}
+        return {self.key: encode_state(self.get())}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.put(pickle.loads(sd[self.key]))
+        self.put(decode_state(sd[self.key], f"rank_state.{self.key}"))
 
 
 def step_dirs(folder: Path) -> dict[int, Path]:
@@ -228,11 +229,13 @@ class CheckpointManager:
 
     def _load(self, states: dict[str, Any], path: Path) -> None:
         try:
-            dcp.load(states, checkpoint_id=str(path))
+            safe_load(states, str(path))
         except (CheckpointError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             msg = root_cause(e)
+            if "UnsafeCheckpointError" in msg:  # raised on a rank inside DCP, wrapped by it
+                raise UnsafeCheckpointError(f"{path}: {msg.split(': ', 1)[1]}") from None
             raise CheckpointError(f"{path}: failed to load ({msg})") from None
 
 
