@@ -43,6 +43,16 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
 LOG_RANK=${LOG_RANK:-0}
+for var in NGPU NNODES; do  # a positive whole number, or one line naming the variable
+  if ! [[ "${!var}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $var=${!var}: expected a positive whole number of processes/nodes" >&2
+    exit 2
+  fi
+done
+if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+  echo "error: NODE_RANK=$NODE_RANK: expected 0 .. NNODES-1 ($((NNODES - 1)))" >&2
+  exit 2
+fi
 
 if [[ ! -f "$CONFIG" ]]; then
   echo "run_train.sh: config file not found: $CONFIG" >&2

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +142,19 @@ def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
     assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"]).returncode == 0
     proc = launch_sh(2, f"--job.dump_folder={run}", "--training.steps=2")
     _one_line_error(proc, "step-1", "saved with 1 data-parallel ranks, resuming with 2")
+
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [({"NGPU": "abc"}, "NGPU=abc"), ({"NGPU": "0"}, "NGPU=0"), ({"NODE_RANK": "2"}, "NODE_RANK=2")],
+)
+def test_run_train_sh_launch_variables(env, needle):
+    proc = subprocess.run(
+        ["bash", "run_train.sh", "--training.steps=1"],
+        cwd=REPO,
+        env=_env({"PYTHON": sys.executable, **env}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _one_line_error(proc, needle)

@@ -94,3 +94,17 @@ def test_optimizer_defaults_to_sgd_for_sparse_finetuning_only():
     assert chosen.optimizer.name == "adamw"
     with pytest.raises(ConfigError, match="optimizer.name"):
         parse_args(["--optimizer.name=lion"])
+
+
+def test_cli_lists_take_toml_arrays_or_commas():
+    cfg = parse_args(["--data.hf_data_files=[\"/d/*.zst\", '/e/x.json']"])
+    assert cfg.data.hf_data_files == ["/d/*.zst", "/e/x.json"]  # no quotes kept
+    assert parse_args(["--data.hf_data_files=a.json, b.json"]).data.hf_data_files == ["a.json", "b.json"]
+    with pytest.raises(ConfigError, match="data.hf_data_files: not a TOML array"):
+        parse_args(['--data.hf_data_files=["unclosed'])
+
+
+@pytest.mark.parametrize("key", ["mixed_precision_param", "mixed_precision_reduce"])
+def test_float16_is_refused_without_a_gradient_scaler(key):
+    with pytest.raises(ConfigError, match=f"training.{key}: float16 needs a gradient scaler"):
+        parse_args([f"--training.{key}=float16"])

@@ -83,6 +83,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_usable(tiny, tmp_path, f
     assert sorted(step_dirs(ckpts)) == [2]
     proc = _ok(run_trainer([*tiny, "--training.steps=4", "--checkpoint.interval=2"]))
     assert re.search(r"resumed from .*step-2 at step 2", proc.stdout)
+    assert re.search(r"removed .*step-4.partial \(an unfinished save", proc.stdout)
     assert sorted(step_dirs(ckpts)) == [2, 4]
     assert not (ckpts / "step-4.partial").exists()
     # The killed run had logged steps 3 and 4; the resumed run logs them again, and only once.

@@ -139,6 +139,11 @@ class MetricsConfig:
 @dataclass
 class ParallelismConfig:
     data_parallel_shard_degree: int = help_field(-1, "FSDP ranks (-1 = all ranks).")
+    sync_every_micro_batch: bool = help_field(
+        False,
+        "Reduce-scatter gradients after every micro-batch (less memory) instead of once per step after the "
+        "last one (1/grad_accum of the traffic; the default).",
+    )
     memory_parallel_degree: int = help_field(
         -1,
         "Ranks that split each memory value table by columns (parallel/memory_parallel.py): -1 = all "
@@ -181,6 +186,10 @@ def validate(cfg: Config) -> None:
     choice("training.device", cfg.training.device, ("auto", "cpu", "cuda"))
     for key in ("mixed_precision_param", "mixed_precision_reduce"):
         choice(f"training.{key}", getattr(cfg.training, key), ("bfloat16", "float32", "float16"))
+        if getattr(cfg.training, key) == "float16":  # fp16 gradients underflow without loss scaling
+            raise ConfigError(
+                f"training.{key}: float16 needs a gradient scaler, which we do not have; use bfloat16"
+            )
     t = cfg.training
     for key in ("seq_len", "global_batch_size", "micro_batch_size", "steps"):
         if getattr(t, key) <= 0:
@@ -246,8 +255,13 @@ def _coerce(key: str, tp: Any, value: Any, from_cli: bool) -> Any:
         return _coerce(key, non_none[0], value, from_cli)
     if origin is list:
         (elem,) = args
-        if from_cli and isinstance(value, str):
-            value = [v for v in value.strip("[]").split(",") if v.strip()] if value.strip("[] ") else []
+        if from_cli and isinstance(value, str) and value.strip().startswith("["):  # a TOML array
+            try:
+                value = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{key}: not a TOML array ({e}); got {value!r}") from None
+        elif from_cli and isinstance(value, str):  # a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {_type_name(elem)}; got {value!r}")
         return [_coerce(key, elem, v, from_cli) for v in value]

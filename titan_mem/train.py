@@ -5,6 +5,7 @@ same checkpoints). Run as `python -m titan_mem.train CONFIG.toml [--section.key=
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from titan_mem.components.lr import build_lr_scheduler
 from titan_mem.components.metrics import MetricsLogger, drop_records_after, peak_flops, peak_memory_gib
 from titan_mem.components.model import build_model
 from titan_mem.components.optim import clip_grad_norm_
+from titan_mem.components.run_control import FolderLockedError, RunLock, StopSignals, die_with_launcher
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.packing import IGNORE_INDEX
@@ -48,10 +50,17 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.job.dump_folder)
         if cfg.job.deterministic:
+            # cuBLAS is deterministic only with a fixed workspace (else use_deterministic_algorithms raises)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        die_with_launcher()
         self.dist: DistInfo = init_distributed(cfg.training.device)
         self.device = self.dist.device
         self.rank0 = self.dist.rank == 0
+        self.lock = RunLock(self.run_dir)
+        if self.rank0:
+            self.lock.acquire()  # one live run per dump folder
+        self.stop = StopSignals()
         self.grad_accum, self.mode = check_launch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
@@ -65,6 +74,9 @@ class Trainer:
             keep_latest_k=cfg.checkpoint.keep_latest_k,
             enabled=cfg.checkpoint.enable,
         )
+        if self.rank0:
+            for partial in self.ckpt.remove_partial_saves():  # safe: the lock excludes a live writer
+                self._log(f"removed {partial} (an unfinished save of an earlier run)")
         self.dataloader = build_dataloader(
             cfg.data,
             self.tokenizer,
@@ -95,6 +107,11 @@ class Trainer:
             self.content.restore_files(resume)
             self.step = state["step"]
             self._log(f"resumed from {resume} at step {self.step}")
+            if self.step > cfg.training.steps:
+                raise TrainingError(
+                    f"training.steps={cfg.training.steps} is below the step {self.step} of {resume}: raise "
+                    "it to continue, or set another job.dump_folder"
+                )
         self.data_iter = iter(self.dataloader)
         if self.rank0:  # logs continue from the loaded step; records of a crashed tail are dropped
             for log in ("metrics.jsonl", "selected_slots.jsonl"):
@@ -156,7 +173,8 @@ class Trainer:
         if global_tokens == 0:
             raise TrainingError(f"step {self.step + 1}: the global batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            self._set_gradient_sync(i == len(batches) - 1)
             logits = self.model(batch["input_ids"])
             loss = (
                 F.cross_entropy(
@@ -194,6 +212,16 @@ class Trainer:
         positions = sum(b["input_ids"].numel() for b in batches) * self.dist.world_size
         return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": positions, **step_info}
 
+    def _set_gradient_sync(self, final_micro_batch: bool) -> None:
+        """FSDP2 reduce-scatters gradients only after the last micro-batch of a step (earlier ones accumulate
+        unsharded: more memory, 1/grad_accum of the traffic); parallelism.sync_every_micro_batch restores
+        the per-micro-batch reduce-scatter."""
+        if (
+            hasattr(self.model, "set_requires_gradient_sync")
+            and not self.cfg.parallelism.sync_every_micro_batch
+        ):
+            self.model.set_requires_gradient_sync(final_micro_batch)
+
     def save(self) -> None:
         if self.cfg.checkpoint.enable:
             path = self.ckpt.save(
@@ -211,10 +239,13 @@ class Trainer:
         losses: list[float] = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.stop.install()
         try:
             self._train_loop(losses)
         finally:
+            self.stop.uninstall()
             self.metrics.close()
+            self.lock.release()
         return losses
 
     def _train_loop(self, losses: list[float]) -> None:
@@ -254,14 +285,18 @@ class Trainer:
             if self.evaluator and self.evaluator.due(self.step, last):
                 self.metrics.log(self.step, self.evaluator.run())
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            if self.step % cfg.checkpoint.interval == 0 or last:
+            saved = self.step % cfg.checkpoint.interval == 0 or last
+            if saved:
                 self.save()
+            if not last and self.stop.requested(self.device):
+                if not saved:
+                    self.save()
+                self._log(f"stop signal received: saved step {self.step}, exiting (resume continues from it)")
+                return
 
 
 def dry_run(cfg: Config) -> None:
     """Print parameter counts and a per-GPU memory estimate from the meta-device model; allocate nothing."""
-    import os
-
     tokenizer = build_tokenizer(cfg.tokenizer)
     args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
     with torch.device("meta"):
@@ -308,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # OSError: an unwritable dump folder, a full disk, a missing file: the message names the path.
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, OSError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FolderLockedError, OSError, ValueError)
 
 
 def run_cli(fn) -> int:

@@ -196,6 +196,16 @@ class CheckpointManager:
         barrier()
         return final
 
+    def remove_partial_saves(self) -> list[Path]:
+        """Delete `step-N.partial/` folders: saves a crash interrupted (never complete, never loaded; up to
+        a whole checkpoint of disk each). Call only while holding the run lock."""
+        removed = []
+        if self.folder.is_dir():
+            for p in sorted(self.folder.glob("step-*.partial")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed
+
     def _purge(self) -> None:
         if self.keep_latest_k <= 0:
             return

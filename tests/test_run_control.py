@@ -1,0 +1,69 @@
+"""A run and its dump folder (components/run_control.py): one live run per folder (a stale lock is taken
+over), SIGTERM/SIGUSR1 save at the next step and exit 0, unfinished saves removed, resumed step checks."""
+
+from __future__ import annotations
+
+import fcntl
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, _env, losses, run_trainer
+from conftest import ok as _ok
+
+from titan_mem.checkpoint import step_dirs
+
+
+def _one_error_line(proc, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+
+
+def test_a_live_run_locks_its_dump_folder_and_a_dead_one_does_not(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".run.lock"
+    with open(lock, "w") as held:
+        held.write("pid 4242 on somehost since 2026-11-23T00:00:00\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live run holds it
+        proc = run_trainer([*tiny, "--training.steps=1"])
+        _one_error_line(proc, f"{lock}: another run is using this dump folder (pid 4242 on somehost")
+        assert not (run / "checkpoints").exists()  # refused before anything was written
+    # The holder is gone (its flock went with it); the file stays behind and is simply taken over.
+    _ok(run_trainer([*tiny, "--training.steps=1"]))
+    assert "pid 4242" not in lock.read_text()  # rewritten by the run that took it over
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_the_step_exits_0_and_the_run_resumes(tiny, tmp_path, sig):
+    run = tmp_path / "run"
+    args = [*tiny, "--training.steps=1000", "--checkpoint.interval=1000", "--metrics.log_freq=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titan_mem.train", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("step      2 "):  # training is under way
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    (stopped,) = step_dirs(run / "checkpoints")
+    assert 2 <= stopped < 1000
+    assert f"stop signal received: saved step {stopped}" in out
+    assert max(losses(run)) == stopped
+    resumed = _ok(run_trainer([*tiny, f"--training.steps={stopped + 1}"]))
+    assert f"at step {stopped}" in resumed.stdout and max(losses(run)) == stopped + 1
+
+
+def test_resuming_past_training_steps_is_an_error(tiny, tmp_path):
+    _ok(run_trainer([*tiny, "--training.steps=2"]))
+    proc = run_trainer([*tiny, "--training.steps=1"])
+    _one_error_line(proc, "training.steps=1 is below the step 2 of ")
