@@ -4,15 +4,16 @@ over), SIGTERM/SIGUSR1 save at the next step and exit 0, unfinished saves remove
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO, _env, losses, run_trainer
 from conftest import ok as _ok
 
 from titan_mem.checkpoint import step_dirs
+from titan_mem.components.run_control import StopSignals
 
 
 def _one_error_line(proc, needle: str) -> None:
@@ -37,8 +38,20 @@ def test_a_live_run_locks_its_dump_folder_and_a_dead_one_does_not(tiny, tmp_path
     assert "pid 4242" not in lock.read_text()  # rewritten by the run that took it over
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_saves_the_step_exits_0_and_the_run_resumes(tiny, tmp_path, sig):
+def test_both_stop_signals_are_caught_and_handlers_restored():
+    stop, before = StopSignals(), signal.getsignal(signal.SIGUSR1)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_stop_signal_saves_the_step_exits_0_and_the_run_resumes(tiny, tmp_path):
     run = tmp_path / "run"
     args = [*tiny, "--training.steps=1000", "--checkpoint.interval=1000", "--metrics.log_freq=1"]
     proc = subprocess.Popen(
@@ -51,7 +64,7 @@ def test_stop_signal_saves_the_step_exits_0_and_the_run_resumes(tiny, tmp_path, 
     )
     for line in proc.stdout:
         if line.startswith("step      2 "):  # training is under way
-            proc.send_signal(sig)
+            proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
