@@ -99,18 +99,21 @@ class SumSparseRowsOverReplicas(StepHook):
     per step, before clipping (dense gradients are all-reduced in backward instead); logs the fraction of
     value rows the step read (`value_rows_read`), which is how far lazy AdamW is from dense AdamW."""
 
+    @staticmethod
+    def _sparse_tables(model: nn.Module) -> list[nn.Parameter]:
+        """Value tables holding a row-sparse gradient, each once (a shared pool is one table)."""
+        tables = {id(p): p for p in model.value_tables().values()}.values()
+        return [t for t in tables if t.grad is not None and t.grad.is_sparse]
+
     def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         """Coalesce after each backward: accumulated sparse gradients only concatenate, which would hold a
         copy of the rows read per micro-batch; coalesced, they never exceed the table's own size."""
-        for table in {id(p): p for p in model.value_tables().values()}.values():
-            if table.grad is not None and table.grad.is_sparse:
-                table.grad = table.grad.coalesce()
+        for table in self._sparse_tables(model):
+            table.grad = table.grad.coalesce()
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         read = total = 0
-        for table in {id(p): p for p in model.value_tables().values()}.values():
-            if table.grad is None or not table.grad.is_sparse:
-                continue
+        for table in self._sparse_tables(model):
             shard = column_shard_of(table)
             if shard is not None and shard.replicas > 1:
                 table.grad = all_reduce_sparse_rows(table.grad, shard.replicate_group)
