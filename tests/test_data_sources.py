@@ -9,7 +9,8 @@ import torch
 import zstandard
 
 from titan_mem.data import DataConfig, TokenizerConfig, build_dataloader, build_tokenizer
-from titan_mem.data.sources import BadDoc, LocalFileSource, build_source
+from titan_mem.data.documents import BadDoc, assign_files
+from titan_mem.data.sources import LocalFileSource, build_source
 from titan_mem.data.text import EmptySourceError
 
 DOCS = [
@@ -67,9 +68,10 @@ def test_local_formats_give_identical_packed_streams(tmp_path, tok):
     for name, cfg in cfgs.items():
         assert _same(_batches(cfg, tok, 25), ref), name
     # one document per file (directory, sorted names) = the same documents in order when not shuffling
-    unshuffled = _batches(DataConfig(source=str(tmp_path / "a.jsonl"), shuffle_buffer=0), tok, 25)
-    assert _same(_batches(DataConfig(source=str(txt_dir), shuffle_buffer=0), tok, 25), unshuffled)
-    assert _same(_batches(DataConfig(source=str(txt_dir / "*.txt"), shuffle_buffer=0), tok, 25), unshuffled)
+    one = dict(shuffle_buffer=0, streams=1)
+    unshuffled = _batches(DataConfig(source=str(tmp_path / "a.jsonl"), **one), tok, 25)
+    assert _same(_batches(DataConfig(source=str(txt_dir), **one), tok, 25), unshuffled)
+    assert _same(_batches(DataConfig(source=str(txt_dir / "*.txt"), **one), tok, 25), unshuffled)
     # and the packed stream is the documents joined by EOS
     flat = torch.cat([torch.cat([b["input_ids"][i, :] for i in range(2)]) for b in unshuffled[:3]])
     expected = sum((tok.encode(d, eos=True) for d in DOCS), [])[: len(flat)]
@@ -110,16 +112,24 @@ def _docs_of(source, shard, num_shards):
     return [d for d in source.open(0, shard, num_shards, None)]
 
 
-@pytest.mark.parametrize("n_files", [3, 4])  # 3 files / 2 ranks: split by record; 4: split by file
-def test_rank_shards_are_disjoint_and_cover_the_stream(tmp_path, n_files):
+@pytest.mark.parametrize("n_files,n_shards", [(3, 2), (4, 2), (7, 3), (3, 8)])
+def test_stream_shards_are_disjoint_and_cover_the_stream(tmp_path, n_files, n_shards):
     for f in range(n_files):
         (tmp_path / f"part{f}.jsonl").write_bytes(_jsonl(DOCS[f::n_files]))
     for shuffle in (False, True):
         src = LocalFileSource(str(tmp_path), shuffle_files=shuffle, seed=3)
-        r0, r1 = _docs_of(src, 0, 2), _docs_of(src, 1, 2)
-        assert not set(r0) & set(r1)
-        assert sorted(r0 + r1) == sorted(DOCS)
-        assert abs(len(r0) - len(r1)) <= 10
+        shards = [_docs_of(src, s, n_shards) for s in range(n_shards)]
+        assert sorted(sum(shards, [])) == sorted(DOCS)  # every document exactly once
+        per_file = len(DOCS) / n_files
+        assert max(map(len, shards)) - min(map(len, shards)) <= per_file + 1
+    # whole files round-robin; a remainder file is shared, and no shard reads more than one it shares
+    plans = [assign_files(n_files, s, n_shards) for s in range(n_shards)]
+    for plan in plans:
+        assert len(plan) <= n_files // n_shards + 1
+        assert sum(1 for _, sharers, _ in plan if sharers > 1) <= 1
+    assert sorted(i for plan in plans for i, sharers, _ in plan if sharers == 1) == list(
+        range(n_files // n_shards * n_shards)
+    )
 
 
 def test_synthetic_stream_shards_are_disjoint_and_cover():
@@ -143,13 +153,15 @@ def test_bad_documents_are_counted_and_skipped(tmp_path, tok, caplog):
         json.dumps({"text": "good two"}).encode(),
     ]
     (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    cfg = DataConfig(source=str(tmp_path / "mixed.jsonl"), shuffle_buffer=0, repeat=False)
+    cfg = DataConfig(
+        source=str(tmp_path / "mixed.jsonl"), shuffle_buffer=0, repeat=False, streams=1, num_workers=0
+    )
     loader = build_dataloader(cfg, tok, seq_len=4, micro_batch_size=1, dp_rank=0, dp_world_size=1)
     with caplog.at_level(logging.WARNING, logger="titan_mem.data"):
         batches = list(loader)
     text = tok.decode(torch.cat([b["input_ids"][0] for b in batches]).tolist())
     assert "good one<|endoftext|>good" in text
-    stats = loader.dataset.stats
+    stats = loader.doc_stats()
     assert stats.good == 2
     assert stats.bad == {"missing_field": 2, "not_text": 1, "empty": 1, "invalid_utf8": 2, "invalid_json": 1}
     assert "skipping bad document" in caplog.text and "mixed.jsonl:4" in caplog.text
@@ -200,5 +212,5 @@ def test_one_rank_without_documents_fails_fast(tmp_path, tok):
     (tmp_path / "one.jsonl").write_text('{"text": "only document"}\n')
     cfg = DataConfig(source=str(tmp_path / "one.jsonl"))
     loader = build_dataloader(cfg, tok, seq_len=8, micro_batch_size=1, dp_rank=1, dp_world_size=2)
-    with pytest.raises(EmptySourceError, match="rank 1 of 2"):
+    with pytest.raises(EmptySourceError, match="stream 1 of 2"):
         next(iter(loader))

@@ -45,7 +45,7 @@ def bench_loader(cfg: DataConfig, tokenizer_name: str, *, seq_len: int, batch_si
         next(it)
     t2 = time.perf_counter()
     n_tokens = n_batches * seq_len * batch_size
-    state = loader.dataset.state_dict()
+    streams = loader.state_dict()["streams"].values()
     return {
         "tokenizer": tokenizer_name,
         "vocab": tok.n_words,
@@ -55,7 +55,7 @@ def bench_loader(cfg: DataConfig, tokenizer_name: str, *, seq_len: int, batch_si
         "seconds": round(t2 - t1, 3),
         "tokens_per_s": round(n_tokens / (t2 - t1)),
         "first_batch_s": round(t1 - t0, 3),
-        "epochs_read": state["epoch"] + 1 if "epoch" in state else None,
+        "epochs_read": max(s["epoch"] for s in streams) + 1,
     }
 
 

@@ -115,8 +115,22 @@ class DataConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of all data shuffling and of the synthetic corpus"})
     num_workers: int = field(
+        default=-1,
+        metadata={
+            "help": "DataLoader worker processes per rank that read and tokenize ahead of the step (0 = in "
+            "the training process; -1 = auto: the CPUs a rank has to spare, at most 4: all but one on a GPU "
+            "machine, those torch's threads leave on CPU). Pretraining uses the largest count <= this that "
+            "divides the rank's streams; not part of the data position"
+        },
+    )
+    streams: int = field(
         default=0,
-        metadata={"help": "DataLoader worker processes (0 = in the training process); part of the state"},
+        metadata={
+            "help": "pretrain: logical data streams; each optimizer step reads global batch / streams "
+            "sequences from every stream, so the batches do not depend on the rank count and a run resumes "
+            "on any rank count that divides it (0 = auto: the largest divisor of the global batch <= 64 "
+            "that the data-parallel degree divides). Part of the data position"
+        },
     )
     repeat: bool = field(
         default=True,
@@ -202,7 +216,8 @@ class DataConfig:
         if not self.split:
             raise ValueError("data.split: expected a split name, got ''")
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
-        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.num_workers", self.num_workers, -1)
+        _at_least("data.streams", self.streams, 0)
         _at_least("data.synthetic_known_people", self.synthetic_known_people, 0)
         _at_least("data.synthetic_new_people", self.synthetic_new_people, 0)
         _at_least("data.synthetic_documents", self.synthetic_documents, 0)

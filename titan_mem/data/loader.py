@@ -1,8 +1,9 @@
 """`build_dataloader`: the one entry point the trainer calls, for every regime.
 
-The returned loader is a torchdata `StatefulDataLoader` whose state also records the data-parallel
-layout; loading a state saved under another dp world size (or rank, or worker count) raises a
-`ValueError` naming both values, because the per-rank streams would no longer line up.
+Pretraining returns a `streams.PretrainLoader`, whose position moves to any rank count. The finetuning
+regimes return a torchdata `StatefulDataLoader` whose state also records the data-parallel layout;
+loading a state saved under another dp world size (or rank, or worker count) raises a `ValueError` naming
+both values, because their per-rank batches would no longer line up.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from titan_mem.data.config import DataConfig
 from titan_mem.data.qa import build_finetune_dataset
 from titan_mem.data.sources import build_source
-from titan_mem.data.text import PackedTextDataset
+from titan_mem.data.streams import PretrainLoader, check_fingerprint, choose_layout
 from titan_mem.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("titan_mem.data")
@@ -85,12 +86,7 @@ class DataLoader(StatefulDataLoader):
                 f"data loader state was saved with data.num_workers={state_dict.get('num_workers')} "
                 f"but this run has data.num_workers={self.num_workers}; keep the worker count when resuming"
             )
-        for key, value in state_dict.get("fingerprint", {}).items():
-            if self.fingerprint.get(key) != value:
-                raise ValueError(
-                    f"data loader state was saved with {key}={value!r} but this run has "
-                    f"{key}={self.fingerprint.get(key)!r}; the saved position does not apply"
-                )
+        check_fingerprint(state_dict.get("fingerprint", {}), self.fingerprint)
         super().load_state_dict(state_dict["loader"])
 
 
@@ -103,11 +99,13 @@ def build_dataloader(
     dp_rank: int,
     dp_world_size: int,
     global_batch_size: int | None = None,
-) -> DataLoader:
+    hf_files: dict[str, Any] | None = None,
+) -> DataLoader | PretrainLoader:
     """Resumable loader of this rank's {input_ids, labels, token_mask} batches [micro_batch_size, seq_len].
 
-    `global_batch_size` (default micro_batch_size x dp_world_size, i.e. no gradient accumulation) matters
-    only to the finetuning regimes, whose unit is the optimizer step: one fact per optimizer step.
+    `global_batch_size` (default micro_batch_size x dp_world_size, i.e. no gradient accumulation) is the
+    optimizer step's sequences: pretraining splits it over `data.streams`; the finetuning regimes read one
+    fact per optimizer step. `hf_files`: a hub source's files as rank 0 resolved them (`resolve_hf_files`).
     """
     cfg.validate()
     if not 0 <= dp_rank < dp_world_size:
@@ -116,30 +114,8 @@ def build_dataloader(
         )
     if seq_len < 1 or micro_batch_size < 1:
         raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
-    if cfg.regime == "pretrain":
-        dataset = PackedTextDataset(
-            build_source(cfg),
-            tokenizer,
-            seq_len=seq_len,
-            batch_size=micro_batch_size,
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            repeat=cfg.repeat,
-        )
-    else:
-        dataset = build_finetune_dataset(
-            cfg,
-            tokenizer,
-            seq_len=seq_len,
-            micro_batch_size=micro_batch_size,
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-            global_batch_size=global_batch_size,
-        )
-    # What the saved position depends on. A pretraining position is a token offset in the document
-    # stream, valid for any window shape; a finetuning position is a step index into fixed batches.
+    # What the saved position depends on. A pretraining position is a token offset in each stream, valid
+    # for any window shape and rank count; a finetuning position is a step index into fixed batches.
     fingerprint: dict[str, Any] = {
         "data.source": cfg.source,
         "data.regime": cfg.regime,
@@ -154,15 +130,38 @@ def build_dataloader(
             f"documents={cfg.synthetic_documents} generic={cfg.synthetic_generic_fraction} "
             f"qa={cfg.synthetic_qa_fraction} paraphrases={cfg.synthetic_paraphrases}"
         )
-    if cfg.regime != "pretrain":
-        fingerprint["seq_len"] = seq_len
-        fingerprint["micro_batch_size"] = micro_batch_size
-        fingerprint["global_batch_size"] = global_batch_size or micro_batch_size * dp_world_size
+    if cfg.regime == "pretrain":
+        return PretrainLoader(
+            build_source(cfg, hf_files),
+            tokenizer,
+            layout=choose_layout(
+                cfg.streams, global_batch_size or micro_batch_size * dp_world_size, dp_rank, dp_world_size
+            ),
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            repeat=cfg.repeat,
+            fingerprint=fingerprint,
+        )
+    dataset = build_finetune_dataset(
+        cfg,
+        tokenizer,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        global_batch_size=global_batch_size,
+    )
+    fingerprint["seq_len"] = seq_len
+    fingerprint["micro_batch_size"] = micro_batch_size
+    fingerprint["global_batch_size"] = global_batch_size or micro_batch_size * dp_world_size
     return DataLoader(
         dataset,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        num_workers=cfg.num_workers,
+        num_workers=max(0, cfg.num_workers),  # small, pre-built batches: auto means in-process
         seed=cfg.seed,
         fingerprint=fingerprint,
     )

@@ -32,10 +32,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from titan_mem.data.config import DataConfig
+from titan_mem.data.documents import BadDoc, DocStats
 from titan_mem.data.facts import facts_from_qa
 from titan_mem.data.packing import Row, make_row, rows_to_batch
 from titan_mem.data.records import FactExample, GSM8KExample, MultipleChoiceExample, QAExample
-from titan_mem.data.sources import BadDoc, DocStats, build_source
+from titan_mem.data.sources import build_source
 from titan_mem.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("titan_mem.data")

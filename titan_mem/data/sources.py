@@ -4,10 +4,12 @@ Every source answers one question: "give me the documents of shard s of S in epo
 position p", and reports its position as a small JSON-able dict. That position is all the data loader
 stores to resume exactly (no buffers of text in the checkpoint).
 
-Sharding: local files are split by file when the file count divides evenly by the shard count (each
-rank reads only its files), else by record (rank r keeps records r, r+S, ... of the common stream); HF
-datasets use `split_dataset_by_node` (the same rule, by HF shards); the synthetic stream is split by
-document index. In every case the shards are disjoint and together cover the stream.
+Sharding (a shard is one logical stream, `data/streams.py`): local files are dealt whole, round-robin,
+as far as they go evenly (`assign_files`); each of the F mod S remaining files is shared by the shards
+congruent to it and split among them record by record, so a shard reads at most one file it does not
+own whole and nobody reads everything. HF datasets use `split_dataset_by_node` over the files rank 0
+resolved; the synthetic stream is split by document index. In every case the shards are disjoint and
+together cover the stream.
 
 A bad document (missing field, not a string, empty, invalid UTF-8, invalid JSON line) is yielded as a
 `BadDoc`; the consumer counts it (`DocStats`) and warns, so a long run never dies on one broken record.
@@ -22,15 +24,20 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
-
-import numpy as np
+from typing import Any
 
 from titan_mem.data.config import DataConfig
+from titan_mem.data.documents import (
+    BadDoc,
+    DocumentSource,
+    assign_files,
+    check_text,
+    epoch_file_order,
+)
+from titan_mem.data.hf_source import HFSource
 
 logger = logging.getLogger("titan_mem.data")
 
-BAD_REASONS = ("missing_field", "not_text", "empty", "invalid_utf8", "invalid_json")
 _KINDS = {
     ".jsonl": "json",
     ".json": "json",
@@ -43,53 +50,6 @@ _COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _GLOB_CHARS = set("*?[")
 
 
-class BadDoc(NamedTuple):
-    reason: str
-    where: str
-
-
-class DocStats:
-    """Counts good and bad documents; warns on the first bad ones, then at every power of ten."""
-
-    def __init__(self) -> None:
-        self.good = 0
-        self.bad = dict.fromkeys(BAD_REASONS, 0)
-
-    @property
-    def n_bad(self) -> int:
-        return sum(self.bad.values())
-
-    def add_bad(self, doc: BadDoc) -> None:
-        self.bad[doc.reason] = self.bad.get(doc.reason, 0) + 1
-        n = self.n_bad
-        if n <= 10 or (n & (n - 1) == 0):  # first ten, then 16, 32, 64, ...
-            logger.warning(
-                "skipping bad document (%s) at %s; %d bad so far: %s", doc.reason, doc.where, n, self.bad
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"good": self.good, "bad": dict(self.bad)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.good = int(state["good"])
-        self.bad = {**dict.fromkeys(BAD_REASONS, 0), **{k: int(v) for k, v in state["bad"].items()}}
-
-
-def check_text(value: Any, where: str) -> str | BadDoc:
-    """The text of a record, or why it is unusable."""
-    if value is None:
-        return BadDoc("missing_field", where)
-    if not isinstance(value, str):
-        return BadDoc("not_text", where)
-    if not value.strip():
-        return BadDoc("empty", where)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from JSON escapes: tiktoken cannot encode them
-        return BadDoc("invalid_utf8", where)
-    return value
-
-
 def parse_json_record(line: bytes, text_field: str, where: str) -> str | BadDoc:
     try:
         record = json.loads(line)
@@ -100,20 +60,6 @@ def parse_json_record(line: bytes, text_field: str, where: str) -> str | BadDoc:
     if not isinstance(record, dict):
         return BadDoc("missing_field", where)
     return check_text(record.get(text_field), where)
-
-
-class DocReader(Protocol):
-    def __iter__(self) -> Iterator[str | BadDoc]: ...
-
-    def position(self) -> dict[str, Any]:
-        """Where the next document comes from: after the last one yielded."""
-        ...
-
-
-class DocumentSource(Protocol):
-    description: str
-
-    def open(self, epoch: int, shard: int, num_shards: int, position: dict[str, Any] | None) -> DocReader: ...
 
 
 # ---- local files -----------------------------------------------------------------------------------------
@@ -259,9 +205,7 @@ class LocalFileSource:
         self.shuffle_files, self.seed = shuffle_files, seed
 
     def open(self, epoch: int, shard: int, num_shards: int, position: dict[str, Any] | None) -> _LocalReader:
-        order = list(range(len(self.files)))
-        if self.shuffle_files:
-            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(order)).tolist()
+        order = epoch_file_order(len(self.files), self.seed, epoch, self.shuffle_files)
         return _LocalReader(self, [self.files[i] for i in order], shard, num_shards, position)
 
 
@@ -275,94 +219,30 @@ class _LocalReader:
         position: dict[str, Any] | None,
     ) -> None:
         self.src = src
-        self.by_file = len(files) % num_shards == 0
-        self.files = files[shard::num_shards] if self.by_file else files
-        self.shard, self.num_shards = shard, num_shards
+        self.plan = [
+            (files[i], sharers, which) for i, sharers, which in assign_files(len(files), shard, num_shards)
+        ]
         position = position or {}
         self._file = int(position.get("file", 0))
         self._record = int(position.get("record", 0))
-        self._seen = int(position.get("seen", 0))
+        self._seen = int(position.get("seen", 0))  # records of a shared file passed so far (yours or not)
 
     def position(self) -> dict[str, Any]:
         return {"file": self._file, "record": self._record, "seen": self._seen}
 
     def __iter__(self) -> Iterator[str | BadDoc]:
-        while self._file < len(self.files):
-            path = self.files[self._file]
+        while self._file < len(self.plan):
+            path, sharers, which = self.plan[self._file]
             for doc in _iter_raw(path, self.src.text_field, self.src.text_split, self._record):
                 self._record += 1
                 if doc is None:
                     continue
-                if not self.by_file:
-                    mine = self._seen % self.num_shards == self.shard
-                    self._seen += 1
-                    if not mine:
-                        continue
-                yield doc
+                mine = self._seen % sharers == which
+                self._seen += 1
+                if mine:
+                    yield doc
             self._file += 1
-            self._record = 0
-
-
-# ---- HF datasets -----------------------------------------------------------------------------------------
-class HFSource:
-    """A HF hub dataset (or builder such as 'json' with data_files), streamed; positions are HF states."""
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        config: str | None,
-        data_files: list[str],
-        split: str,
-        streaming: bool,
-        text_field: str,
-    ) -> None:
-        self.name, self.config, self.data_files = name, config, list(data_files)
-        self.split, self.streaming, self.text_field = split, streaming, text_field
-        self.description = f"hf:{name}" + (f" ({config})" if config else "")
-
-    def load(self):
-        import datasets
-
-        kwargs: dict[str, Any] = {"data_files": self.data_files} if self.data_files else {}
-        try:
-            ds = datasets.load_dataset(
-                self.name, self.config, split=self.split, streaming=self.streaming, **kwargs
-            )
-        except Exception as e:  # network, missing files, bad config: one line naming the source
-            raise ValueError(
-                f"data.source: cannot open HF dataset {self.description}: {type(e).__name__}: {e}"
-            ) from e
-        if not self.streaming:
-            ds = ds.to_iterable_dataset()
-        return ds
-
-    def open(self, epoch: int, shard: int, num_shards: int, position: dict[str, Any] | None) -> _HFReader:
-        ds = self.load()
-        if num_shards > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            ds = split_dataset_by_node(ds, rank=shard, world_size=num_shards)
-        if position:
-            ds.load_state_dict(position["hf"])
-        return _HFReader(ds, self.text_field, self.description)
-
-
-class _HFReader:
-    def __init__(self, ds: Any, text_field: str, description: str) -> None:
-        self.ds, self.text_field, self.description = ds, text_field, description
-        self._count = 0
-
-    def position(self) -> dict[str, Any]:
-        return {"hf": self.ds.state_dict()}
-
-    def __iter__(self) -> Iterator[str | BadDoc]:
-        # `.iter(batch_size=1)` rather than `iter(ds)`: inside a DataLoader worker `iter(ds)` would split
-        # the shards among workers a second time (ours are already split by rank x worker).
-        for batch in self.ds.iter(batch_size=1):
-            self._count += 1
-            value = batch[self.text_field][0] if self.text_field in batch else None
-            yield check_text(value, f"{self.description} row {self._count}")
+            self._record = self._seen = 0
 
 
 # ---- synthetic -------------------------------------------------------------------------------------------
@@ -405,8 +285,9 @@ class _SyntheticReader:
             )
 
 
-def build_source(cfg: DataConfig) -> DocumentSource:
-    """Pick the source for `cfg.source`; local paths are checked here so a typo fails before training."""
+def build_source(cfg: DataConfig, hf_files: dict[str, Any] | None = None) -> DocumentSource:
+    """Pick the source for `cfg.source`; local paths are checked here so a typo fails before training.
+    `hf_files`: a hub source's data files as rank 0 resolved them (`hf_source.resolve_hf_files`)."""
     kind = cfg.source_type
     if kind == "auto":
         if cfg.source == "synthetic":
@@ -434,4 +315,7 @@ def build_source(cfg: DataConfig) -> DocumentSource:
         split=cfg.split,
         streaming=cfg.streaming,
         text_field=cfg.text_field,
+        shuffle_files=cfg.shuffle_buffer > 0,
+        seed=cfg.seed,
+        resolved=hf_files,
     )

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.data.config import DataConfig
+from titan_mem.data.documents import BadDoc
 from titan_mem.data.qa import load_gsm8k, load_hellaswag, load_lambada, load_qa, qa_prompt
 from titan_mem.data.records import QAExample
-from titan_mem.data.sources import BadDoc, build_source
+from titan_mem.data.sources import build_source
 from titan_mem.data.synthetic import world_of
 from titan_mem.eval.lm import EvalModel, nll_summary
 from titan_mem.eval.metrics import normalizer, qa_scores
