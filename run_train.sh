@@ -9,6 +9,7 @@
 #   RDZV_ID        rendezvous id shared by all nodes of one job (default titan_mem)
 #   LOG_RANK       rank(s) whose output is shown (default 0)
 #   PYTHON         interpreter to use (default: .venv/bin/python if present, else python3)
+#   SHUTDOWN_TIMEOUT seconds torchrun waits for workers to save and exit after SIGTERM/SIGUSR1 (default 600)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -72,4 +73,5 @@ exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NGPU" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-titan_mem}" \
   --local-ranks-filter="$LOG_RANK" --role=rank --tee=3 \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-600}" \
   -m titan_mem.train "$CONFIG" "$@"

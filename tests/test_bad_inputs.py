@@ -1,12 +1,16 @@
 """Bad inputs: one line naming the thing at fault, exit code 2, no traceback, nothing half-written."""
 
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, _env, run_trainer
+from conftest import REPO, _env, launch, run_trainer
+
+from titan_mem.checkpoint import step_dirs
 
 
 def _one_line_error(proc, *needles):
@@ -87,6 +91,37 @@ def test_corrupt_checkpoint(tiny, saved_run, tmp_path):
     )
 
 
+def _file_size_limit_1mib():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_outputs_that_cannot_be_written(tiny, saved_run, tmp_path):
+    """A save past `ulimit -f` (to torch's writer this looks like a full disk: "unexpected pos 704 vs
+    598"), and tools asked to write under a file or into /proc: one line each naming the path and the
+    cause, the previous checkpoint intact, nothing half-written left. (A real full disk, a 1 MiB tmpfs,
+    gives "disk full: No space left on device": docs/benchmarks.md has no use for it, the README shows it.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "titan_mem.train", *tiny, "--training.steps=2"],
+        cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300,
+        preexec_fn=_file_size_limit_1mib,
+    )  # fmt: skip
+    _one_line_error(proc, "step-2.partial", "saving step 2 failed", "ulimit -f")
+    folder = saved_run.parent
+    assert sorted(step_dirs(folder)) == [1] and not (folder / "step-2.partial").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    to_file = launch(
+        [str(REPO / "tools" / "convert_checkpoint.py"), "to-file", str(saved_run), str(blocker / "o.pt")]
+    )
+    _one_line_error(to_file, f"{blocker} is a file, not a folder")
+    counts = launch(
+        [str(REPO / "tools" / "background_counts.py"), "train_configs/debug_model.toml", *tiny,
+         f"--checkpoint={saved_run}", "--batch-size=4", "--seq-len=32", "--out=/proc/bg.safetensors"]
+    )  # fmt: skip
+    _one_line_error(counts, "/proc/bg.safetensors", "cannot be written")
+
+
 def test_checkpoint_of_another_shape(tiny, saved_run, tmp_path):
     args = [*tiny, f"--job.dump_folder={tmp_path / 'other'}", f"--checkpoint.initial_load_path={saved_run}"]
     _one_line_error(run_trainer([*args, "--model.dim=96"]), str(saved_run), "shape")
@@ -137,11 +172,16 @@ def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
     _one_line_error(proc, "checkpoint.initial_load_path", str(missing))
     _one_line_error(launch_sh(2, "--training.mode=lora_finetune"), "checkpoint.initial_load_path")
     _one_line_error(launch_sh(2, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path")
-    # Resuming a 1-rank run's checkpoint on 2 ranks: refused before the workers start.
-    run = tmp_path / "one_rank"
-    assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"]).returncode == 0
+    # A shard of a 2-rank checkpoint truncated (a copy cut short): named before any worker starts.
+    run = tmp_path / "two_ranks"
+    assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"], nproc=2).returncode == 0
+    shard = run / "checkpoints" / "step-1" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = launch_sh(2, f"--job.dump_folder={run}", "--training.steps=2")
-    _one_line_error(proc, "step-1", "saved with 1 data-parallel ranks, resuming with 2")
+    _one_line_error(proc, f"{shard}: truncated")
+    # A stream count the ranks cannot share, and one the global batch cannot be split over.
+    _one_line_error(launch_sh(2, "--data.streams=1"), "data.streams=1", "multiple of the 2 data-parallel")
+    _one_line_error(launch_sh(1, "--data.streams=8"), "data.streams=8", "global batch of 4")
 
 
 @pytest.mark.parametrize(

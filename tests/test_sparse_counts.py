@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from titan_mem.config import ConfigError, parse_args
 from titan_mem.distributed import exit_process
+from titan_mem.errors import CheckpointError
 from titan_mem.sparse.counts import (
     BackgroundCounts,
     SlotCounter,
@@ -173,7 +175,7 @@ def test_failed_save_leaves_old_file_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=f"{path}: writing background counts failed: OSError: disk"):
         save_background_counts(path, BackgroundCounts.empty({"m": 4}))
     assert path.read_bytes() == before
     assert not path.with_name(path.name + ".tmp").exists()
@@ -224,6 +226,24 @@ def test_load_errors_name_file_and_mismatch(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         load_background_counts(path, layers, str(tmp_path / "b" / "ckpt"))
     assert "checkpoint" in _one_line(e, path)
+
+    # tampered values: a negative df (NaN scores), df above N, a non-integer or missing n_batches
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    df_key = "layers.2.feed_forward.df"
+    for name, change, needle in [
+        ("negative", {df_key: tensors[df_key] - 5}, "negative counts"),
+        ("too_many", {df_key: tensors[df_key] + 10**6}, "more than n_batches"),
+        ("float_df", {df_key: tensors[df_key].double()}, "1-D integer tensor"),
+        ("n_batches_float", {"n_batches": "2.5"}, "n_batches must be a whole number >= 0, got 2.5"),
+        ("n_batches_text", {"n_batches": '"many"'}, "n_batches must be a whole number >= 0, got 'many'"),
+    ]:
+        bad = tmp_path / f"{name}.safetensors"
+        meta = {**header, **{k: v for k, v in change.items() if isinstance(v, str)}}
+        save_file({**tensors, **{k: v for k, v in change.items() if not isinstance(v, str)}}, str(bad), meta)
+        with pytest.raises(ValueError) as e:
+            load_background_counts(bad)
+        assert needle in _one_line(e, bad), name
 
     # the same checkpoint spelled differently resolves equal; None skips the check
     monkeypatch.chdir(tmp_path)

@@ -48,11 +48,16 @@ def test_resume_is_exact_single_rank(tiny, tmp_path):
             [*tiny, f"--job.dump_folder={straight}", "--training.steps=6", "--checkpoint.interval=100"]
         )
     )
+    # The first launch writes step 2 in the background (async_mode) while step 3 trains; the second
+    # resumes from that one, so an asynchronous save that copied too late or wrote too little fails here.
     split = tmp_path / "split"
-    _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=3"]))
-    assert sorted(step_dirs(split / "checkpoints")) == [3]
-    proc = _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=6"]))
-    assert "resumed from" in proc.stdout
+    background = ["--checkpoint.async_mode=async", "--checkpoint.interval=2"]
+    proc = _ok(run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=3", *background]))
+    assert "saving checkpoint" in proc.stdout and sorted(step_dirs(split / "checkpoints")) == [2, 3]
+    proc = _ok(
+        run_trainer([*tiny, f"--job.dump_folder={split}", "--training.steps=6", "--checkpoint.load_step=2"])
+    )
+    assert re.search(r"resumed from .*step-2 at step 2", proc.stdout)
     a, b = losses(straight), losses(split)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit for bit
@@ -81,9 +86,15 @@ def test_sigkill_during_save_leaves_previous_checkpoint_usable(tiny, tmp_path, f
     assert any((ckpts / "step-4.partial").glob("*.distcp"))  # tensor data was being written
     assert (ckpts / "step-4.partial" / ".metadata").exists() == (fault == "before_rename")
     assert sorted(step_dirs(ckpts)) == [2]
+    # what a crash in a purge leaves: a renamed folder, or (older titan_mem) one without its .metadata
+    for leftover in ("step-0.deleting", "step-1"):
+        (ckpts / leftover).mkdir()
+        (ckpts / leftover / "__0_0.distcp").write_bytes(b"x" * 100)
     proc = _ok(run_trainer([*tiny, "--training.steps=4", "--checkpoint.interval=2"]))
     assert re.search(r"resumed from .*step-2 at step 2", proc.stdout)
-    assert re.search(r"removed .*step-4.partial \(an unfinished save", proc.stdout)
+    for leftover in ("step-4.partial", "step-0.deleting", "step-1"):
+        assert re.search(rf"removed .*{leftover} \(an unfinished save or delete", proc.stdout), leftover
+        assert not (ckpts / leftover).exists()
     assert sorted(step_dirs(ckpts)) == [2, 4]
     assert not (ckpts / "step-4.partial").exists()
     # The killed run had logged steps 3 and 4; the resumed run logs them again, and only once.
@@ -106,7 +117,7 @@ def test_dry_run_pretrain_1b_prints_paper_model_counts():
     assert counts["total"] == dense + 2 * vocab * d + 1_073_741_824
     assert counts["active_per_token"] == dense + vocab * d + 4 * 32 * 1024
     assert "vocab 100352 (tokenizer 100278)" in out
-    assert "data-parallel ranks 64, grad accumulation 2" in out
+    assert "data-parallel ranks 64 (FSDP groups of 64), grad accumulation 2" in out
     assert "est. per-GPU total_gib" in out
 
 

@@ -75,6 +75,10 @@ class TrainingConfig:
     max_norm: float = help_field(1.0, "Gradient-norm clip; 0 disables clipping.")
     mixed_precision_param: str = help_field("bfloat16", "FSDP compute dtype on GPU (float32 on CPU).")
     mixed_precision_reduce: str = help_field("float32", "FSDP gradient reduce dtype.")
+    cpu_mixed_precision: bool = help_field(
+        False,
+        "Apply mixed_precision_param/reduce on CPU too (slow; how CI exercises the bf16 path without a GPU).",
+    )
     activation_checkpoint: str = help_field("none", "none | full (recompute each block in backward).")
     compile: bool = help_field(False, "torch.compile each transformer block.")
     memory_kernel: str = help_field(
@@ -98,6 +102,11 @@ class OptimizerConfig:
     memory_update: str = help_field(
         "dense",
         "dense | lazy: AdamW on every value row each step, or lazily on the rows read (sparse/lazy_adamw).",
+    )
+    implementation: str = help_field(
+        "auto",
+        "AdamW kernels: fused (one kernel for all tensors) | foreach (batched ops) | for-loop; auto = fused "
+        "on CUDA, foreach on CPU. Lazy value rows use their own row update.",
     )
 
 
@@ -128,6 +137,12 @@ class CheckpointConfig:
     initial_load_model_only: bool = help_field(
         True, "Load only model weights from initial_load_path (false: its full state, continuing its step)."
     )
+    async_mode: str = help_field(
+        "disabled",
+        "disabled | async: async copies the state to CPU memory and writes it in a background thread (DCP "
+        "async_save) while training continues; the step-N folder appears once every rank finished. The last "
+        "save and a save on a stop signal are always written before the run exits.",
+    )
 
 
 @dataclass
@@ -138,7 +153,15 @@ class MetricsConfig:
 
 @dataclass
 class ParallelismConfig:
-    data_parallel_shard_degree: int = help_field(-1, "FSDP ranks (-1 = all ranks).")
+    data_parallel_shard_degree: int = help_field(
+        -1, "FSDP ranks that shard the model (-1 = world size / data_parallel_replicate_degree)."
+    )
+    data_parallel_replicate_degree: int = help_field(
+        1,
+        "HSDP: replicas of the FSDP group. Each shards the model over world / this many ranks (e.g. one "
+        "node, on its fast links) and gradients are all-reduced across replicas (e.g. between nodes); "
+        "1 = plain FSDP over all ranks.",
+    )
     sync_every_micro_batch: bool = help_field(
         False,
         "Reduce-scatter gradients after every micro-batch (less memory) instead of once per step after the "
@@ -178,6 +201,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that make a run impossible; each error names its key."""
     choice("training.mode", cfg.training.mode, MODES)
     choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
+    choice("checkpoint.async_mode", cfg.checkpoint.async_mode, ("disabled", "async"))
+    choice("optimizer.implementation", cfg.optimizer.implementation, ("auto", "fused", "foreach", "for-loop"))
     if not cfg.optimizer.name:
         cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
     choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
@@ -204,6 +229,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lr_scheduler.decay_ratio: must be in [0, 1]; got {cfg.lr_scheduler.decay_ratio}")
     if (degree := cfg.parallelism.data_parallel_shard_degree) != -1 and degree < 1:
         raise ConfigError(f"parallelism.data_parallel_shard_degree: -1 or >= 1; got {degree}")
+    if (replicas := cfg.parallelism.data_parallel_replicate_degree) < 1:
+        raise ConfigError(f"parallelism.data_parallel_replicate_degree: >= 1; got {replicas}")
     if cfg.parallelism.memory_parallel_degree < -1:
         degree = cfg.parallelism.memory_parallel_degree
         raise ConfigError(f"parallelism.memory_parallel_degree: -1, 0 or >= 1; got {degree}")
@@ -223,6 +250,22 @@ def validate(cfg: Config) -> None:
             section.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def shard_degree(cfg: Config, world_size: int) -> int:
+    """Ranks one FSDP group shards the model over: world size / replicas, or a refusal naming the key."""
+    replicas = cfg.parallelism.data_parallel_replicate_degree
+    if world_size % replicas:
+        raise ConfigError(
+            f"parallelism.data_parallel_replicate_degree: {replicas} does not divide world size {world_size}"
+        )
+    shard = world_size // replicas
+    if cfg.parallelism.data_parallel_shard_degree not in (-1, shard):
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree: {cfg.parallelism.data_parallel_shard_degree} != world "
+            f"size {world_size} / data_parallel_replicate_degree {replicas} = {shard}"
+        )
+    return shard
 
 
 def validate_batch(cfg: Config, dp_world_size: int) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -84,3 +85,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_json(obj: Any) -> Any:
+    """Rank 0's JSON-able `obj` on every rank (CPU tensors: gloo serves them under NCCL too). JSON, not
+    pickle, so a rank never unpickles what it receives."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    buf = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(int(size), dtype=torch.uint8)
+    )
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.tolist()).decode())

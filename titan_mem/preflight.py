@@ -13,9 +13,10 @@ from pathlib import Path
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, check_resume_world_size, resume_path, step_dirs
-from titan_mem.checkpoint.dcp_index import read_train_state
+from titan_mem.checkpoint.dcp_index import check_data_files, read_train_state
 from titan_mem.config import Config, ConfigError
 from titan_mem.data.sources import build_source
+from titan_mem.data.streams import choose_layout
 from titan_mem.modes import TrainingMode, build_mode
 from titan_mem.modes.build import sparse_counts_path
 
@@ -26,30 +27,26 @@ def resume_checkpoint_exists(cfg: Config) -> bool:
 
 
 def _check_resume_world_size(cfg: Config, world_size: int) -> None:
-    """A resume must keep the data-parallel degree (the loader position is per rank): read it from the
-    checkpoint the run would resume from, without a process group."""
+    """A finetuning resume must keep the data-parallel degree (its loader position is per rank): read it
+    from the checkpoint the run would resume from, without a process group."""
     if not cfg.checkpoint.enable:
         return
     path = resume_path(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, cfg.checkpoint.load_step)
     if path is None:
         return
     try:
+        check_data_files(path)  # a truncated or missing shard, named before any worker starts
         saved = read_train_state(path).get("dp_world_size")
-    except CheckpointError:
-        return  # an unreadable checkpoint: the Trainer's load gives the precise error
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     if saved is not None:
-        check_resume_world_size(path, int(saved), world_size)
+        check_resume_world_size(path, int(saved), world_size, cfg.data.regime)
 
 
 def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainingMode]:
     """Refuse what cannot run on `world_size` ranks; returns the gradient-accumulation steps and the mode
     (built here because a mode refuses what it cannot run; the Trainer uses this one)."""
-    dp_degree = cfg.parallelism.data_parallel_shard_degree
-    if dp_degree not in (-1, world_size):
-        raise ConfigError(
-            f"parallelism.data_parallel_shard_degree: {dp_degree} != world size {world_size} "
-            "(FSDP over all ranks is the only layout so far)"
-        )
+    config_mod.shard_degree(cfg, world_size)
     mp_degree = cfg.parallelism.memory_parallel_degree
     if mp_degree > 0 and world_size % mp_degree:
         raise ConfigError(
@@ -63,8 +60,9 @@ def check_launch(cfg: Config, world_size: int) -> tuple[int, TrainingMode]:
             raise ConfigError(f"checkpoint.initial_load_path: {path}: no DCP checkpoint there (no .metadata)")
     if cfg.data.regime == "pretrain":
         try:  # checks local paths; a hub name is read later
+            choose_layout(cfg.data.streams, cfg.training.global_batch_size, 0, world_size)
             build_source(cfg.data)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
     mode = build_mode(cfg)
     counts = sparse_counts_path(cfg) if cfg.training.mode == "sparse_finetune" else None

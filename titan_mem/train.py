@@ -31,9 +31,19 @@ from titan_mem.components.optim import clip_grad_norm_
 from titan_mem.components.run_control import FolderLockedError, RunLock, StopSignals, die_with_launcher
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
+from titan_mem.data.hf_source import resolve_hf_files
 from titan_mem.data.packing import IGNORE_INDEX
+from titan_mem.data.sources import build_source
+from titan_mem.data.streams import merge_positions
 from titan_mem.data.tokenizer import padded_vocab_size
-from titan_mem.distributed import DistInfo, all_reduce_sum, exit_process, init_distributed, shutdown
+from titan_mem.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_json,
+    exit_process,
+    init_distributed,
+    shutdown,
+)
 from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
@@ -64,6 +74,10 @@ class Trainer:
         self.grad_accum, self.mode = check_launch(cfg, self.dist.world_size)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
+        # before the model: a hub that cannot be reached fails here, resolved once for all ranks
+        hf_files = None
+        if cfg.data.regime == "pretrain":
+            hf_files = resolve_hf_files(build_source(cfg.data), self.rank0, broadcast_json)
         self.model, self.model_args = build_model(
             cfg, self.dist, self.tokenizer, self.mode.converters, self.mode.policy.fsdp_ignored
         )
@@ -73,10 +87,12 @@ class Trainer:
             dp_world_size=self.dist.world_size,
             keep_latest_k=cfg.checkpoint.keep_latest_k,
             enabled=cfg.checkpoint.enable,
+            regime=cfg.data.regime,
+            async_save=cfg.checkpoint.enable and cfg.checkpoint.async_mode == "async",
         )
         if self.rank0:
-            for partial in self.ckpt.remove_partial_saves():  # safe: the lock excludes a live writer
-                self._log(f"removed {partial} (an unfinished save of an earlier run)")
+            for unfinished in self.ckpt.remove_unfinished():  # safe: the lock excludes a live writer
+                self._log(f"removed {unfinished} (an unfinished save or delete of an earlier run)")
         self.dataloader = build_dataloader(
             cfg.data,
             self.tokenizer,
@@ -85,6 +101,7 @@ class Trainer:
             dp_rank=self.dist.rank,
             dp_world_size=self.dist.world_size,
             global_batch_size=cfg.training.global_batch_size,
+            hf_files=hf_files,
         )
         self.step = 0
         resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None
@@ -140,14 +157,18 @@ class Trainer:
         def get_rank_state() -> dict[str, Any]:
             return {"dataloader": self.dataloader.state_dict(), "rng": rng_state()}
 
-        def put_rank_state(state: dict[str, Any]) -> None:
-            self.dataloader.load_state_dict(state["dataloader"])
-            set_rng_state(state["rng"])
+        def put_rank_state(saved: list[dict[str, Any]]) -> None:
+            if len(saved) == 1:  # this rank's own state: same world size
+                self.dataloader.load_state_dict(saved[0]["dataloader"])
+                set_rng_state(saved[0]["rng"])
+            else:  # resized: every rank picks its streams' positions out of all saved ranks'
+                self.dataloader.load_state_dict(merge_positions([s["dataloader"] for s in saved]))
+                set_rng_state(saved[self.dist.rank % len(saved)]["rng"])
 
         return {
             **self.content.dcp_states(),
             "lr_scheduler": SchedulerState(self.scheduler),
-            "rank_state": RankState(self.dist.rank, get_rank_state, put_rank_state),
+            "rank_state": RankState(self.dist.rank, self.dist.world_size, get_rank_state, put_rank_state),
         }
 
     def _next_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -222,15 +243,18 @@ class Trainer:
         ):
             self.model.set_requires_gradient_sync(final_micro_batch)
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """Save this step; `final` (the last step, a stop signal) is always written before returning."""
         if self.cfg.checkpoint.enable:
+            background = not final and self.cfg.checkpoint.async_mode == "async"
             path = self.ckpt.save(
                 self.step,
                 self._states(),
                 {"model_args": repr(self.model_args)},
                 write_files=self.content.file_writer(),
+                asynchronous=background,
             )
-            self._log(f"saved checkpoint {path}")
+            self._log(f"{'saving' if background else 'saved'} checkpoint {path}")
 
     # ------------------------------------------------------------------ loop
 
@@ -242,6 +266,7 @@ class Trainer:
         self.stop.install()
         try:
             self._train_loop(losses)
+            self.ckpt.wait()  # an asynchronous save still in flight (a crash leaves it .partial instead)
         finally:
             self.stop.uninstall()
             self.metrics.close()
@@ -252,10 +277,14 @@ class Trainer:
         cfg = self.cfg
         if self.evaluator and self.evaluator.at_start and self.step == 0:
             self.metrics.log(0, self.evaluator.run())  # the reference that forgetting is measured against
-        t_last, tokens_since = time.perf_counter(), 0
+        t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
         while self.step < cfg.training.steps:
-            info = self.train_step(self._next_batches())
+            t_data = time.perf_counter()
+            batches = self._next_batches()  # waits only when the loader is not ahead of training
+            data_wait += time.perf_counter() - t_data
+            info = self.train_step(batches)
             self.step += 1
+            steps_since += 1
             losses.append(info["loss"])
             tokens_since += info["tokens"]
             last = self.step == cfg.training.steps
@@ -278,19 +307,21 @@ class Trainer:
                         "tokens_per_s_per_device": per_device,
                         "mfu_pct": mfu,
                         "peak_mem_gib": peak_memory_gib(self.device),
+                        "data_wait_s": data_wait / steps_since,  # per step: time training waited on data
                         **{k: v for k, v in info.items() if k not in ("loss", "grad_norm", "tokens")},
                     },
                 )
-                t_last, tokens_since = time.perf_counter(), 0
+                t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
             if self.evaluator and self.evaluator.due(self.step, last):
                 self.metrics.log(self.step, self.evaluator.run())
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             saved = self.step % cfg.checkpoint.interval == 0 or last
             if saved:
-                self.save()
+                self.save(final=last)
             if not last and self.stop.requested(self.device):
                 if not saved:
-                    self.save()
+                    self.save(final=True)
+                self.ckpt.wait()
                 self._log(f"stop signal received: saved step {self.step}, exiting (resume continues from it)")
                 return
 
@@ -303,15 +334,13 @@ def dry_run(cfg: Config) -> None:
         Transformer(args)  # builds the real module tree: a shape error here is a real error
     counts = param_counts(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = (
-        world
-        if cfg.parallelism.data_parallel_shard_degree == -1
-        else cfg.parallelism.data_parallel_shard_degree
-    )
-    grad_accum = config_mod.validate_batch(cfg, dp)
+    par = cfg.parallelism
+    if par.data_parallel_shard_degree != -1:  # a dry run plans for that many ranks, wherever it runs
+        world = par.data_parallel_shard_degree * par.data_parallel_replicate_degree
+    grad_accum = config_mod.validate_batch(cfg, world)
     mem = estimate_memory_gib(
         args,
-        world_size=dp,
+        world_size=config_mod.shard_degree(cfg, world),
         seq_len=cfg.training.seq_len,
         micro_batch_size=cfg.training.micro_batch_size,
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
@@ -321,7 +350,8 @@ def dry_run(cfg: Config) -> None:
     for key, value in counts.as_dict().items():
         print(f"  params {key:<18} {value:>16,}")
     print(f"  training FLOPs/token   {flops_per_token(args, cfg.training.seq_len):>16,.0f}")
-    print(f"  data-parallel ranks {dp}, grad accumulation {grad_accum}")
+    shard = config_mod.shard_degree(cfg, world)
+    print(f"  data-parallel ranks {world} (FSDP groups of {shard}), grad accumulation {grad_accum}")
     for key, value in mem.items():
         print(f"  est. per-GPU {key:<20} {value:8.2f}")
 

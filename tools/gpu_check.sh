@@ -10,6 +10,8 @@
 #    to the --job.dry_run estimate
 # 4. tools/bench_train_step.py --pair 1b: tokens/s and MFU of the 1B memory model vs its dense twin, one run
 # 5. tools/bench_lazy_adamw.py: lazy vs dense AdamW step on a 1B rank's value shard, and their loss difference
+# 6. pretrain_1b steps with an asynchronous checkpoint save every 5 steps (step time vs step 3's),
+#    and the data wait per step with and without loader workers on the GPU (tools/bench_loader_workers.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -48,4 +50,9 @@ echo "== 4. memory model vs dense twin"
   --training.compile=true > /dev/null
 echo "== 5. lazy vs dense value AdamW: optimizer step on a 1B rank's shard (1M x 128), loss on the debug model"
 "$PY" tools/bench_lazy_adamw.py --table 1048576x128 --steps 100 --out "$OUT/bench_lazy_adamw.json" > /dev/null
+echo "== 6. async checkpoint saves during pretrain_1b steps; loader workers on the GPU"
+"$PY" -m titan_mem.train "${ONE_GPU[@]}" --checkpoint.enable=true --checkpoint.async_mode=async \
+  --checkpoint.interval=5 --job.dump_folder="$OUT/pretrain_1b_async" 2>&1 | tee "$OUT/pretrain_1b_async.txt"
+"$PY" tools/bench_loader_workers.py --workers 0,4 --out "$OUT/bench_loader_workers.json" \
+  --training.device=cuda > /dev/null
 echo "results in $OUT/"

@@ -8,7 +8,6 @@ patches    knowledge patches: the changed value rows of a sparse finetune, appli
 sparse     the sparse-finetune checkpoint: a patch + row-optimizer state instead of the whole model
 """
 
-from titan_mem.checkpoint.errors import CheckpointError, ConvertError, root_cause
 from titan_mem.checkpoint.manager import (
     CheckpointManager,
     ModelState,
@@ -21,6 +20,7 @@ from titan_mem.checkpoint.manager import (
     set_rng_state,
     step_dirs,
 )
+from titan_mem.errors import CheckpointError, ConvertError, root_cause
 
 __all__ = [
     "CheckpointError",

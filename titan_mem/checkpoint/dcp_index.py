@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from titan_mem.checkpoint.errors import CheckpointError, ConvertError, root_cause
 from titan_mem.checkpoint.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError, safe_load
+from titan_mem.errors import CheckpointError, ConvertError, root_cause
 
 MODEL_KEY = "model"
 
@@ -73,14 +73,16 @@ def open_dcp(path: str | os.PathLike) -> DcpIndex:
         raise ConvertError(path, str(e).split(": ", 1)[-1]) from None
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise ConvertError(path / ".metadata", "not DCP metadata")
-    _check_data_files(path, md)
+    check_data_files(path, md)
     planner_data = md.planner_data if isinstance(md.planner_data, dict) else {}
     paths = {k: tuple(planner_data.get(k, (k,))) for k in md.state_dict_metadata}
     return DcpIndex(path, md, paths)
 
 
-def _check_data_files(path: Path, md: Metadata) -> None:
-    """A missing or truncated data file is named here, not deep inside a DCP read."""
+def check_data_files(path: Path, md: Metadata | None = None) -> None:
+    """A missing or truncated data file is named here, not deep inside a DCP read (an `EOFError:` on
+    one rank). Only sizes are compared: cheap enough to run before every load."""
+    md = read_metadata(path) if md is None else md
     storage = md.storage_data if isinstance(md.storage_data, dict) else {}
     needed: dict[str, int] = {}
     for info in storage.values():

@@ -12,10 +12,11 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 
 from titan_mem.checkpoint.dcp_index import single_process
-from titan_mem.checkpoint.errors import ConvertError
+from titan_mem.errors import ConvertError, check_writable, write_errors
 
 
 def check_new_output(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> None:
+    check_writable(out)
     for src in inputs:
         if out.resolve() == src.resolve():
             raise ConvertError(out, "is also an input; write to a new path")
@@ -31,7 +32,8 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()
     partial = out.with_name(out.name + ".partial")
     remove_path(partial)  # a stale one from a killed run
     try:
-        yield partial
+        with write_errors(out, "writing"):
+            yield partial
         if out.exists():
             old = out.with_name(out.name + ".old")
             remove_path(old)
@@ -54,10 +56,11 @@ def atomic_file(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        with write_errors(out, "writing"):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
     except BaseException:
         remove_path(tmp)
         raise

@@ -28,13 +28,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from titan_mem.checkpoint.dcp_index import read_metadata
-from titan_mem.checkpoint.errors import CheckpointError, root_cause
+from titan_mem.checkpoint.dcp_index import check_data_files, read_metadata
 from titan_mem.checkpoint.safe_dcp import UnsafeCheckpointError, decode_state, encode_state, safe_load
 from titan_mem.distributed import barrier
+from titan_mem.errors import CheckpointError, root_cause, write_failure
 from titan_mem.parallel.memory_parallel import optimizer_state_local, optimizer_state_view
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_UNFINISHED = re.compile(r"^step-\d+\.(partial|deleting)$")
 
 
 class ModelState(Stateful):
@@ -76,16 +77,31 @@ class SchedulerState(Stateful):
 
 class RankState(Stateful):
     """Objects that differ per rank (data loader position, RNG), stored under a rank-specific key as JSON
-    bytes (safe_dcp.encode_state): never a pickle, so loading one cannot run code."""
+    bytes (safe_dcp.encode_state): never a pickle, so loading one cannot run code.
 
-    def __init__(self, rank: int, get: Any, put: Any):
-        self.key, self.get, self.put = f"rank{rank}", get, put
+    `put` receives the list of saved rank states: this rank's alone when the world size is unchanged, every
+    saved rank's after a resize (`expect_saved_world`), so the data position can be redistributed."""
+
+    def __init__(self, rank: int, world_size: int, get: Any, put: Any):
+        self.rank, self.world_size, self.get, self.put = rank, world_size, get, put
+        self.saved_world = world_size
+
+    def expect_saved_world(self, saved_world: int) -> None:
+        self.saved_world = saved_world
+
+    def _keys(self) -> list[str]:
+        if self.saved_world == self.world_size:
+            return [f"rank{self.rank}"]
+        return [f"rank{r}" for r in range(self.saved_world)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.key: encode_state(self.get())}
+        if self.saved_world != self.world_size:  # a template for loading another world's keys
+            return dict.fromkeys(self._keys(), b"")
+        return {f"rank{self.rank}": encode_state(self.get())}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.put(decode_state(sd[self.key], f"rank_state.{self.key}"))
+        self.put([decode_state(sd[key], f"rank_state.{key}") for key in self._keys()])
+        self.saved_world = self.world_size
 
 
 def step_dirs(folder: Path) -> dict[int, Path]:
@@ -137,12 +153,12 @@ def check_model_compatible(path: Path, model: torch.nn.Module, allow_missing: se
         raise CheckpointError(f"{path}: has tensors this model lacks: {', '.join(extra[:3])}{more}{hint}")
 
 
-def check_resume_world_size(path: Path, saved: int, now: int) -> None:
-    """The data loader position is per rank: a resume must keep the data-parallel degree."""
-    if saved != now:
+def check_resume_world_size(path: Path, saved: int, now: int, regime: str) -> None:
+    """A pretraining position moves to any rank count (data/streams.py); a finetuning one is per rank."""
+    if saved != now and regime != "pretrain":
         raise CheckpointError(
-            f"{path}: saved with {saved} data-parallel ranks, resuming with {now}; the data loader position "
-            "cannot be mapped (use the same world size, or start a new run from it with "
+            f"{path}: saved with {saved} data-parallel ranks, resuming with {now}; a data.regime={regime} "
+            "position is per rank (use the same world size, or start a new run from it with "
             "checkpoint.initial_load_path)"
         )
 
@@ -156,9 +172,21 @@ class _DieBeforeMetadata(FileSystemWriter):
 
 class CheckpointManager:
     def __init__(
-        self, folder: Path, *, rank: int, dp_world_size: int, keep_latest_k: int, enabled: bool = True
+        self,
+        folder: Path,
+        *,
+        rank: int,
+        dp_world_size: int,
+        keep_latest_k: int,
+        enabled: bool = True,
+        regime: str = "pretrain",
+        async_save: bool = False,
     ):
-        self.folder, self.rank, self.dp_world_size = folder, rank, dp_world_size
+        self.folder, self.rank, self.dp_world_size, self.regime = folder, rank, dp_world_size, regime
+        self._pending: tuple[Any, Path, Path] | None = None
+        # Background writes get their own gloo group: collectives from the writer thread must not interleave
+        # with the training thread's on the default group. Created on every rank (a collective call).
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.keep_latest_k, self.enabled = keep_latest_k, enabled
 
     # ------------------------------------------------------------------ save
@@ -169,24 +197,61 @@ class CheckpointManager:
         states: dict[str, Stateful],
         extra: dict[str, Any],
         write_files: Callable[[Path], None] | None = None,
+        *,
+        asynchronous: bool = False,
     ) -> Path:
         """Write all `states` for `step` (and rank 0's `write_files(partial_folder)`); atomic by
-        write-then-rename."""
+        write-then-rename. `asynchronous`: return once the state is copied to CPU memory; the files are
+        written in the background and committed by the next `save` or `wait`."""
+        self.wait()  # one save in flight at most, committed in order
         final = self.folder / f"step-{step}"
         partial = self.folder / f"step-{step}.partial"
         if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
             if partial.exists():
                 shutil.rmtree(partial)
+            partial.mkdir(parents=True)
         barrier()
         train_state = {"step": step, "dp_world_size": self.dp_world_size, "extra": json.dumps(extra)}
+        content = {**states, "train_state": train_state}
+        if self.rank == 0 and write_files is not None:
+            write_files(partial)  # now: these files hold this step's state, not a later one
+        if asynchronous:
+            if self._async_group is None:
+                raise CheckpointError(
+                    "checkpoint: asynchronous saves need CheckpointManager(async_save=True)"
+                )
+            future = dcp.async_save(content, checkpoint_id=str(partial), process_group=self._async_group)
+            self._pending = (future, partial, final)
+            return final
         fault = os.environ.get("TITAN_MEM_TEST_KILL_IN_SAVE")  # fault injection for the crash-safety test
         writer = _DieBeforeMetadata(str(partial)) if fault == "before_metadata" else None
-        dcp.save({**states, "train_state": train_state}, checkpoint_id=str(partial), storage_writer=writer)
-        if self.rank == 0 and write_files is not None:
-            write_files(partial)
+        try:
+            dcp.save(content, checkpoint_id=str(partial), storage_writer=writer)
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = write_failure(partial, f"saving step {step}", e)
+            if self.rank == 0:  # never loaded, and it holds the space a full disk needs back
+                shutil.rmtree(partial, ignore_errors=True)
+            raise error from None
         if fault == "before_rename":  # everything written, nothing committed
             os.kill(os.getpid(), signal.SIGKILL)
+        self._commit(partial, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit an asynchronous save in flight (a no-op when there is none)."""
+        if self._pending is None:
+            return
+        future, partial, final = self._pending
+        self._pending = None
+        try:
+            future.result()  # the writer thread's error, raised here in the training thread
+        except BaseException as e:
+            raise write_failure(partial, f"saving {final.name} in the background", e) from None
+        self._commit(partial, final)
+
+    def _commit(self, partial: Path, final: Path) -> None:
         barrier()
         if self.rank == 0:
             if final.exists():
@@ -194,16 +259,18 @@ class CheckpointManager:
             os.replace(partial, final)
             self._purge()
         barrier()
-        return final
 
-    def remove_partial_saves(self) -> list[Path]:
-        """Delete `step-N.partial/` folders: saves a crash interrupted (never complete, never loaded; up to
-        a whole checkpoint of disk each). Call only while holding the run lock."""
+    def remove_unfinished(self) -> list[Path]:
+        """Delete what a crash left half-done: `step-N.partial/` (a save, never complete, never loaded),
+        `step-N.deleting/` (a purge) and `step-N/` without `.metadata` (deleted by an older titan_mem
+        in place). Up to a whole checkpoint of disk each. Call only while holding the run lock."""
         removed = []
         if self.folder.is_dir():
-            for p in sorted(self.folder.glob("step-*.partial")):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+            for p in sorted(self.folder.iterdir()):
+                half_deleted = _STEP_DIR.match(p.name) and not (p / ".metadata").exists()
+                if p.is_dir() and (_UNFINISHED.match(p.name) or half_deleted):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
         return removed
 
     def _purge(self) -> None:
@@ -211,7 +278,10 @@ class CheckpointManager:
             return
         steps = sorted(step_dirs(self.folder))
         for s in steps[: -self.keep_latest_k]:
-            shutil.rmtree(self.folder / f"step-{s}", ignore_errors=True)
+            # rename first (atomic), so a crash mid-delete leaves a name the next start removes
+            doomed = self.folder / f"step-{s}.deleting"
+            os.replace(self.folder / f"step-{s}", doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
 
@@ -224,7 +294,11 @@ class CheckpointManager:
             check_model_compatible(path, model)
         train_state = {"step": 0, "dp_world_size": 0, "extra": ""}
         self._load({"train_state": train_state}, path)
-        check_resume_world_size(path, int(train_state["dp_world_size"]), self.dp_world_size)
+        saved_world = int(train_state["dp_world_size"])
+        check_resume_world_size(path, saved_world, self.dp_world_size, self.regime)
+        for state in states.values():
+            if isinstance(state, RankState):
+                state.expect_saved_world(saved_world)
         self._load(states, path)
         return {"step": int(train_state["step"]), "extra": json.loads(train_state["extra"] or "{}")}
 
@@ -238,6 +312,7 @@ class CheckpointManager:
         self._load({"model": ModelState(model, strict=not allow_missing, skip=set(allow_missing))}, path)
 
     def _load(self, states: dict[str, Any], path: Path) -> None:
+        check_data_files(path)
         try:
             safe_load(states, str(path))
         except (CheckpointError, KeyboardInterrupt, SystemExit):

@@ -28,8 +28,8 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan_mem.checkpoint.dcp_index import MODEL_KEY, DcpIndex, iter_model_batches, load_model, open_dcp
-from titan_mem.checkpoint.errors import ConvertError, root_cause
 from titan_mem.checkpoint.files import atomic_file, check_new_output, save_dcp
+from titan_mem.errors import ConvertError, root_cause
 from titan_mem.models.memory import is_value_table
 
 PATCH_FORMAT = "titan_mem.sparse_delta"

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from titan_mem.checkpoint.errors import CheckpointError
+from titan_mem.errors import CheckpointError
 
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)  # every class there is a plain dataclass
 _METADATA_GLOBALS = {

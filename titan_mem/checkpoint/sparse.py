@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_mem.checkpoint.dcp_index import open_dcp
-from titan_mem.checkpoint.errors import CheckpointError
 from titan_mem.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from titan_mem.checkpoint.patches import (
     Lineage,
@@ -37,6 +36,7 @@ from titan_mem.checkpoint.patches import (
     write_patch,
 )
 from titan_mem.distributed import all_reduce_sum
+from titan_mem.errors import CheckpointError
 from titan_mem.parallel.memory_parallel import column_shard_of
 
 PATCH_FILE = "patch.safetensors"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from titan_mem.config import Config, ConfigError
 from titan_mem.data.tokenizer import padded_vocab_size
@@ -41,7 +42,10 @@ def build_model(
     for converter in converters:
         converter.convert(model)
     mp = mixed_precision_policy(
-        dist_info.device, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
+        dist_info.device,
+        cfg.training.mixed_precision_param,
+        cfg.training.mixed_precision_reduce,
+        on_cpu=cfg.training.cpu_mixed_precision,
     )
     memory_mesh = None
     if model_args.memory.layers and cfg.parallelism.memory_parallel_degree != 0:
@@ -56,9 +60,17 @@ def build_model(
                 f"parallelism.memory_parallel_degree: value dim {model_args.v_dim} is not divisible by "
                 f"{memory_mesh.size(1)} memory-parallel ranks"
             )
+    replicas = cfg.parallelism.data_parallel_replicate_degree
+    fsdp_mesh = dist_info.mesh
+    if replicas > 1:  # HSDP: shard within each group of world / replicas ranks, all-reduce across groups
+        fsdp_mesh = init_device_mesh(
+            dist_info.device.type,
+            (replicas, dist_info.world_size // replicas),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )
     model = parallelize_and_init(
         model,
-        dist_info.mesh,
+        fsdp_mesh,
         dist_info.device,
         seed=cfg.job.seed,
         mp_policy=mp,

@@ -19,9 +19,11 @@ from titan_mem.parallel.memory_parallel import shard_columns
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def mixed_precision_policy(device: torch.device, param_dtype: str, reduce_dtype: str) -> MixedPrecisionPolicy:
-    """bf16 compute / fp32 reduce on GPU; plain fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
-    if device.type != "cuda":
+def mixed_precision_policy(
+    device: torch.device, param_dtype: str, reduce_dtype: str, on_cpu: bool = False
+) -> MixedPrecisionPolicy:
+    """bf16 compute / fp32 reduce on GPU; plain fp32 on CPU (CPU bf16 matmuls are slow) unless `on_cpu`."""
+    if device.type != "cuda" and not on_cpu:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
 

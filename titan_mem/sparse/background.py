@@ -30,6 +30,7 @@ from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.distributed import all_reduce_sum, init_distributed
+from titan_mem.errors import check_writable
 from titan_mem.models.args import build_model_args
 from titan_mem.sparse.counts import BackgroundCounts, count_slots, merge_counts, save_background_counts
 
@@ -101,6 +102,7 @@ def count_background(
     rank, world = dist_info.rank, dist_info.world_size
     ckpt_path = Path(checkpoint)
     out = Path(out) if out else ckpt_path / DEFAULT_NAME
+    check_writable(out)  # before the model is built and 1000 batches are counted
     model, _ = build_model(cfg, dist_info, tokenizer)
     manager = CheckpointManager(ckpt_path.parent, rank=rank, dp_world_size=world, keep_latest_k=0)
     load_model_weights(manager, ckpt_path, model)

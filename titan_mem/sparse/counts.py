@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from titan_mem.errors import write_errors
 from titan_mem.sparse.scores import SlotBackground
 
 FORMAT = "titan_mem.background_counts"
@@ -270,11 +271,12 @@ def save_background_counts(path: str | os.PathLike, bg: BackgroundCounts) -> Non
     for n in bg.layers:
         tensors[f"{n}.df"] = bg.df[n].detach().cpu().contiguous()
         tensors[f"{n}.total"] = bg.total[n].detach().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        with write_errors(path, "writing background counts"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=header)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -318,6 +320,27 @@ def check_counts_batch_shape(
             f"{batch_size} x {seq_len} (ratio of tokens per batch {round(ratio, 2)} > tolerance "
             f"{tolerance}); {RECOUNT}",
         )
+
+
+def _check_counts_values(path: Path, meta: dict, tensors: dict[str, torch.Tensor], layers: list[str]) -> int:
+    """Refuse counts that would score nonsense: idf = log((N+1)/(df+1)) needs integer 0 <= df <= N (a
+    negative df gives NaN scores, which then select the lowest slot ids). Returns N."""
+    n_batches = meta.get("n_batches")
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 0:
+        raise _bad(path, f"metadata n_batches must be a whole number >= 0, got {n_batches!r}")
+    for n in layers:
+        for kind in ("df", "total"):
+            t = tensors[f"{n}.{kind}"]
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dim() != 1:
+                raise _bad(path, f"{n}.{kind} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+            if t.numel() and int(t.min()) < 0:
+                raise _bad(path, f"{n}.{kind} has negative counts (min {int(t.min())})")
+        df = tensors[f"{n}.df"]
+        if df.numel() and int(df.max()) > n_batches:
+            raise _bad(path, f"{n}.df counts {int(df.max())} batches, more than n_batches={n_batches}")
+        if tensors[f"{n}.total"].numel() != df.numel():
+            raise _bad(path, f"{n}.total and {n}.df differ in length")
+    return n_batches
 
 
 def load_background_counts(
@@ -369,7 +392,7 @@ def load_background_counts(
             raise _bad(path, f"counted on checkpoint {recorded!r}, but finetuning {str(expect_checkpoint)!r}")
     if expect_batch is not None:
         check_counts_batch_shape(path, meta, expect_batch[0], expect_batch[1], shape_tolerance)
-    n_batches = int(meta.get("n_batches", 0))
+    n_batches = _check_counts_values(path, meta, tensors, layers)
     return BackgroundCounts(
         df={n: tensors[f"{n}.df"] for n in layers},
         total={n: tensors[f"{n}.total"] for n in layers},
