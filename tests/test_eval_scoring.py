@@ -144,6 +144,7 @@ def test_plan_batches_longest_first_within_budgets():
     assert cut_at_stop("abc\ndef.", ["\n", "."]) == "abc"
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 def test_few_shot_examples_come_from_the_head_and_are_not_scored():
     (task,) = build_tasks(["nq_open"], TaskContext(data_dir=SHARED_DATA, limit=3, num_fewshot=2))
     (zero,) = build_tasks(["nq_open"], TaskContext(data_dir=SHARED_DATA, limit=5))
