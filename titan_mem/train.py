@@ -75,9 +75,8 @@ class Trainer:
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         # before the model: a hub that cannot be reached fails here, resolved once for all ranks
-        hf_files = None
-        if cfg.data.regime == "pretrain":
-            hf_files = resolve_hf_files(build_source(cfg.data), self.rank0, broadcast_json)
+        source = build_source(cfg.data) if cfg.data.regime == "pretrain" else None
+        resolve_hf_files(source, self.rank0, broadcast_json)
         self.model, self.model_args = build_model(
             cfg, self.dist, self.tokenizer, self.mode.converters, self.mode.policy.fsdp_ignored
         )
@@ -101,7 +100,7 @@ class Trainer:
             dp_rank=self.dist.rank,
             dp_world_size=self.dist.world_size,
             global_batch_size=cfg.training.global_batch_size,
-            hf_files=hf_files,
+            source=source,
         )
         self.step = 0
         resume = self.ckpt.resume_path(cfg.checkpoint.load_step) if cfg.checkpoint.enable else None

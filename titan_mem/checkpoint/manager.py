@@ -230,10 +230,7 @@ class CheckpointManager:
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            error = write_failure(partial, f"saving step {step}", e)
-            if self.rank == 0:  # never loaded, and it holds the space a full disk needs back
-                shutil.rmtree(partial, ignore_errors=True)
-            raise error from None
+            raise self._save_failed(partial, f"saving step {step}", e) from None
         if fault == "before_rename":  # everything written, nothing committed
             os.kill(os.getpid(), signal.SIGKILL)
         self._commit(partial, final)
@@ -248,8 +245,16 @@ class CheckpointManager:
         try:
             future.result()  # the writer thread's error, raised here in the training thread
         except BaseException as e:
-            raise write_failure(partial, f"saving {final.name} in the background", e) from None
+            raise self._save_failed(partial, f"saving {final.name} in the background", e) from None
         self._commit(partial, final)
+
+    def _save_failed(self, partial: Path, what: str, e: BaseException) -> CheckpointError:
+        """The one-line error for a failed save; rank 0 removes the unfinished folder (never loaded, and
+        it holds the space a full disk needs back)."""
+        error = write_failure(partial, what, e)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        return error
 
     def _commit(self, partial: Path, final: Path) -> None:
         barrier()
@@ -290,6 +295,7 @@ class CheckpointManager:
 
     def load_full(self, path: Path, model: torch.nn.Module, states: dict[str, Stateful]) -> dict[str, Any]:
         """Restore everything saved at `path`; returns the train state (step, extra)."""
+        check_data_files(path)  # once per load, not per DCP read: every rank stats every shard
         if "model" in states:
             check_model_compatible(path, model)
         train_state = {"step": 0, "dp_world_size": 0, "extra": ""}
@@ -308,11 +314,11 @@ class CheckpointManager:
         """Load only the model weights (the start of a finetuning run or an evaluation)."""
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
+        check_data_files(path)
         check_model_compatible(path, model, allow_missing)
         self._load({"model": ModelState(model, strict=not allow_missing, skip=set(allow_missing))}, path)
 
     def _load(self, states: dict[str, Any], path: Path) -> None:
-        check_data_files(path)
         try:
             safe_load(states, str(path))
         except (CheckpointError, KeyboardInterrupt, SystemExit):

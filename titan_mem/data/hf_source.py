@@ -31,13 +31,12 @@ class HFSource:
         text_field: str,
         shuffle_files: bool = False,
         seed: int = 0,
-        resolved: dict[str, Any] | None = None,
     ) -> None:
         self.name, self.config, self.data_files = name, config, list(data_files)
         self.split, self.streaming, self.text_field = split, streaming, text_field
         self.shuffle_files, self.seed = shuffle_files, seed
         self.description = f"hf:{name}" + (f" ({config})" if config else "")
-        self.resolved = resolved
+        self.resolved: dict[str, Any] | None = None  # set by resolve_hf_files, or on the first open
 
     def _error(self, e: Exception) -> ValueError:
         return ValueError(f"data.source: cannot open HF dataset {self.description}: {type(e).__name__}: {e}")
@@ -119,11 +118,11 @@ class _HFReader:
             self._part += 1
 
 
-def resolve_hf_files(source: Any, is_rank0: bool, share: Any) -> dict[str, Any] | None:
+def resolve_hf_files(source: Any, is_rank0: bool, share: Any) -> None:
     """Rank 0 resolves a HF source's files, every rank gets the result (or rank 0's error, as one line)
-    through `share` (a JSON broadcast); None for other sources."""
+    through `share` (a JSON broadcast) into `source.resolved`; other sources are left alone."""
     if not isinstance(source, HFSource):
-        return None
+        return
     result: dict[str, Any] = {}
     if is_rank0:
         try:
@@ -134,4 +133,3 @@ def resolve_hf_files(source: Any, is_rank0: bool, share: Any) -> dict[str, Any] 
     if "error" in result:
         raise ValueError(result["error"])
     source.resolved = result["ok"]
-    return source.resolved

@@ -16,6 +16,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_mem.data.config import DataConfig
+from titan_mem.data.documents import DocumentSource
 from titan_mem.data.qa import build_finetune_dataset
 from titan_mem.data.sources import build_source
 from titan_mem.data.streams import PretrainLoader, check_fingerprint, choose_layout
@@ -99,13 +100,14 @@ def build_dataloader(
     dp_rank: int,
     dp_world_size: int,
     global_batch_size: int | None = None,
-    hf_files: dict[str, Any] | None = None,
+    source: DocumentSource | None = None,
 ) -> DataLoader | PretrainLoader:
     """Resumable loader of this rank's {input_ids, labels, token_mask} batches [micro_batch_size, seq_len].
 
     `global_batch_size` (default micro_batch_size x dp_world_size, i.e. no gradient accumulation) is the
     optimizer step's sequences: pretraining splits it over `data.streams`; the finetuning regimes read one
-    fact per optimizer step. `hf_files`: a hub source's files as rank 0 resolved them (`resolve_hf_files`).
+    fact per optimizer step. `source`: the pretraining source when the caller already built it (the
+    trainer does, to resolve a hub source's files once, `resolve_hf_files`).
     """
     cfg.validate()
     if not 0 <= dp_rank < dp_world_size:
@@ -132,7 +134,7 @@ def build_dataloader(
         )
     if cfg.regime == "pretrain":
         return PretrainLoader(
-            build_source(cfg, hf_files),
+            source or build_source(cfg),
             tokenizer,
             layout=choose_layout(
                 cfg.streams, global_batch_size or micro_batch_size * dp_world_size, dp_rank, dp_world_size

@@ -285,9 +285,8 @@ class _SyntheticReader:
             )
 
 
-def build_source(cfg: DataConfig, hf_files: dict[str, Any] | None = None) -> DocumentSource:
-    """Pick the source for `cfg.source`; local paths are checked here so a typo fails before training.
-    `hf_files`: a hub source's data files as rank 0 resolved them (`hf_source.resolve_hf_files`)."""
+def build_source(cfg: DataConfig) -> DocumentSource:
+    """Pick the source for `cfg.source`; local paths are checked here so a typo fails before training."""
     kind = cfg.source_type
     if kind == "auto":
         if cfg.source == "synthetic":
@@ -317,5 +316,4 @@ def build_source(cfg: DataConfig, hf_files: dict[str, Any] | None = None) -> Doc
         text_field=cfg.text_field,
         shuffle_files=cfg.shuffle_buffer > 0,
         seed=cfg.seed,
-        resolved=hf_files,
     )
