@@ -57,11 +57,8 @@ def write_failure(path: str | os.PathLike, what: str, e: BaseException) -> Check
             break
         seen = seen.__cause__ or seen.__context__
     notes = []
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
-        notes.append(f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free there")
+        notes.append(f"{shutil.disk_usage(_nearest_existing(Path(path))).free / 2**30:.2f} GiB free there")
     except OSError:
         pass
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -71,12 +68,17 @@ def write_failure(path: str | os.PathLike, what: str, e: BaseException) -> Check
     return CheckpointError(f"{path}: {what} failed: {cause}{extra}")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (what a write there would land in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(out: Path) -> None:
     """Refuse an output that cannot be written before any work is done: its nearest existing folder must
     be a folder that takes a new file (a parent that is a file, /proc, a read-only mount all fail here)."""
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(out.parent)
     if not existing.is_dir():
         raise ConvertError(out, f"cannot be created: {existing} is a file, not a folder")
     try:
