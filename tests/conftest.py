@@ -168,3 +168,27 @@ def run_tool(
 ):
     """Run tools/<script> on `nproc` ranks."""
     return launch([str(REPO / "tools" / script), *args], nproc, env, timeout)
+
+
+def _one_rank_worker(rank: int, fn, args: tuple, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from titan_mem.distributed import exit_process
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        torch.save(fn(*args), out)
+    finally:
+        dist.destroy_process_group()
+    exit_process(0)  # skip interpreter teardown, which can abort after gloo use (see exit_process)
+
+
+def run_one_rank(fn, tmp_path: Path, *args):
+    """fn(*args) in a fresh spawned process holding a 1-rank gloo group (FSDP2 needs one), returning its
+    result: the test process never holds a process group, and a gloo teardown abort cannot end pytest."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "one_rank_result.pt"
+    mp.spawn(_one_rank_worker, args=(fn, args, str(tmp_path / "init"), str(out)), nprocs=1, join=True)
+    return torch.load(out, weights_only=False)

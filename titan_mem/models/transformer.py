@@ -19,22 +19,33 @@ from titan_mem.models.memory import MemoryLayer, MemoryValues, recompute_context
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """[max_seq_len, head_dim] table: cos in the first half, sin in the second (Su et al. 2021, eq. 34)."""
+    """[max_seq_len, head_dim // 2] complex64 table e^(i m theta_j) (Su et al. 2021, eq. 34).
+
+    Complex, as torchtitan's `freqs_cis`: FSDP2 mixed precision casts floating-point forward inputs of each
+    block to bf16, and bf16 cos/sin are off by up to 2^-9, i.e. a wrong angle; a complex tensor is not
+    floating point, so the table reaches every block in fp32 whatever wraps the blocks.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    return torch.complex(freqs.cos(), freqs.sin())
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x: [B, T, H, D] by position; cache: rows of `rope_cache`, either [T, D]
-    (every row at positions 0..T-1) or [B, T, D] (each row at its own positions, e.g. `rope[positions]`)."""
-    half = cache.shape[-1] // 2
+    """Rotate interleaved pairs of x: [B, T, H, D] by position; cache: rows of `rope_cache`, either [T, D/2]
+    (every row at positions 0..T-1) or [B, T, D/2] (each row at its own positions, e.g. `rope[positions]`).
+
+    The rotation runs in fp32 (x upcast, rotated, cast back), on the real and imaginary parts of the table
+    (real arithmetic: inductor fuses it, complex ops it would not).
+    """
+    if cache.dtype != torch.complex64:
+        raise TypeError(f"apply_rope: expected a complex64 rope_cache table, got {cache.dtype}")
+    cs = torch.view_as_real(cache)  # [..., D/2, 2]: cos, sin
     if cache.dim() == 2:
-        cos = cache[:, :half].view(1, x.shape[1], 1, half)
-        sin = cache[:, half:].view(1, x.shape[1], 1, half)
+        cs = cs.view(1, x.shape[1], 1, -1, 2)
     else:
-        cos, sin = cache[..., :half].unsqueeze(2), cache[..., half:].unsqueeze(2)
+        cs = cs.unsqueeze(2)
+    cos, sin = cs[..., 0], cs[..., 1]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
@@ -163,6 +174,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Non-persistent (checkpoints hold no RoPE); passed to every block as a forward input (complex64,
+        # so FSDP2's cast of floating-point inputs to param_dtype leaves it fp32: see `rope_cache`).
         self.register_buffer(
             "rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
         )
