@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from titan_mem.distributed import (
     init_distributed,
     shutdown,
 )
+from titan_mem.errors import UNEXPECTED_EXIT, is_user_error, report_unexpected
 from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
@@ -343,7 +345,8 @@ def dry_run(cfg: Config) -> None:
         seq_len=cfg.training.seq_len,
         micro_batch_size=cfg.training.micro_batch_size,
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
-        memory_parallel=cfg.parallelism.memory_parallel_degree != 0,
+        memory_parallel=par.memory_parallel_degree != 0,
+        memory_parallel_degree=world if par.memory_parallel_degree == -1 else par.memory_parallel_degree,
     )
     print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {n_words})")
     for key, value in counts.as_dict().items():
@@ -361,28 +364,38 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.help_text())
         return 0
 
+    dump_folder: list[str] = []  # known once the config parsed: where an unexpected error's traceback goes
+
     def run() -> None:
         cfg = config_mod.parse_args(argv)
+        dump_folder.append(cfg.job.dump_folder)
         if cfg.job.dry_run:
             dry_run(cfg)
         else:
             Trainer(cfg).train()
 
-    return run_cli(run)
+    return run_cli(run, lambda: dump_folder[0] if dump_folder else None)
 
 
-# OSError: an unwritable dump folder, a full disk, a missing file: the message names the path.
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FolderLockedError, OSError, ValueError)
+# The project's own errors; errors.is_user_error adds the ValueErrors/OSErrors our code raises for bad input
+# and the OSErrors refusing a user's path (a full disk, a missing file: the message names the path).
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FolderLockedError)
 
 
-def run_cli(fn) -> int:
-    """Run a command: a user error becomes one `error: ...` line and exit code 2, never a traceback."""
+def run_cli(fn: Callable[[], object], dump_folder: Callable[[], str | None] = lambda: None) -> int:
+    """Run a command (every CLI does, through this): a user error becomes one `error: ...` line and exit
+    code 2; an unexpected one also one line and exit code 1, its traceback in `dump_folder()`/error.log
+    (stderr when that is None or unwritable; both with TITAN_MEM_TRACEBACK=1), see errors.report_unexpected.
+    """
     try:
         fn()
         return 0
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except Exception as e:
+        if is_user_error(e, USER_ERRORS):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        report_unexpected(e, dump_folder())
+        return UNEXPECTED_EXIT
     finally:
         shutdown()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from titan_mem.checkpoint import CheckpointError
 from titan_mem.checkpoint.convert import export_model, to_dcp, to_file
 from titan_mem.checkpoint.patches import apply_delta, make_delta
+from titan_mem.errors import UNEXPECTED_EXIT, is_user_error, report_unexpected
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,14 +132,18 @@ def run(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors (errors.is_user_error) are one `error:` line, exit 2; anything else keeps its traceback."""
     try:
         print(run(sys.argv[1:] if argv is None else argv), flush=True)
         return 0
-    except CheckpointError as e:  # ConvertError included: already `<path>: <what>`
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as e:  # disk full, permissions, ...: nothing half-written stays (atomic writes)
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr, flush=True)
+    except Exception as e:
+        if not is_user_error(e, (CheckpointError,)):
+            report_unexpected(e, None)  # no run folder: the traceback goes to stderr
+            return UNEXPECTED_EXIT
+        if isinstance(e, OSError) and e.strerror:  # disk full, permissions: nothing half-written stays
+            print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr, flush=True)
+        else:  # ConvertError included: already `<path>: <what>`
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
 
