@@ -3,8 +3,13 @@
 For each memory size (`--n-keys`, slots = n_keys^2) it makes a base checkpoint and its background counts,
 then times each finetuning mode in its own child process (real Trainer, synthetic fact batches). Sparse
 finetuning should stay flat as the table grows (its cost scales with the rows touched); full finetuning
-pays for the whole table (dense gradients and AdamW state).
-    python tools/bench_finetune_step.py [--n-keys 64,256] [--steps 20] [--out FILE.json]
+pays for the whole table (dense gradients and AdamW state). Each child also counts the bytes torch allocates
+during one more step (profiler memory events, `components.bench.allocations`): a sparse step's total and
+largest allocation must not grow with the table. `--bf16` runs the GPU's mixed precision on CPU (bf16
+compute, fp32 table), the setting in which a table-sized cast would show; `--kernel triton` uses the Triton
+lookup (on CPU only under TRITON_INTERPRET=1, at small sizes: the interpreter is slow).
+    python tools/bench_finetune_step.py [--n-keys 64,256,1024] [--steps 20] [--bf16] [--kernel torch]
+        [--modes sparse_finetune] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ MODES = {
 }
 
 
-def _child(mode: str, base: str, n_keys: int, steps: int, warmup: int) -> dict:
+def _child(mode: str, base: str, n_keys: int, steps: int, warmup: int, extra: list[str]) -> dict:
     import torch
 
-    from titan_mem.components.bench import time_train_steps
+    from titan_mem.components.bench import allocations, time_train_steps
     from titan_mem.components.metrics import peak_memory_gib
     from titan_mem.config import parse_args
     from titan_mem.distributed import shutdown
+    from titan_mem.models.memory import is_value_table
     from titan_mem.train import Trainer
 
     cfg = parse_args(
@@ -64,12 +70,15 @@ def _child(mode: str, base: str, n_keys: int, steps: int, warmup: int) -> dict:
             f"--job.dump_folder={REPO / 'outputs' / 'bench_finetune_step' / f'{mode}_{n_keys}'}",
             f"--checkpoint.initial_load_path={base}",
             "--checkpoint.enable=false",
-            f"--training.steps={steps + warmup}",
+            f"--training.steps={steps + warmup + 1}",
+            *extra,
         ]
     )
     trainer = Trainer(cfg)
     timing = time_train_steps(trainer, steps, warmup)
-    trainable = sum(p.numel() for p in trainer.mode.trainable_params(trainer.model))
+    batches = trainer._next_batches()
+    step_alloc = allocations(lambda: trainer.train_step(batches))
+    trainable = sum(p.numel() for p in trainer.trainable)
     opt = trainer.optimizer
     if hasattr(opt, "updaters"):  # row-sparse: state only for rows ever updated
         state_rows = sum(u.n_state for u in opt.updaters.values())
@@ -96,6 +105,12 @@ def _child(mode: str, base: str, n_keys: int, steps: int, warmup: int) -> dict:
         "optimizer_state_bytes": state_bytes,
         "optimizer_state_rows": state_rows,
         "peak_mem_gib": peak_memory_gib(trainer.device),
+        "value_table_bytes": sum(
+            p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if is_value_table(n)
+        ),
+        "step_alloc_total_bytes": step_alloc["total_bytes"],
+        "step_alloc_largest_bytes": step_alloc["largest_bytes"],
+        "step_alloc_count": step_alloc["count"],
     }
     shutdown()
     return result
@@ -130,12 +145,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--bf16", action="store_true", help="bf16 compute on CPU (cpu_mixed_precision)")
+    parser.add_argument("--kernel", default="auto", help="training.memory_kernel: auto | torch | triton")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = [f"--training.memory_kernel={args.kernel}"]
+    if args.bf16:
+        extra.append("--training.cpu_mixed_precision=true")
     if args.child:
-        print(json.dumps(_child(args.child, args.base, int(args.n_keys), args.steps, args.warmup)))
+        result = _child(args.child, args.base, int(args.n_keys), args.steps, args.warmup, extra)
+        print(json.dumps(result))
         return
     root = REPO / "outputs" / "bench_finetune_step"
     results = []
@@ -153,14 +174,28 @@ def main() -> None:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                "--kernel",
+                args.kernel,
+                *(["--bf16"] if args.bf16 else []),
             ]
             results.append(run_child(__file__, child, REPO))
+            r = results[-1]
             print(
-                f"{mode} n_slots={n_keys**2}: {results[-1]['step_time_s_median'] * 1e3:.1f} ms/step",
+                f"{mode} n_slots={n_keys**2}: {r['step_time_s_median'] * 1e3:.1f} ms/step, allocated "
+                f"{r['step_alloc_total_bytes'] / 2**20:.2f} MiB/step (largest "
+                f"{r['step_alloc_largest_bytes'] / 2**20:.2f} MiB; "
+                f"table {r['value_table_bytes'] / 2**20:.0f} MiB)",
                 file=sys.stderr,
             )
     write_report(
-        {"benchmark": "finetune_step", "machine": machine_info(), "batch": FACTS, "results": results},
+        {
+            "benchmark": "finetune_step",
+            "machine": machine_info(),
+            "command": " ".join(["python", "tools/bench_finetune_step.py", *sys.argv[1:]]),
+            "batch": FACTS,
+            "settings": extra,
+            "results": results,
+        },
         args.out,
     )
 

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,25 @@ def write_report(report: dict[str, Any], out: Path | None) -> None:
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(text + "\n")
         tmp.replace(out)
+
+
+def allocations(fn: Callable[[], Any]) -> dict[str, int]:
+    """Bytes that torch allocates while `fn()` runs, on any device: {"total_bytes", "largest_bytes",
+    "count"}.
+
+    Counted from the profiler's memory events (`profile_memory=True`), which see every tensor allocation
+    on CPU as on CUDA, so a table-sized cast or gradient shows up as one allocation of M x D x dtype bytes
+    even on a machine without a GPU. Peak-memory counters cannot do that on CPU (there are none).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    sizes = []
+    for event in prof.events():
+        # An op's *self* usage is what it allocated itself (children counted in theirs); frees are < 0.
+        for used in (event.self_cpu_memory_usage, event.self_device_memory_usage):
+            if used > 0:
+                sizes.append(int(used))
+    return {"total_bytes": sum(sizes), "largest_bytes": max(sizes, default=0), "count": len(sizes)}

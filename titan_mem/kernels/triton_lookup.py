@@ -151,12 +151,14 @@ def lookup_forward(
     *,
     block_d: int | None = None,
     block_k: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out [N, D] in values' dtype; weights stay in their own dtype (fp32 accumulate, no bf16 rounding)."""
+    """out [N, D] in `out_dtype` (default values' dtype); rows are read in the table's own dtype and weights
+    in theirs, accumulated in fp32 (no bf16 rounding, no cast copy of the table)."""
     _check(values, indices, weights)
     n, k = indices.shape
     d = values.shape[1]
-    out = torch.empty(n, d, dtype=values.dtype, device=values.device)
+    out = torch.empty(n, d, dtype=out_dtype or values.dtype, device=values.device)
     if n == 0 or d == 0:
         return out
     if k == 0:
@@ -202,7 +204,7 @@ def lookup_backward(
     d = values.shape[1]
     if grad_out.shape != (n, d):
         raise ValueError(f"triton lookup backward: grad_out {tuple(grad_out.shape)}, expected {(n, d)}")
-    grad_out = grad_out.contiguous()
+    grad_out = grad_out.contiguous()  # any float dtype: the kernels load it as fp32
     indices = indices.contiguous()
     bk, bd = _blocks(k, d, block_d, block_k)
     rows = grad_rows = grad_weights = None
@@ -253,16 +255,16 @@ class TritonValueLookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, indices, weights, sparse_grad: bool = False):
+    def forward(ctx, values, indices, weights, sparse_grad: bool = False, out_dtype=None):
         ctx.save_for_backward(values, indices, weights)
         ctx.sparse_grad = sparse_grad
-        return lookup_forward(values, indices, weights)
+        return lookup_forward(values, indices, weights, out_dtype=out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
-        need_values, _, need_weights, _ = ctx.needs_input_grad
+        need_values, _, need_weights, _, _ = ctx.needs_input_grad
         rows, grad_rows, grad_weights = lookup_backward(
             values, indices, weights, grad_out, need_values, need_weights
         )
@@ -274,14 +276,19 @@ class TritonValueLookup(torch.autograd.Function):
                 )
             else:  # rows are unique, so a plain (non-accumulating) index_put fills them
                 grad_values = torch.zeros_like(values).index_put_((rows,), grad_rows)
-        return grad_values, None, grad_weights, None
+        return grad_values, None, grad_weights, None, None
 
 
 @torch.compiler.disable
 def triton_value_lookup(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Differentiable Triton lookup. Kept out of torch.compile: the backward's unique row count is
-    data-dependent, and the kernels are already what a compiler would generate for a gather."""
+    """Differentiable Triton lookup, result in `out_dtype` (default values'). Kept out of torch.compile: the
+    backward's unique row count is data-dependent, and the kernels are already what a compiler would
+    generate for a gather."""
     _check(values, indices, weights)
-    return TritonValueLookup.apply(values, indices, weights, sparse_grad)
+    return TritonValueLookup.apply(values, indices, weights, sparse_grad, out_dtype)

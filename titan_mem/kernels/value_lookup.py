@@ -2,6 +2,11 @@
 
 out[n] = sum_j weights[n, j] * values[indices[n, j]]   (a weighted bag of value rows per token)
 
+The table is read in its storage dtype (fp32 master weights in mixed precision) and only the [N, D] result is
+cast to the compute dtype (`out_dtype`): casting the table instead would read, write and allocate [M, D] on
+every micro-batch (and again in an activation-checkpoint recompute), which at 1M x 1024 is 6 GiB of traffic
+against ~2 GiB for reading a micro-batch's fp32 rows, and would make a sparse finetuning step O(M).
+
 Two backends: PyTorch (`embedding_bag`, the CPU path and the tests' oracle) and Triton kernels with a
 row-sparse backward (`triton_lookup`), picked per call by `backend`.
 """
@@ -26,7 +31,7 @@ class _RowSparseLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(values, indices, weights)
-        return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
+        return _embedding_bag(values, indices, weights)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -38,19 +43,24 @@ class _RowSparseLookup(torch.autograd.Function):
             token = torch.arange(n, device=indices.device).repeat_interleave(k)
             s_t = torch.sparse_coo_tensor(
                 torch.stack([inverse, token]),
-                weights.flatten().to(grad_out.dtype),
+                weights.flatten().to(values.dtype),
                 (uniq.numel(), n),
                 check_invariants=False,
             )
-            rows = torch.sparse.mm(s_t, grad_out).to(values.dtype)
+            rows = torch.sparse.mm(s_t, grad_out.to(values.dtype))
             grad_values = torch.sparse_coo_tensor(
                 uniq.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
             )
         if ctx.needs_input_grad[2]:
             # d out[n] / d w[n, j] = values[indices[n, j]]: one dot product per access.
-            grad_weights = torch.einsum("nkd,nd->nk", values[indices].to(grad_out.dtype), grad_out)
+            rows_read = F.embedding(indices, values)  # [N, K, D]: the rows the forward read, no more
+            grad_weights = torch.einsum("nkd,nd->nk", rows_read, grad_out.to(values.dtype))
             grad_weights = grad_weights.to(weights.dtype)
         return grad_values, None, grad_weights
+
+
+def _embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
 
 
 def _use_triton(values: torch.Tensor, backend: str) -> bool:
@@ -76,11 +86,13 @@ def value_lookup(
     weights: torch.Tensor,
     sparse_grad: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted sum of value rows.
 
     values: [M, D] table; indices: [N, K] int64 rows into it; weights: [N, K] (any float dtype).
-    Returns [N, D] in values' dtype. The table gradient is dense by default, as FSDP needs for pretraining;
+    Returns [N, D] in `out_dtype` (default values' dtype), accumulated in values' dtype or fp32; the table
+    itself is never cast or copied. The table gradient is dense by default, as FSDP needs for pretraining;
     `sparse_grad=True` gives a coalesced sparse one over the unique rows touched. `backend` is one of
     LOOKUP_BACKENDS. The torch path rounds weights to values' dtype (embedding_bag needs one dtype); the
     Triton path keeps them in fp32, so bf16 results differ within bf16 rounding.
@@ -90,7 +102,7 @@ def value_lookup(
     if _use_triton(values, backend):
         from titan_mem.kernels import triton_lookup
 
-        return triton_lookup.triton_value_lookup(values, indices, weights, sparse_grad)
-    if sparse_grad:
-        return _RowSparseLookup.apply(values, indices, weights)
-    return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
+        return triton_lookup.triton_value_lookup(values, indices, weights, sparse_grad, out_dtype)
+    lookup = _RowSparseLookup.apply if sparse_grad else _embedding_bag
+    out = lookup(values, indices, weights)
+    return out if out_dtype is None else out.to(out_dtype)

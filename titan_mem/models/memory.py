@@ -34,7 +34,9 @@ class MemoryValues(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
         self.backend = "auto"  # lookup kernel: kernels.LOOKUP_BACKENDS
-        self.compute_dtype: torch.dtype | None = None  # a column-sharded table's lookup dtype (bf16 on GPU)
+        # A column-sharded table stays fp32 (FSDP's mixed precision never sees it); its lookup *result* is
+        # cast to this dtype (bf16 on GPU), never the table (kernels.value_lookup says why).
+        self.compute_dtype: torch.dtype | None = None
 
     def init_weights(self) -> None:
         # XLM PKM: values ~ N(0, v_dim^-1/2).
@@ -45,8 +47,9 @@ class MemoryValues(nn.Module):
         shard = column_shard_of(self.weight)
         if shard is None:
             return value_lookup(self.weight, indices, weights, sparse_grad, self.backend)
-        table = self.weight if self.compute_dtype is None else self.weight.to(self.compute_dtype)
-        return memory_parallel_lookup(table, shard, indices, weights, sparse_grad, self.backend)
+        return memory_parallel_lookup(
+            self.weight, shard, indices, weights, sparse_grad, self.backend, out_dtype=self.compute_dtype
+        )
 
 
 _recompute = threading.local()

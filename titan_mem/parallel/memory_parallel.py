@@ -229,21 +229,24 @@ def memory_parallel_lookup(
     weights: torch.Tensor,
     sparse_grad: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`value_lookup` on a column-sharded table: [N, K] bags of this rank's tokens -> [N, D] rows.
+    """`value_lookup` on a column-sharded table: [N, K] bags of this rank's tokens -> [N, D] rows in
+    `out_dtype` (the compute dtype; the shard is read in its own dtype and never cast whole). The local
+    result is cast before the all-to-all, so the exchange moves compute-dtype bytes.
 
     Every rank of the group must call it (with its own tokens) in the same order.
     """
     if shard.size == 1 and shard.replicas == 1:
-        return value_lookup(local_table, indices, weights, sparse_grad, backend)
+        return value_lookup(local_table, indices, weights, sparse_grad, backend, out_dtype)
     table = local_table
     if shard.replicas > 1 and local_table.requires_grad:
         table = _SumOverReplicas.apply(local_table, shard.replicate_group)
     if shard.size == 1:
-        return value_lookup(table, indices, weights, sparse_grad, backend)
+        return value_lookup(table, indices, weights, sparse_grad, backend, out_dtype)
     sizes = _sizes(indices.shape[0], shard.group, indices.device)
     all_idx, all_w = _GatherBags.apply(indices, weights, sizes, shard.group)
-    local_out = value_lookup(table, all_idx, all_w, sparse_grad, backend)
+    local_out = value_lookup(table, all_idx, all_w, sparse_grad, backend, out_dtype)
     return _RowsByColumns.apply(local_out, sizes, shard.group)
 
 
