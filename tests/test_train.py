@@ -118,7 +118,13 @@ def test_dry_run_pretrain_1b_prints_paper_model_counts():
     assert counts["active_per_token"] == dense + vocab * d + 4 * 32 * 1024
     assert "vocab 100352 (tokenizer 100278)" in out
     assert "data-parallel ranks 64 (FSDP groups of 64), grad accumulation 2" in out
-    assert "est. per-GPU total_gib" in out
+    est = {m.group(1): float(m.group(2)) for m in re.finditer(r"est. per-GPU (\w+)\s+([\d.]+)", out)}
+    # Per rank of 64, micro-batch 4 x 2048 tokens: the 1M x 1024 table is a 64-way column shard whose fp32
+    # gradient is remade every micro-batch; the logits [8192, 100352] peak at 18 bytes each in the loss.
+    assert est["value_table_buffers_gib"] == pytest.approx(2**20 * 1024 * 4 / 64 / 2**30, abs=0.01)
+    assert est["logits_gib"] == pytest.approx(4 * 2048 * vocab * 18 / 2**30, abs=0.01)
+    parts = [v for k, v in est.items() if k != "total_gib"]
+    assert est["total_gib"] == pytest.approx(sum(parts), abs=0.05)
 
 
 def test_nan_loss_stops_without_saving(tiny, tmp_path):

@@ -345,7 +345,8 @@ def dry_run(cfg: Config) -> None:
         seq_len=cfg.training.seq_len,
         micro_batch_size=cfg.training.micro_batch_size,
         activation_checkpoint=cfg.training.activation_checkpoint == "full",
-        memory_parallel=cfg.parallelism.memory_parallel_degree != 0,
+        memory_parallel=par.memory_parallel_degree != 0,
+        memory_parallel_degree=world if par.memory_parallel_degree == -1 else par.memory_parallel_degree,
     )
     print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {n_words})")
     for key, value in counts.as_dict().items():

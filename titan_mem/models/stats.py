@@ -78,18 +78,35 @@ def estimate_memory_gib(
     optimizer_states: int = 2,
     param_bytes: int = 2,
     memory_parallel: bool = False,
+    memory_parallel_degree: int | None = None,
 ) -> dict[str, float]:
-    """Rough per-GPU peak: sharded fp32 params+grads+optimizer states, one gathered block, activations.
+    """Rough per-GPU peak of a pretraining step: sharded fp32 params + grads + optimizer states, gathered
+    blocks, the value table's per-micro-batch gradient buffer, activations, and the logits.
 
-    With `memory_parallel` the value tables are column shards that are never gathered, so the biggest
-    gathered block is the memory layer without its values.
+    Value tables: with `memory_parallel` each rank holds a column shard [M, D / degree] (degree defaults to
+    the world), never gathered; its dense fp32 gradient is made afresh by every micro-batch's backward and
+    summed into `.grad`, so one more shard-sized fp32 buffer lives during backward. Without it FSDP
+    all-gathers the whole table in `param_bytes` and produces its unsharded gradient (16-bit, then the
+    fp32 reduce copy) before the reduce-scatter.
 
     Activations per block follow Korthikanti et al. 2022 (eq. 2) without the attention-score term (SDPA is
     fused): 34 * s * b * h bytes in 16-bit; with full recompute only the block input (2 * s * b * h) stays.
+    Logits: the 16-bit output, its fp32 copy and fp32 log-probabilities in forward, then two fp32 gradients
+    ([tokens, vocab] each) in the loss backward: 18 bytes a logit at the peak.
     """
     c = param_counts(args)
     gib = 1024**3
-    state = c.total * (4 + 4 + 4 * optimizer_states) / world_size
+    _, table = _memory_layer_params(args)
+    n_tables = (1 if args.memory.shared_values else len(args.memory.layers)) if args.memory.layers else 0
+    values = c.memory_values
+    if memory_parallel and n_tables:
+        degree = memory_parallel_degree or world_size
+        state = (c.total - values) * (4 + 4 + 4 * optimizer_states) / world_size
+        state += values * (4 + 4 + 4 * optimizer_states) / degree
+        table_buffers = table * 4 / degree  # one shard-sized fp32 gradient per micro-batch backward
+    else:
+        state = c.total * (4 + 4 + 4 * optimizer_states) / world_size
+        table_buffers = table * (param_bytes + 4) if n_tables else 0  # unsharded gradient + fp32 reduce copy
     biggest_block = (
         max(
             sum(_memory_layer_params(args)[: 1 if memory_parallel else 2]) if args.memory.layers else 0,
@@ -100,10 +117,14 @@ def estimate_memory_gib(
     gathered = 2 * biggest_block * param_bytes  # current + prefetched block
     tokens = seq_len * micro_batch_size
     per_block = (2 if activation_checkpoint else 34) * tokens * args.dim
-    acts = args.n_layers * per_block + 34 * tokens * args.dim + tokens * args.vocab_size * (2 + 4)
+    acts = args.n_layers * per_block + 34 * tokens * args.dim
+    logits = tokens * args.vocab_size * (2 + 4 + 4 + 4 + 4)
+    total = state + gathered + table_buffers + acts + logits
     return {
         "sharded_states_gib": state / gib,
         "gathered_params_gib": gathered / gib,
+        "value_table_buffers_gib": table_buffers / gib,
         "activations_gib": acts / gib,
-        "total_gib": (state + gathered + acts) / gib,
+        "logits_gib": logits / gib,
+        "total_gib": total / gib,
     }
