@@ -1,6 +1,11 @@
 """Benchmark: the memory value lookup (PyTorch vs Triton) and what a value table costs on the network.
 
     python tools/bench_memory_layer.py [--quick] [--backends B,..] [--skip-comm|--skip-kernels] [--out FILE]
+        [--shapes MxDxN,..] [--dtypes float32,bfloat16]
+
+--shapes replaces the sweep (e.g. 1048576x1024x8192: the 1B table and micro-batch); every row reports the
+forward's max error against an fp64 lookup of the same rows (first 256 tokens), the sparse table gradient's
+max difference from the torch backend's, and on a GPU the fraction of the device's peak HBM bandwidth.
 
 kernels   forward and forward+backward time of `value_lookup` for M in {64K, 1M} rows, D in {256, 1024},
           4 heads x top-32 = 128 rows a token, N in {4K, 32K} tokens, every available backend in the same run
@@ -29,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from titan_mem.components.bench import machine_info, write_report  # noqa: E402
+from titan_mem.components.metrics import peak_memory_bandwidth  # noqa: E402
 from titan_mem.kernels import value_lookup  # noqa: E402
 from titan_mem.parallel.comm_volume import (  # noqa: E402
     CollectiveBytes,
@@ -81,30 +87,73 @@ def bench_lookup(m: int, d: int, n: int, backend: str, device: torch.device, dty
     out = {"M": m, "D": d, "N": n, "K": K, "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
     out["forward_s"] = fwd
     out["forward_GBps"] = moved / fwd / 1e9
+    peak = peak_memory_bandwidth(device)
+    out["forward_peak_hbm_fraction"] = moved / fwd / peak if peak else None
+    with torch.no_grad():  # fp64 reference of the first tokens' bags, from the same (rounded) table rows
+        few = slice(0, min(n, 256))
+        ref = torch.einsum("nkd,nk->nd", table[idx[few]].double(), w[few].double())
+        got = value_lookup(table, idx[few], w[few], backend=backend).double()
+        out["forward_max_abs_err"] = (got - ref).abs().max().item()
+        out["forward_ref_max_abs"] = ref.abs().max().item()
     for name, sparse in (("fwd_bwd_sparse_s", True), ("fwd_bwd_dense_s", False)):
         out[name] = _time(forward_backward(sparse), device, repeat)
     out["bwd_over_fwd_sparse"] = (out["fwd_bwd_sparse_s"] - fwd) / fwd
+    forward_backward(True)()
+    out["sparse_grad"] = table.grad.coalesce()
+    out["weight_grad"] = w.grad
     return out
 
 
-def kernels(args, device: torch.device) -> list[dict]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def _compare_to_torch(results: list[dict]) -> None:
+    """Max |difference| of each backend's sparse table gradient and weight gradient from the torch
+    backend's on the same inputs (the tensors are dropped from the report afterwards)."""
+    by_shape: dict[tuple, dict] = {}
+    for r in results:
+        by_shape.setdefault((r["M"], r["D"], r["N"], r["dtype"]), {})[r["backend"]] = r
+    for group in by_shape.values():
+        ref = group.get("torch")
+        for r in group.values():
+            if ref is not None and r is not ref:
+                a, b = r["sparse_grad"], ref["sparse_grad"]
+                same_rows = torch.equal(a.indices(), b.indices())
+                r["grad_rows_equal_torch"] = same_rows
+                if same_rows:
+                    diff = a.values().float() - b.values().float()
+                    r["grad_table_max_abs_diff"] = diff.abs().max().item()
+                r["grad_weights_max_abs_diff"] = (r["weight_grad"] - ref["weight_grad"]).abs().max().item()
+    for r in results:
+        del r["sparse_grad"], r["weight_grad"]
+
+
+def _shapes(args) -> list[tuple[int, int, int]]:
+    if args.shapes:
+        try:
+            return [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
+        except ValueError:
+            sys.exit(f"bench_memory_layer: --shapes {args.shapes!r}: expected MxDxN[,MxDxN...]")
     rows = [65536] if args.quick else [65536, 1 << 20]
     tokens = [4096] if args.quick else [4096, 32768]
-    backends = [b for b in args.backends.split(",") if b != "triton" or device.type == "cuda"]
+    return [(m, d, n) for m in rows for d in (256, 1024) for n in tokens]
+
+
+def kernels(args, device: torch.device) -> list[dict]:
+    default = "bfloat16" if device.type == "cuda" else "float32"
+    dtypes = [getattr(torch, name) for name in (args.dtypes or default).split(",")]
+    triton_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    backends = [b for b in args.backends.split(",") if b != "triton" or triton_here]
     results = []
-    for m in rows:
-        for d in (256, 1024):
-            for n in tokens:
-                for backend in backends:
-                    r = bench_lookup(m, d, n, backend, device, dtype, args.repeat)
-                    print(
-                        f"  M={m} D={d} N={n} {backend}: fwd {r['forward_s'] * 1e3:.2f} ms "
-                        f"({r['forward_GBps']:.1f} GB/s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    results.append(r)
+    for m, d, n in _shapes(args):
+        for dtype in dtypes:
+            for backend in backends:
+                r = bench_lookup(m, d, n, backend, device, dtype, args.repeat)
+                print(
+                    f"  M={m} D={d} N={n} {r['dtype']} {backend}: fwd {r['forward_s'] * 1e3:.2f} ms "
+                    f"({r['forward_GBps']:.1f} GB/s), max err {r['forward_max_abs_err']:.2e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results.append(r)
+    _compare_to_torch(results)
     return results
 
 
@@ -216,6 +265,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-comm", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--shapes", help="MxDxN[,...]: table rows x value dim x tokens, instead of the sweep")
+    ap.add_argument("--dtypes", help="comma-separated table dtypes (default: bfloat16 on CUDA, else float32)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,13 +25,32 @@ _PEAK_BF16_FLOPS = {
 
 def peak_flops(device: torch.device) -> float | None:
     """Peak bf16 FLOP/s of `device`, or None where unknown (CPU): MFU is then not reported."""
+    return _by_device_name(device, _PEAK_BF16_FLOPS)
+
+
+# Peak memory bandwidth per device, bytes/s (vendor datasheets): the memory lookup is bandwidth-bound
+# (DESIGN: 256 KiB of value rows a token at the 1B shapes), so kernels are judged in GB/s against this.
+_PEAK_HBM_BYTES_PER_S = {
+    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,  # SXM
+    "A100": 2.039e12,  # 80 GB SXM
+    "L40S": 0.864e12,
+    "A10G": 0.6e12,
+}
+
+
+def _by_device_name(device: torch.device, table: dict[str, float]) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return next((value for key, value in table.items() if key in name), None)
+
+
+def peak_memory_bandwidth(device: torch.device) -> float | None:
+    """Peak HBM bytes/s of `device`, or None where unknown (CPU)."""
+    return _by_device_name(device, _PEAK_HBM_BYTES_PER_S)
 
 
 def peak_memory_gib(device: torch.device) -> float:
