@@ -18,6 +18,7 @@ from typing import Any
 from titan_mem.config_sections import ConfigError, EvalConfig, FinetuneConfig, choice, help_field
 from titan_mem.data.config import DataConfig, TokenizerConfig
 from titan_mem.kernels import LOOKUP_BACKENDS
+from titan_mem.models.transformer import AC_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,7 +80,11 @@ class TrainingConfig:
         False,
         "Apply mixed_precision_param/reduce on CPU too (slow; how CI exercises the bf16 path without a GPU).",
     )
-    activation_checkpoint: str = help_field("none", "none | full (recompute each block in backward).")
+    activation_checkpoint: str = help_field(
+        "none",
+        "none | full (recompute each block in backward) | selective (op-level, as torchtitan: keep each "
+        "block's matmul, attention and memory-lookup outputs, recompute the rest).",
+    )
     compile: bool = help_field(False, "torch.compile each transformer block.")
     memory_kernel: str = help_field(
         "auto", "Value-lookup kernel: auto (Triton on CUDA, else PyTorch) | torch | triton."
@@ -207,7 +212,7 @@ def validate(cfg: Config) -> None:
         cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
     choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
     choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "wsd", "constant"))
-    choice("training.activation_checkpoint", cfg.training.activation_checkpoint, ("none", "full"))
+    choice("training.activation_checkpoint", cfg.training.activation_checkpoint, AC_MODES)
     choice("training.device", cfg.training.device, ("auto", "cpu", "cuda"))
     for key in ("mixed_precision_param", "mixed_precision_reduce"):
         choice(f"training.{key}", getattr(cfg.training, key), ("bfloat16", "float32", "float16"))

@@ -74,7 +74,7 @@ def build_model(
         dist_info.device,
         seed=cfg.job.seed,
         mp_policy=mp,
-        activation_checkpoint=cfg.training.activation_checkpoint == "full",
+        activation_checkpoint=cfg.training.activation_checkpoint,
         compile_blocks=cfg.training.compile,
         ignored_param_names=fsdp_ignored(model) if fsdp_ignored is not None else set(),
         memory_mesh=memory_mesh,

@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from titan_mem.kernels import value_lookup
 from titan_mem.models.args import MemoryArgs
@@ -56,18 +58,29 @@ _recompute = threading.local()
 
 
 @contextlib.contextmanager
-def _recomputing():
+def _recomputing(inner: contextlib.AbstractContextManager | None = None):
     _recompute.active = True
     try:
-        yield
+        with inner if inner is not None else contextlib.nullcontext():
+            yield
     finally:
         _recompute.active = False
 
 
-def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """`context_fn` for `torch.utils.checkpoint`: marks the backward-time recompute of a checkpointed block,
-    so layers with side effects in forward (batch-norm running statistics) apply them once per step."""
-    return contextlib.nullcontext(), _recomputing()
+def recompute_context(
+    policy: Callable | None = None,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for eager `torch.utils.checkpoint`: marks the backward-time recompute of a checkpointed
+    block, so layers with side effects in forward (batch-norm running statistics) apply them once per step.
+
+    With a `policy` (functools.partial it in), op-level selective checkpointing as well: ops the policy
+    saves are replayed from the forward (`create_selective_checkpoint_contexts`), the rest recomputed.
+    Compiled blocks use other contexts (models.transformer._CONTEXT_FNS says why).
+    """
+    if policy is None:
+        return contextlib.nullcontext(), _recomputing()
+    forward, recompute = create_selective_checkpoint_contexts(policy)
+    return forward, _recomputing(recompute)
 
 
 def is_recomputing() -> bool:

@@ -8,10 +8,13 @@ per-row positions and a padding mask for left-padded batches.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from titan_mem.models.args import ModelArgs
 from titan_mem.models.kv_cache import KVCache
@@ -112,6 +115,43 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+# training.activation_checkpoint: none | full (recompute the whole block in backward) | selective (op-level
+# SAC as in torchtitan: keep the outputs of `_SAC_SAVE`, recompute everything else in the block).
+AC_MODES = ("none", "full", "selective")
+_aten = torch.ops.aten
+# The expensive ops (matmuls, attention, the memory value lookup on the PyTorch backend); norms, RoPE,
+# SwiGLU's pointwise ops and the memory scores' top-k/softmax are cheap to redo.
+_SAC_SAVE = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._embedding_bag.default,
+}
+
+
+def sac_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Selective activation checkpointing policy (`create_selective_checkpoint_contexts`)."""
+    return CheckpointPolicy.MUST_SAVE if func in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# context_fn per (mode, compiled). Eager: `recompute_context`, which also marks the recompute for batch norm.
+# Compiled, checkpoint takes only TorchDispatchMode contexts (torch 2.13 fails on recompute_context's:
+# "context_fn ... must generate a tuple of two TorchDispatchModes"): SAC's, or none for full AC (torch then
+# applies its own recompute-everything SAC policy; dynamo would keep even an explicit noop_context_fn, and
+# fail). The recompute is then AOTAutograd's, from the traced graph, where the running-statistics update is
+# a forward-only buffer mutation, so it still happens once.
+_CONTEXT_FNS = {
+    ("full", False): recompute_context,
+    ("selective", False): functools.partial(recompute_context, sac_policy),
+    ("full", True): None,
+    ("selective", True): functools.partial(create_selective_checkpoint_contexts, sac_policy),
+}
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, shared_values: MemoryValues | None):
         super().__init__()
@@ -126,7 +166,7 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         # Depth-scaled init of output projections (as in torchtitan/Llama: 0.02 / sqrt(2 * (layer + 1))).
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
-        self.activation_checkpoint = False
+        self.activation_checkpoint = "none"  # AC_MODES; set by parallel.fsdp
 
     def init_weights(self) -> None:
         self.attention.init_weights(self.init_std)
@@ -144,9 +184,11 @@ class TransformerBlock(nn.Module):
         """`mask` and `cache` as in `Attention.forward` (keyword arguments pass FSDP2's hooks unchanged: a
         bool mask is not cast, a KVCache is not traversed)."""
         # Checkpointing inside the block keeps FSDP's hooks outside it, so recompute never re-gathers.
-        if self.activation_checkpoint and torch.is_grad_enabled():
+        if self.activation_checkpoint != "none" and torch.is_grad_enabled():
+            context_fn = _CONTEXT_FNS[self.activation_checkpoint, torch.compiler.is_compiling()]
+            kwargs = {} if context_fn is None else {"context_fn": context_fn}
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, rope, mask, cache, use_reentrant=False, context_fn=recompute_context
+                self._forward, x, rope, mask, cache, use_reentrant=False, **kwargs
             )
         return self._forward(x, rope, mask, cache)
 

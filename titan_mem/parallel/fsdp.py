@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from titan_mem.models.lora import LoRALinear
 from titan_mem.models.memory import MemoryValues, is_value_table
-from titan_mem.models.transformer import Transformer
+from titan_mem.models.transformer import AC_MODES, Transformer
 from titan_mem.parallel.memory_parallel import shard_columns
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -35,8 +35,9 @@ def parallelize_and_init(
     *,
     seed: int,
     mp_policy: MixedPrecisionPolicy,
-    activation_checkpoint: bool = False,
+    activation_checkpoint: str = "none",
     compile_blocks: bool = False,
+    compile_backend: str = "inductor",
     ignored_param_names: set[str] | None = None,
     memory_mesh: DeviceMesh | None = None,
     memory_dtype: torch.dtype | None = None,
@@ -46,7 +47,11 @@ def parallelize_and_init(
     `ignored_param_names` stay plain tensors, whole on every rank (to_empty makes new Parameter objects,
     so they are named, not passed). With a `memory_mesh`, value tables are split by columns over it
     (parallel.memory_parallel) and FSDP leaves them alone; `memory_dtype` is their lookup dtype.
+    `activation_checkpoint` is one of models.transformer.AC_MODES; `compile_backend` is torch.compile's
+    (the trainer: inductor; tests also aot_eager, the same dynamo/AOTAutograd path without codegen).
     """
+    if activation_checkpoint not in AC_MODES:
+        raise ValueError(f"activation_checkpoint {activation_checkpoint!r}: expected one of {AC_MODES}")
     names = set(ignored_param_names or ())
     if memory_mesh is not None:
         names |= {n for n, _ in model.named_parameters(remove_duplicate=False) if is_value_table(n)}
@@ -74,7 +79,7 @@ def parallelize_and_init(
                     mod.init_lora()
         split_tables(block)
         if compile_blocks:
-            block.compile()
+            block.compile(backend=compile_backend)
         fully_shard(
             block,
             mesh=mesh,
