@@ -17,30 +17,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from titan_mem.components.bench import TINY_MODEL  # noqa: E402  (after TRITON_INTERPRET is set)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A model and batch small enough for a few steps a second on 2 CPU cores.
 TINY = [
     "--model.flavor=debug",
-    "--model.dim=64",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden_dim=128",
-    "--model.memory_layers=1",
-    "--model.memory_n_keys=16",
-    "--model.memory_heads=2",
-    "--model.memory_topk=4",
-    "--model.memory_k_dim=16",
-    "--model.memory_v_dim=64",
-    "--training.seq_len=32",
+    *TINY_MODEL,
     "--training.micro_batch_size=2",
     "--training.global_batch_size=4",
     "--lr_scheduler.warmup_steps=2",
     "--metrics.log_freq=1",
     "--job.deterministic=true",
-    "--data.synthetic_known_people=50",
-    "--data.synthetic_new_people=10",
 ]
 
 

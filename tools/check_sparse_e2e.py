@@ -22,26 +22,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script on a machine where the repo is not installed
+
+from titan_mem.components.bench import TINY_MODEL  # noqa: E402
+
 CONFIG = str(REPO / "train_configs/debug_model.toml")
-# "tiny": a few steps a second on 2 CPU cores, also with the Triton interpreter (the dry-run device check).
-SIZES = {
-    "debug": [],
-    "tiny": [
-        "--model.dim=64",
-        "--model.n_layers=2",
-        "--model.n_heads=2",
-        "--model.ffn_hidden_dim=128",
-        "--model.memory_layers=1",
-        "--model.memory_n_keys=16",
-        "--model.memory_heads=2",
-        "--model.memory_topk=4",
-        "--model.memory_k_dim=16",
-        "--model.memory_v_dim=64",
-        "--training.seq_len=32",
-        "--data.synthetic_known_people=50",
-        "--data.synthetic_new_people=10",
-    ],
-}
+# "tiny": components.bench.TINY_MODEL, fast enough for the Triton interpreter (the dry-run device check).
+SIZES = {"debug": [], "tiny": TINY_MODEL}
 BATCH = ["--training.micro_batch_size=4", "--training.global_batch_size=4"]
 FINETUNE = [
     "--data.regime=facts",

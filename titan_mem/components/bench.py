@@ -16,6 +16,25 @@ from typing import Any
 
 import torch
 
+# The smallest model that still has every part (attention, SwiGLU, a product-key memory layer) and a
+# synthetic corpus to match: a few steps a second on 2 CPU cores, also through the Triton interpreter. The
+# tests' runs and the device check's dry run use it (CLI overrides on top of train_configs/debug_model.toml).
+TINY_MODEL = [
+    "--model.dim=64",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden_dim=128",
+    "--model.memory_layers=1",
+    "--model.memory_n_keys=16",
+    "--model.memory_heads=2",
+    "--model.memory_topk=4",
+    "--model.memory_k_dim=16",
+    "--model.memory_v_dim=64",
+    "--training.seq_len=32",
+    "--data.synthetic_known_people=50",
+    "--data.synthetic_new_people=10",
+]
+
 
 def machine_info() -> dict[str, Any]:
     info = {
