@@ -108,3 +108,25 @@ def test_cli_lists_take_toml_arrays_or_commas():
 def test_float16_is_refused_without_a_gradient_scaler(key):
     with pytest.raises(ConfigError, match=f"training.{key}: float16 needs a gradient scaler"):
         parse_args([f"--training.{key}=float16"])
+
+
+def test_ablation_keys_refuse_what_they_cannot_mean():
+    """ranking=all updates every touched row (no rule applies); a masked-gradient run moves rows never
+    selected (momentum, decay), which no knowledge patch can hold."""
+    for rule in ("mass", "poisson"):
+        with pytest.raises(ConfigError, match="finetune.top_t_rule.*finetune.ranking=all") as e:
+            parse_args(["--finetune.ranking=all", f"--finetune.top_t_rule={rule}"])
+        assert "\n" not in str(e.value)
+    assert parse_args(["--finetune.ranking=all", "--finetune.top_t=1"]).finetune.top_t_rule == "fixed"
+    masked = ["--training.mode=sparse_finetune", "--finetune.sparse_update=masked_gradient"]
+    with pytest.raises(ConfigError, match="checkpoint.save_format.*masked_gradient") as e:
+        parse_args([*masked, "--checkpoint.save_format=sparse"])
+    assert "\n" not in str(e.value)
+    for fmt in ("auto", "full"):
+        assert (
+            parse_args([*masked, f"--checkpoint.save_format={fmt}"]).finetune.sparse_update
+            == "masked_gradient"
+        )
+    assert parse_args([]).finetune.sparse_update == "rows"
+    with pytest.raises(ConfigError, match="finetune.sparse_update"):
+        parse_args(["--finetune.sparse_update=dense"])

@@ -75,12 +75,40 @@ def test_sparse_finetune_changes_only_selected_rows(base, tmp_path, optimizer, r
     assert all(r["update_norm"] > 0 for r in records)
 
 
-def test_ranking_all_with_large_top_t_updates_every_touched_row(base, tmp_path):
-    run = _finetune(base, tmp_path, "--finetune.ranking=all", "--finetune.top_t=100000")
+def test_ranking_all_updates_every_touched_row_whatever_top_t(base, tmp_path):
+    """The all-indices ablation: top_t=1 cuts nothing, every touched row changes and no other one."""
+    run = _finetune(base, tmp_path, "--finetune.ranking=all", "--finetune.top_t=1")
     changed, ever_selected = _assert_only_selected_rows_changed(base, run, top_t=100000)
     records = read_metrics(run)
-    assert all(r["slots_selected"] == r["slots_touched"] for r in records)
+    assert all(r["slots_selected"] == r["slots_touched"] > 1 for r in records)
+    logged = [json.loads(x) for x in (run / "selected_slots.jsonl").read_text().splitlines()]
+    assert [len(r["selected"]["layers.1.feed_forward"]) for r in logged] == [
+        r["slots_touched"] for r in logged
+    ]
     assert changed == ever_selected
+
+
+def test_masked_gradient_adamw_moves_rows_outside_the_selection(base, tmp_path):
+    """The papers' update (Goyal et al. 2026, sec. 3.4): AdamW momentum keeps moving rows selected earlier,
+    decoupled weight decay shrinks the rows never selected, and the checkpoint holds the whole model."""
+    masked = ["--finetune.sparse_update=masked_gradient", "--checkpoint.interval=1", *ADAMW_WD]
+    run = _finetune(base, tmp_path, *masked)
+    step3, step4 = (run / "checkpoints" / f"step-{s}" for s in (3, 4))
+    assert not (step4 / "patch.safetensors").exists()  # save_format=auto: the whole model
+    before, at3, at4 = load_model_tensors(base), load_model_tensors(step3), load_model_tensors(step4)
+    assert all(torch.equal(before[k], at4[k]) for k in before if k != VALUES)
+    selections = _selections(run)
+    last, earlier = set(selections[-1].tolist()), set(torch.cat(selections[:-1]).tolist())
+    moved_last_step = set(_changed_rows(at3[VALUES], at4[VALUES]).tolist())
+    assert moved_last_step - last, "no row outside the last step's selection moved"
+    never = torch.tensor(sorted(set(range(before[VALUES].shape[0])) - last - earlier))
+    assert never.numel() > 0
+    shrink = (1 - 0.01 * 0.1) ** 4  # constant lr 0.01, memory_weight_decay 0.1, 4 steps
+    torch.testing.assert_close(at4[VALUES][never], before[VALUES][never] * shrink, rtol=1e-6, atol=0)
+    momentum_only = torch.tensor(sorted(earlier - last))  # beyond the decay: their Adam step
+    beyond = torch.ne(at4[VALUES][momentum_only], at3[VALUES][momentum_only] * (1 - 0.01 * 0.1)).any(dim=1)
+    assert bool(beyond.all())
+    assert all(r["update_norm"] > 0 for r in read_metrics(run))
 
 
 def test_top_t_zero_changes_nothing(base, tmp_path):

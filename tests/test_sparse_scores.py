@@ -50,12 +50,20 @@ def test_kl_by_hand():
     assert KL_EPS == 1e-10
 
 
-def test_all_scores_counts_and_keeps_most_used():
+def test_all_keeps_every_touched_slot_whatever_top_t():
+    """Ranking 'all' is the all-indices ablation: no top_t cut (tf would keep [3] at top_t=1)."""
     assert slot_scores(TOUCHED, COUNTS, "all").tolist() == [2.0, 5.0, 1.0, 2.0]
-    assert select_slots(TOUCHED, COUNTS, "all", 1).tolist() == [3]
-    # ties between slots 1 and 6 (count 2): the lower id wins
-    assert select_slots(TOUCHED, COUNTS, "all", 2).tolist() == [1, 3]
-    assert select_slots(TOUCHED, COUNTS, "all", 10).tolist() == [1, 3, 4, 6]
+    for top_t in (0, 1, 2, 10):
+        assert select_slots(TOUCHED, COUNTS, "all", top_t).tolist() == [1, 3, 4, 6]
+    assert select_slots(TOUCHED, COUNTS, "tf", 1).tolist() == [3]
+    # only slots with c > 0, sorted, whatever order they come in and whatever rule
+    perm = torch.tensor([2, 0, 3, 1])
+    zero_one = torch.tensor([2, 0, 1, 2])
+    assert select_slots(TOUCHED[perm], zero_one[perm], "all", 1).tolist() == [1, 4, 6]
+    assert select_slots(TOUCHED, COUNTS, "all", 1, rule="mass", mass=0.1).tolist() == [1, 3, 4, 6]
+    assert select_slots(TOUCHED[:0], COUNTS[:0], "all", 5).tolist() == []
+    with pytest.raises(ValueError, match="finetune.top_t"):
+        select_slots(TOUCHED, COUNTS, "all", -1)
 
 
 def test_exact_ties_prefer_lower_slot_id():
@@ -110,7 +118,7 @@ def _reference_top(touched: torch.Tensor, scores: torch.Tensor, t: int) -> list[
     return sorted(i for i, _ in order[:t])
 
 
-@pytest.mark.parametrize("ranking", ["tfidf", "tf", "kl", "all"])
+@pytest.mark.parametrize("ranking", ["tfidf", "tf", "kl"])
 def test_many_slots_match_reference_and_stay_in_touched(ranking):
     g = torch.Generator().manual_seed(0)
     n_slots = 1 << 20
@@ -140,10 +148,10 @@ def test_cost_follows_touched_slots_not_table():
 
 
 def test_adaptive_mass_keeps_the_fewest_slots_holding_the_mass():
-    # ranking 'all': scores = counts; order slot 3 (5), 1 (2), 6 (2; tie -> lower id first), 4 (1);
+    # ranking 'tf': scores = counts / 10; order slot 3 (5), 1 (2), 6 (2; tie -> lower id first), 4 (1);
     # cumulative mass 5, 7, 9, 10 of 10
     def pick(mass: float, top_t: int = 100) -> list[int]:
-        return select_slots(TOUCHED, COUNTS, "all", top_t, rule="mass", mass=mass).tolist()
+        return select_slots(TOUCHED, COUNTS, "tf", top_t, rule="mass", mass=mass).tolist()
 
     assert pick(0.5) == [3]
     assert pick(0.6) == [1, 3]

@@ -136,8 +136,9 @@ class CheckpointConfig:
     save_format: str = help_field(
         "auto",
         "auto | full | sparse. auto: sparse_finetune saves knowledge patches on its base (rows ever updated, "
-        "their row-optimizer state, schedule, data position), every other mode the whole model; full: the "
-        "whole model in sparse_finetune too.",
+        "their row-optimizer state, schedule, data position), every other mode (and "
+        "finetune.sparse_update=masked_gradient, which moves rows never selected) the whole model; full: "
+        "the whole model in sparse_finetune too.",
     )
     initial_load_model_only: bool = help_field(
         True, "Load only model weights from initial_load_path (false: its full state, continuing its step)."
@@ -206,6 +207,11 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that make a run impossible; each error names its key."""
     choice("training.mode", cfg.training.mode, MODES)
     choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
+    if cfg.checkpoint.save_format == "sparse" and cfg.finetune.sparse_update == "masked_gradient":
+        raise ConfigError(  # a patch holds the rows ever selected; momentum and decay move the others too
+            "checkpoint.save_format: 'sparse' cannot hold finetune.sparse_update=masked_gradient (it moves "
+            "rows never selected); use auto or full"
+        )
     choice("checkpoint.async_mode", cfg.checkpoint.async_mode, ("disabled", "async"))
     choice("optimizer.implementation", cfg.optimizer.implementation, ("auto", "fused", "foreach", "for-loop"))
     if not cfg.optimizer.name:

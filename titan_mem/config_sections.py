@@ -11,6 +11,9 @@ from typing import Any
 
 from titan_mem.sparse.scores import RANKINGS, TOP_T_RULES
 
+# finetune.sparse_update: mask the update (rows) or only the gradient (Goyal et al. 2026, sec. 3.4).
+SPARSE_UPDATES = ("rows", "masked_gradient")
+
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is one line naming the key."""
@@ -32,7 +35,9 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
 @dataclass
 class FinetuneConfig:
     ranking: str = help_field(
-        "tfidf", "sparse_finetune slot ranking: tfidf | tf | kl | all (Lin et al. 2025; Goyal et al.)."
+        "tfidf",
+        "sparse_finetune slot ranking: tfidf | tf | kl (Lin et al. 2025; Goyal et al.) | all (ablation: "
+        "every touched row is updated, no top_t cut; needs top_t_rule=fixed).",
     )
     top_t: int = help_field(
         500, "sparse_finetune: value rows updated per step and memory layer (paper: 500 facts)."
@@ -48,6 +53,13 @@ class FinetuneConfig:
     )
     top_t_alpha: float = help_field(
         0.01, "sparse_finetune, top_t_rule=poisson: family-wise significance level, (0, 1)."
+    )
+    sparse_update: str = help_field(
+        "rows",
+        "sparse_finetune optimizer semantics: rows (only this step's selected rows and their state change, "
+        "DESIGN.md invariant 4) | masked_gradient (ablation, breaks invariant 4 on purpose: the papers' "
+        "zeroed gradient outside the selection under a dense optimizer step, so momentum keeps moving "
+        "earlier rows and weight decay shrinks every row; O(table) per step, saves the whole model).",
     )
     background_counts: str | None = help_field(
         None,
@@ -75,6 +87,12 @@ class FinetuneConfig:
     def validate(self) -> None:
         choice("finetune.ranking", self.ranking, RANKINGS)
         choice("finetune.top_t_rule", self.top_t_rule, TOP_T_RULES)
+        choice("finetune.sparse_update", self.sparse_update, SPARSE_UPDATES)
+        if self.ranking == "all" and self.top_t_rule != "fixed":
+            raise ConfigError(
+                f"finetune.top_t_rule: '{self.top_t_rule}' does not apply to finetune.ranking=all (every "
+                "touched row is updated); use top_t_rule=fixed"
+            )
         if not 0 < self.top_t_mass <= 1:
             raise ConfigError(f"finetune.top_t_mass: must be in (0, 1]; got {self.top_t_mass}")
         if not 0 < self.top_t_alpha < 1:

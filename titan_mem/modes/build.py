@@ -113,7 +113,8 @@ def build_mode(cfg: Config) -> TrainingMode:
 
     if name == "sparse_finetune":
         sparse_counts_path(cfg)  # refuse a missing counts setting before anything is built
-        save_model = cfg.checkpoint.save_format == "full"
+        # masked_gradient moves rows never selected (momentum, weight decay): no patch can hold that
+        save_model = cfg.checkpoint.save_format == "full" or cfg.finetune.sparse_update == "masked_gradient"
         run = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
 
         def sparse_checkpoint(model: nn.Module, optimizer: RowSparseOptimizer) -> SparseContent:
@@ -125,7 +126,9 @@ def build_mode(cfg: Config) -> TrainingMode:
         return TrainingMode(
             name=name,
             policy=OnlyValueTables(),
-            build_optimizer=lambda model, params: RowSparseOptimizer(model.value_tables(), cfg.optimizer),
+            build_optimizer=lambda model, params: RowSparseOptimizer(
+                model.value_tables(), cfg.optimizer, cfg.finetune.sparse_update
+            ),
             build_checkpoint=sparse_checkpoint,
             build_hooks=hooks,
         )

@@ -6,6 +6,9 @@ puts it there) and updates those rows only. It also remembers every row it has e
 value before the first update: a sparse checkpoint is exactly that (a knowledge patch), so its size follows
 the rows selected, never the table.
 
+`sparse_update="masked_gradient"` (an ablation, `masked_optim`) instead steps the whole table as a dense
+optimizer fed the zero-masked gradient would: rows outside the selection move too, so it keeps no patch.
+
 On a memory-parallel (column-sharded) table every rank updates its columns of the same rows; what leaves
 the optimizer for a checkpoint (changed rows, row state) is gathered to whole rows, and split again on load.
 """
@@ -19,13 +22,21 @@ import torch
 import torch.nn as nn
 
 from titan_mem.parallel.memory_parallel import column_shard_of
+from titan_mem.sparse.masked_optim import MaskedGradientAdamW, MaskedGradientSGD
 from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
-    """Row-sparse updates of the memory value tables (`tables`: layer name -> table; shared pools once)."""
+    """Row-sparse updates of the memory value tables (`tables`: layer name -> table; shared pools once).
+    `sparse_update`: "rows" (mask the update, DESIGN.md invariant 4) or "masked_gradient" (the ablation)."""
 
-    def __init__(self, tables: dict[str, nn.Parameter], cfg: Any):
+    def __init__(self, tables: dict[str, nn.Parameter], cfg: Any, sparse_update: str = "rows"):
+        if sparse_update not in ("rows", "masked_gradient"):
+            raise ValueError(f"finetune.sparse_update: expected rows or masked_gradient; got {sparse_update}")
+        self.masked = sparse_update == "masked_gradient"
+        sgd, adamw = (RowSparseSGD, RowSparseAdamW)
+        if self.masked:
+            sgd, adamw = MaskedGradientSGD, MaskedGradientAdamW
         unique: dict[int, tuple[str, nn.Parameter]] = {}
         for name, p in tables.items():
             unique.setdefault(id(p), (name, p))
@@ -37,11 +48,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         self.updaters: dict[str, RowSparseSGD | RowSparseAdamW] = {}
         for name, p in self.tables.items():
             if cfg.name == "sgd":
-                self.updaters[name] = RowSparseSGD(
+                self.updaters[name] = sgd(
                     p.data, lr=lr, momentum=cfg.momentum, weight_decay=cfg.memory_weight_decay
                 )
             else:
-                self.updaters[name] = RowSparseAdamW(
+                self.updaters[name] = adamw(
                     p.data, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.memory_weight_decay
                 )
         empty = {name: torch.empty(0, dtype=torch.int64, device=p.device) for name, p in self.tables.items()}
@@ -65,12 +76,15 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 )
             grad = grad.coalesce()
             rows, grad_rows = grad.indices()[0], grad.values()
-            self._remember(name, rows)
             updater = self.updaters[name]
             updater.set_lr(lr)
-            before = table.data.index_select(0, rows)
-            updater.step(rows, grad_rows)
-            change = (table.data.index_select(0, rows) - before).double().pow(2).sum()
+            if self.masked:  # every row may move: the updater measures the change over the whole table
+                change = updater.step(rows, grad_rows)
+            else:
+                self._remember(name, rows)
+                before = table.data.index_select(0, rows)
+                updater.step(rows, grad_rows)
+                change = (table.data.index_select(0, rows) - before).double().pow(2).sum()
             shard = column_shard_of(table)
             if shard is not None and shard.size > 1:  # the whole rows' change: every rank's columns
                 torch.distributed.all_reduce(change, group=shard.group)
@@ -109,6 +123,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def changed_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """{table: (rows ever updated (sorted), their base values, their current values)}, whole rows
         (every rank must call it when a table is column-sharded)."""
+        if self.masked:
+            raise RuntimeError("finetune.sparse_update=masked_gradient moves rows never selected: no patch")
         return {
             name: (
                 rows,

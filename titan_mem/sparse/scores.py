@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 RANKINGS = ("tfidf", "tf", "kl", "all")
-# How many rows a batch may update: a fixed t, or an input-dependent count capped at t (`top_t_count`).
+# How many rows a batch may update: a fixed t, or an input-dependent count capped at t (`adaptive_keep`).
 TOP_T_RULES = ("fixed", "mass", "poisson")
 # Goyal et al. 2026, sec. 3.5: the eps inside the KL log. It keeps log finite for p -> 0; it is far below
 # any p_batch (>= 1/C) or p_bg (>= 1/(df.sum() + n_slots)) a real run produces, so it never reorders slots.
@@ -65,7 +65,7 @@ def slot_scores(
     tfidf = tf * log((N + 1) / (df + 1))                           (same)
     kl    = p_b * log((p_b + eps) / (p_bg + eps)),  p_b = c / C,
             p_bg = (df + 1) / sum_j (df_j + 1)                      (Goyal et al. 2026, sec. 3.5)
-    all   = c  (every touched slot is a candidate; a top_t cut keeps the most-used)
+    all   = c  (only a score for logs: `select_slots` keeps every touched slot under 'all', no cut)
     Float64 so that equal inputs give bit-equal scores and the tie rule below is exact.
     """
     _check_ranking(ranking, background)
@@ -102,11 +102,14 @@ def select_slots(
     alpha: float = 0.01,
 ) -> torch.Tensor:
     """The top touched slots by `ranking`, returned as sorted ascending slot ids: top_t of them (rule
-    'fixed'), or as many as the adaptive `rule` allows, never more than top_t (see `top_t_count`).
+    'fixed'), or as many as the adaptive `rule` allows, never more than top_t (see `adaptive_keep`).
+    Ranking 'all' is the "all indices" ablation of Lin et al. 2025's ranking study: every touched slot with
+    c > 0, whatever top_t and rule (the config refuses an adaptive rule with it).
 
     Only slots with c > 0 are candidates. Ties are broken deterministically so every rank picks the same
     rows: higher score first, then lower slot id (a stable sort by id, then a stable descending sort by
-    score). top_t = 0 selects nothing; with rule 'fixed', top_t >= K selects every touched slot.
+    score). Ranking 'all' aside, top_t = 0 selects nothing; with rule 'fixed', top_t >= K selects every
+    touched slot.
     """
     _check_ranking(ranking, background)
     _check_sparse(touched, counts)
@@ -115,6 +118,8 @@ def select_slots(
         raise ValueError(f"finetune.top_t: must be >= 0, got {top_t}")
     keep = counts > 0
     touched, counts = touched[keep], counts[keep]
+    if ranking == "all":
+        return torch.sort(touched).values
     if top_t == 0 or touched.numel() == 0:
         return touched.new_empty(0)
     if rule == "fixed" and top_t >= touched.numel():

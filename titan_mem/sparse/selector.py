@@ -3,8 +3,9 @@ tables' gradients into gradients of the selected rows only.
 
 Per step: count the slots the *global* batch read in each memory layer (padding excluded, summed over
 data-parallel ranks), score them against the background counts (`finetune.ranking`), keep the top
-`finetune.top_t`, and replace each table's gradient by a sparse gradient holding exactly those rows, summed
-over ranks. Only those rows' gradients cross the network, and the optimizer then updates only them. Per step
+`finetune.top_t` (every touched slot under ranking 'all'), and replace each table's gradient by a sparse
+gradient holding exactly those rows, summed over ranks. Only those rows' gradients cross the network, and the
+optimizer then updates only them (unless `finetune.sparse_update=masked_gradient`, an ablation). Per step
 it logs how many slots were touched and selected, the fraction of selected rows whose idf is 0 (a saturated
 background: DESIGN.md, "Slot selection") and the overlap of the tf-idf and tf top-t.
 """
