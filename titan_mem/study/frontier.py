@@ -2,24 +2,26 @@
 method a sweep of points, and methods are compared at *matched learning* (DESIGN.md, "The study"; Lin et
 al. 2025 compare forgetting at similar learning levels).
 
-* learning = improvement of the learning metric over the base (e.g. taught-fact F1 up, or answer NLL down);
+* learning = improvement of a metric over the base (e.g. taught-fact F1 up, or answer NLL down);
 * forgetting = relative worsening of a held-out metric over the base (0 = none, 0.11 = 11 % worse);
-* a method's Pareto front = its runs that no other run of the method beats on both (more learning and less
-  forgetting); forgetting at a learning level = linear interpolation along the front, sorted by learning,
-  undefined outside the learning range the front covers (no extrapolation).
+* a method's Pareto front = its points that no other point of the method beats on both (more learning and
+  less forgetting); forgetting at a learning level = linear interpolation along the front, sorted by
+  learning, undefined outside the learning range the front covers (no extrapolation).
+
+The interpolation is kept as weights on the front's points (`interpolation`): the front is chosen once (on
+validation forgetting), and every bootstrap replicate re-reads *test* forgetting at the same points.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Point:
-    """One finetuning run (or one evaluation point of it) on the learning-forgetting plane."""
+    """One evaluation point of a finetuning run on the learning-forgetting plane."""
 
     learning: float
     forgetting: float
@@ -27,7 +29,7 @@ class Point:
 
 
 def learning_gain(base: float, value: float, higher_is_better: bool) -> float:
-    """How far the learning metric moved in its good direction (same units as the metric)."""
+    """How far a metric moved in its good direction (same units as the metric)."""
     return value - base if higher_is_better else base - value
 
 
@@ -53,35 +55,6 @@ def pareto_front(points: Iterable[Point]) -> list[Point]:
     return sorted(front, key=lambda p: p.learning)
 
 
-def forgetting_at(front: Sequence[Point], level: float) -> float | None:
-    """Forgetting where the front reaches `level` of learning (linear between neighbouring points); None if
-    the front does not span the level."""
-    if not front:
-        return None
-    pts = sorted(front, key=lambda p: p.learning)
-    if level < pts[0].learning or level > pts[-1].learning:
-        return None
-    for a, b in zip(pts, pts[1:]):
-        if a.learning <= level <= b.learning:
-            if b.learning == a.learning:
-                return min(a.forgetting, b.forgetting)
-            w = (level - a.learning) / (b.learning - a.learning)
-            return a.forgetting + w * (b.forgetting - a.forgetting)
-    return pts[0].forgetting  # a single-point front at exactly `level`
-
-
-@dataclass(frozen=True)
-class Matched:
-    """Forgetting of one method at one learning level over seeds: mean, sample std, and how many seeds'
-    fronts reached the level (a level some seeds do not reach is reported with the seeds that do)."""
-
-    level: float
-    mean: float | None
-    std: float | None
-    n_seeds: int
-    n_reached: int
-
-
 def anchored_front(points: Iterable[Point], origin: Point | None = None) -> list[Point]:
     """The Pareto front, starting at `origin` (the base model: no learning, no forgetting) when given. A run
     that learned something while forgetting nothing dominates the base and would cut the front's start
@@ -92,19 +65,29 @@ def anchored_front(points: Iterable[Point], origin: Point | None = None) -> list
     return [origin, *(p for p in front if p.learning > origin.learning)]
 
 
-def matched_forgetting(
-    points_by_seed: dict[int, list[Point]], levels: Sequence[float], origin: Point | None = None
-) -> list[Matched]:
-    """Per seed: the front of that seed's sweep (from `origin`, if given), read at each level; then
-    mean/std across seeds."""
-    fronts = {seed: anchored_front(pts, origin) for seed, pts in points_by_seed.items()}
-    out = []
-    for level in levels:
-        values = [v for v in (forgetting_at(f, level) for f in fronts.values()) if v is not None]
-        mean = statistics.fmean(values) if values else None
-        std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
-        out.append(Matched(level, mean, std, len(fronts), len(values)))
-    return out
+def interpolation(front: Sequence[Point], level: float) -> list[tuple[Point, float]] | None:
+    """The front's points and weights whose weighted forgetting is the front's forgetting at `level`
+    (linear between neighbours by learning); None if the front does not span the level. Weights, not a
+    number, so another forgetting measure of the same points (test instead of validation, a bootstrap
+    replicate) is read at the same place."""
+    if not front:
+        return None
+    pts = sorted(front, key=lambda p: p.learning)
+    if level < pts[0].learning or level > pts[-1].learning:
+        return None
+    for a, b in zip(pts, pts[1:]):
+        if a.learning <= level <= b.learning:
+            if b.learning == a.learning:
+                return [(min(a, b, key=lambda p: p.forgetting), 1.0)]
+            w = (level - a.learning) / (b.learning - a.learning)
+            return [(a, 1.0 - w), (b, w)]
+    return [(pts[0], 1.0)]  # a single-point front at exactly `level`
+
+
+def forgetting_at(front: Sequence[Point], level: float) -> float | None:
+    """Forgetting where the front reaches `level` of learning; None if the front does not span it."""
+    weights = interpolation(front, level)
+    return None if weights is None else sum(w * p.forgetting for p, w in weights)
 
 
 def common_levels(fronts: Iterable[Sequence[Point]], n: int = 5) -> list[float]:
@@ -120,4 +103,5 @@ def common_levels(fronts: Iterable[Sequence[Point]], n: int = 5) -> list[float]:
         return []
     if n == 1 or lo == hi:
         return [lo]
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    # the top level is `hi` itself: computed as lo + (hi - lo) it can round above the front that ends there
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n - 1)] + [hi]

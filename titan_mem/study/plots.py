@@ -1,11 +1,11 @@
-"""The study's figures (matplotlib, headless): learning and forgetting over steps, the learning-forgetting
-trade-off with each method's Pareto front, and forgetting at matched learning with its seed spread."""
+"""The study's figures (matplotlib, headless), one file of each per geometry with a panel per group: the
+learning-forgetting plane (every point on test forgetting, each run set's validation-chosen front, the
+matched means with their intervals) and forgetting at matched learning with bootstrap intervals."""
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -13,13 +13,14 @@ matplotlib.use("Agg")  # no display: the study runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from titan_mem.checkpoint.files import atomic_file  # noqa: E402
-from titan_mem.study.analysis import AVERAGE, Analysis, forgetting_of  # noqa: E402
 
 COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
+EXTRA = ["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def _color(method: str) -> str:
-    return COLORS.get(method, "tab:gray")
+def _colors(methods: list[str]) -> dict[str, str]:
+    spare = iter(EXTRA * 4)
+    return {m: COLORS.get(m) or next(spare, "tab:gray") for m in methods}
 
 
 def _save(fig, path: Path) -> Path:
@@ -29,65 +30,69 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(a: Analysis, path: Path) -> Path:
-    """Learning metric and mean held-out forgetting over training steps: one line per method x sweep
-    setting (mean over seeds), the base at step 0."""
-    series: dict[tuple, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for rec in a.records:
-        _, mean = forgetting_of(a.base, rec["metrics"], a.forgetting, rec["arm"])
-        key = (rec["method"], tuple(sorted(rec["params"].items())))
-        series[key][rec["step"]].append((rec["metrics"][str(a.learning)], mean))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    seen = set()
-    for (method, _params), by_step in sorted(series.items()):
-        steps = [0, *sorted(by_step)]
-        learn = [a.base[str(a.learning)], *(statistics.fmean(v[0] for v in by_step[s]) for s in steps[1:])]
-        forget = [0.0, *(100 * statistics.fmean(v[1] for v in by_step[s]) for s in steps[1:])]
-        label = method if method not in seen else None
-        seen.add(method)
-        for ax, ys in ((left, learn), (right, forget)):
-            ax.plot(steps, ys, color=_color(method), alpha=0.7, marker=".", label=label)
-    left.set(xlabel="finetuning step", ylabel=str(a.learning), title="learning (taught facts)")
-    right.set(xlabel="finetuning step", ylabel="held-out metrics worse than base (%)", title="forgetting")
-    right.axhline(0, color="black", lw=0.5)
-    left.legend()
+def _panels(n: int):
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.8), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _err(rows: list[dict[str, Any]]) -> tuple[list, list, list]:
+    xs, ys, err = [], [], [[], []]
+    for r in rows:
+        if r["mean"] is None:
+            continue
+        xs.append(r["level"])
+        ys.append(100 * r["mean"])
+        lo = r["ci_low"] if r["ci_low"] is not None else r["mean"]
+        hi = r["ci_high"] if r["ci_high"] is not None else r["mean"]
+        err[0].append(100 * max(r["mean"] - lo, 0.0))
+        err[1].append(100 * max(hi - r["mean"], 0.0))
+    return xs, ys, err
+
+
+def plot_tradeoff(geometry: str, groups: dict[str, Any], path: Path, view: str = "main") -> Path:
+    """Per group: all points (learning, test forgetting), each run set's front (chosen on validation)
+    drawn on test forgetting, and the matched means with intervals."""
+    fig, axes = _panels(len(groups))
+    for ax, (group, g) in zip(axes, groups.items()):
+        v, colors = g["views"][view], _colors(g["methods"])
+        for m in g["methods"]:
+            pts = [p for p in v["points"][m] if p[2] is not None]
+            ax.scatter([p[0] for p in pts], [100 * p[2] for p in pts], color=colors[m], alpha=0.2, s=10)
+            for rs in v["fronts"][m]:
+                f = [p for p in rs["front"] if p["test"] is not None]
+                ax.plot([p["learning"] for p in f], [100 * p["test"] for p in f], color=colors[m], alpha=0.4,
+                        lw=0.8)  # fmt: skip
+            xs, ys, err = _err(v["matched"][m])
+            ax.errorbar(xs, ys, yerr=err, color=colors[m], marker="o", capsize=3, lw=2, label=m)
+        for level in v["levels"]:
+            ax.axvline(level, color="gray", lw=0.5, ls=":")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xlabel=f"learning: {v['learning']}", ylabel="test forgetting: held-out worse than base (%)",
+               title=f"{geometry} / {group}: validation-chosen fronts, on test (thin: run sets)")  # fmt: skip
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_tradeoff(a: Analysis, path: Path) -> Path:
-    """Every evaluation point (all seeds) and each method's Pareto front, pooled over seeds."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for method in a.methods:
-        pts = [p for seed_pts in a.points[method][AVERAGE].values() for p in seed_pts]
-        ax.scatter([p.learning for p in pts], [100 * p.forgetting for p in pts], color=_color(method),
-                   alpha=0.25, s=14)  # fmt: skip
-        front = a.pooled_front(method)
-        ax.plot([p.learning for p in front], [100 * p.forgetting for p in front], color=_color(method),
-                marker="o", label=f"{method} (Pareto front)")  # fmt: skip
-    for level in a.levels:
-        ax.axvline(level, color="gray", lw=0.5, ls=":")
-    gain = "lower" if not a.learning.higher_is_better else "higher"
-    ax.set(xlabel=f"learning: {a.learning} ({gain} is better), gain over base",
-           ylabel="forgetting: held-out metrics worse than base (%)",
-           title="learning-forgetting trade-off (dotted: matched levels)")  # fmt: skip
-    ax.axhline(0, color="black", lw=0.5)
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_matched(a: Analysis, path: Path) -> Path:
-    """Forgetting at matched learning per method: mean over seeds, error bar = sample std."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, rows in a.matched[AVERAGE].items():
-        xs = [r.level for r in rows if r.mean is not None]
-        ys = [100 * r.mean for r in rows if r.mean is not None]
-        err = [100 * (r.std or 0.0) for r in rows if r.mean is not None]
-        ax.errorbar(xs, ys, yerr=err, color=_color(method), marker="o", capsize=3, label=method)
-    ax.set(xlabel=f"learning level: gain in {a.learning}", ylabel="forgetting at that level (%)",
-           title="forgetting at matched learning (mean ± std over seeds)")  # fmt: skip
-    ax.axhline(0, color="black", lw=0.5)
-    if a.levels:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "the methods' learning ranges do not overlap", ha="center", transform=ax.transAxes)
+def plot_matched(geometry: str, groups: dict[str, Any], path: Path, view: str = "main",
+                 ci: float = 0.95) -> Path:  # fmt: skip
+    """Per group: matched test forgetting per method with its bootstrap interval (methods offset a little
+    along x so the bars do not hide each other)."""
+    fig, axes = _panels(len(groups))
+    for ax, (group, g) in zip(axes, groups.items()):
+        v, colors = g["views"][view], _colors(g["methods"])
+        levels = v["levels"]
+        step = (levels[-1] - levels[0]) / max(len(levels) - 1, 1) if len(levels) > 1 else 1.0
+        for j, m in enumerate(g["methods"]):
+            xs, ys, err = _err(v["matched"][m])
+            shift = (j - (len(g["methods"]) - 1) / 2) * 0.06 * step
+            xs = [x + shift for x in xs]
+            ax.errorbar(xs, ys, yerr=err, color=colors[m], marker="o", capsize=3, label=m)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xlabel=f"learning level: {v['learning']}", ylabel="test forgetting at that level (%)",
+               title=f"{geometry} / {group}: matched forgetting ({100 * ci:.0f} % bootstrap CI)")  # fmt: skip
+        if levels:
+            ax.legend(fontsize=8)
+        else:
+            note = "the methods' learning ranges do not overlap"
+            ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
     return _save(fig, path)
