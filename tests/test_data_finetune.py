@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from titan_mem.data import DataConfig, TokenizerConfig, build_dataloader, build_tokenizer
+from titan_mem.data.facts_order import taught_fact_order
 from titan_mem.data.synthetic import get_world
+from titan_mem.eval.tasks import TaskContext, build_tasks
 
 SYN = dict(source="synthetic", synthetic_known_people=20, synthetic_new_people=4, seed=0)
 
@@ -184,3 +186,29 @@ def test_qa_set_taught_as_template_facts(tmp_path, tok):
     assert _rows(tok, batches[2]) == first  # 2 facts per epoch: max_examples cut the other 3
     with pytest.raises(ValueError, match="data.fact_paraphrases"):
         DataConfig(fact_paraphrases="model").validate()
+
+
+@pytest.mark.parametrize("shuffle", [1000, 0])
+def test_taught_fact_order_is_the_order_the_facts_loader_teaches(tok, shuffle):
+    """taught_fact_order(cfg): epoch 0's fact ids as the facts regime yields them (one fact per step);
+    a shuffling config draws a new order each epoch, an unshuffled one repeats the source order. The ids
+    are those of synthetic_qa's new_taught items."""
+    kw = dict(regime="facts", shuffle_buffer=shuffle, synthetic_taught_people=3, **SYN)
+    cfg = DataConfig(**kw)
+    order = taught_fact_order(cfg)
+    facts = get_world(0, 20, 4).facts("new_taught", 8, taught=3)
+    by_text = {"<|endoftext|>" + f.paraphrases[0]: f.fact_id for f in facts}
+    taught = [by_text[_rows(tok, b)[0]] for b in _take(_loader(tok, seq_len=48, bsz=1, **kw), 2 * len(facts))]
+    assert len(order) == len(facts) == 18 and taught[:18] == order
+    source = [f.fact_id for f in facts]
+    if shuffle:
+        assert order != source and sorted(order) == sorted(source)
+        assert taught[18:] != order and sorted(taught[18:]) == sorted(order)  # epoch 1 reshuffles
+        reseeded = taught_fact_order(DataConfig(**{**kw, "seed": 1, "synthetic_seed": 0}))  # same world
+        assert reseeded != order and sorted(reseeded) == sorted(order)
+    else:
+        assert order == source and taught[18:] == order
+    (task,) = [
+        t for t in build_tasks(["synthetic_qa"], TaskContext(data=cfg)) if t.name.endswith("/new_taught")
+    ]
+    assert sorted(e.id for e in task.examples) == sorted(order)

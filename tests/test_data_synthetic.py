@@ -102,3 +102,39 @@ def test_qa_documents_only_about_the_qa_people_and_held_out_prose_is_unseen():
     assert len(set(prose)) == 20 and not set(prose) & pretraining
     with pytest.raises(ValueError, match="synthetic_qa_people"):
         SyntheticWorld(seed=3, n_known=12, n_new=2, qa_people=13)
+
+
+def test_known_halves_are_disjoint_stratified_and_seeded():
+    """known_val / known_test: all known people in two disjoint halves, each with QA-trained and
+    biography-only people in proportion (odd counts: one more at most), a seeded random split."""
+    w = SyntheticWorld(seed=5, n_known=23, n_new=3, qa_people=9)
+    val, test = w.people("known_val"), w.people("known_test")
+    assert sorted(p.pid for p in val + test) == list(range(23)) and abs(len(val) - len(test)) <= 1
+    for kind, n in (("known_qa", 9), ("known_bio", 14)):
+        counts = [sum(w.person_kind(p.pid) == kind for p in half) for half in (val, test)]
+        assert sorted(counts) == [n // 2, n - n // 2]
+    assert [w.person_kind(p) for p in (0, 8, 9, 22, 23, 25)] == ["known_qa"] * 2 + ["known_bio"] * 2 + [
+        "new"
+    ] * 2
+    with pytest.raises(ValueError, match="person id 26"):
+        w.person_kind(26)
+    assert SyntheticWorld(seed=5, n_known=23, n_new=3, qa_people=9).people("known_val") == val
+    other = SyntheticWorld(seed=6, n_known=23, n_new=3, qa_people=9)
+    assert [p.pid for p in other.people("known_val")] != [p.pid for p in val]
+    assert [p.pid for p in val] != list(range(0, 23, 2))  # random, not every other person
+
+
+def test_heldout_days_repeat_their_name_and_are_not_pretraining_paragraphs():
+    w = SyntheticWorld(seed=3, n_known=12, n_new=2)
+    days = w.heldout_days(40)
+    assert len(set(days)) == 40
+    for d in days:
+        name = d.split(" ", 1)[0]
+        assert d.startswith(f"{name} woke up early on ") and f"After breakfast {name} walked" in d
+    pretraining = {p for i in range(3000) for p in w.document(i, generic_fraction=1.0).split("\n\n")}
+    assert (
+        sum(p.startswith(tuple(f"{n} woke up" for n in "Anna Tom Ben Sam".split())) for p in pretraining)
+        > 100
+    )
+    assert not set(days) & pretraining
+    assert not set(days) & {p for d in w.heldout_prose(400) for p in d.split("\n\n")}

@@ -31,7 +31,7 @@ PERPLEXITY = [
 # every real file of ../shared/data: the named tasks read theirs from --data-dir
 ALL_TASKS = [
     "triviaqa", "nq_open", "simpleqa", "gsm8k", "hellaswag", "lambada_openai",
-    "synthetic_qa", "synthetic_completion",
+    "synthetic_qa", "synthetic_completion", "synthetic_prose", "synthetic_copy",
     *(f"perplexity:{SHARED_DATA / name}" for name in PERPLEXITY),
 ]  # fmt: skip
 TAUGHT = "--data.synthetic_taught_people=4"  # of TINY's 10 new people
@@ -40,8 +40,8 @@ TAUGHT = "--data.synthetic_taught_people=4"  # of TINY's 10 new people
 def evaluate(checkpoint: Path, out: Path, tasks: list[str], *extra: str, nproc: int = 1):
     args = [
         "--checkpoint", str(checkpoint), "--tasks", ",".join(tasks), "--data-dir", str(SHARED_DATA),
-        "--out", str(out / "results.json"), "--predictions", str(out / "preds.jsonl"), "--no-progress",
-        *extra,
+        "--out", str(out / "results.json"), "--predictions", str(out / "preds.jsonl"),
+        "--items", str(out / "items.jsonl"), "--no-progress", *extra,
     ]  # fmt: skip
     return run_tool("evaluate.py", args, nproc=nproc)
 
@@ -77,9 +77,10 @@ def test_every_task_on_every_real_file(pretrained, tmp_path):
     got = values(doc)
     for task in ("triviaqa", "nq_open", "simpleqa"):
         assert {m for t, m in got if t == task} == {"em", "f1", "answer_nll"}
-    for population in ("known", "new_taught", "new_untaught"):
+    for population in ("known_val", "known_test", "new_taught", "new_untaught"):
         for kind in ("synthetic_qa", "synthetic_completion"):
             assert 0.0 <= got[(f"{kind}/{population}", "f1")] <= 1.0
+    assert {m for t, m in got if t == "synthetic_copy"} == {"em", "answer_nll"}
     assert {m for t, m in got if t == "hellaswag"} == {"acc", "acc_norm"}
     assert {m for t, m in got if t == "lambada_openai"} == {"acc", "ppl"}
     assert got[("gsm8k", "nll")] > 0
@@ -94,6 +95,16 @@ def test_every_task_on_every_real_file(pretrained, tmp_path):
     assert len(qa) == 3 and all({"prompt", "prediction", "references", "em", "f1"} <= set(p) for p in qa)
     assert qa[0]["prompt"].startswith("Question: ") and qa[0]["prompt"].endswith("\nAnswer:")
     assert got[("triviaqa", "f1")] == pytest.approx(sum(p["f1"] for p in qa) / 3)
+    # --items: the per-item scores as one eval_items line at step 0, every task, each item
+    (line,) = (tmp_path / "items.jsonl").read_text().splitlines()
+    items = json.loads(line)
+    assert items["step"] == 0 and set(items["tasks"]) == {t for t, _ in got}
+    assert all(len(col) == 3 for t in items["tasks"].values() for col in t.values())
+    known = items["tasks"]["synthetic_qa/known_val"]
+    assert set(known) == {"id", "group", "em", "f1", "answer_nll", "tokens"}
+    assert got[("synthetic_qa/known_val", "f1")] == sum(known["f1"]) / 3
+    weighted = sum(a * n for a, n in zip(known["answer_nll"], known["tokens"])) / sum(known["tokens"])
+    assert got[("synthetic_qa/known_val", "answer_nll")] == pytest.approx(weighted, rel=1e-12)
 
 
 def test_two_ranks_give_the_numbers_of_one(pretrained, tmp_path):
@@ -159,9 +170,14 @@ def test_in_loop_evaluation_logs_metrics_and_leaves_training_alone(pretrained, t
     assert losses(plain) == losses(evald)  # evaluation between steps changes nothing in training
     records = [r for r in read_metrics(evald) if "eval/hellaswag/acc_norm" in r]
     assert [r["step"] for r in records] == [0, 1, 2]
-    assert all("eval/synthetic_qa/known/answer_nll" in r for r in records)
-    key = "eval/synthetic_qa/known/answer_nll"
+    key = "eval/synthetic_qa/known_val/answer_nll"
+    assert all(key in r for r in records)
     assert records[0][key] != records[-1][key]  # it evaluates the model as it trains
+    items = [json.loads(line) for line in (evald / "eval_items.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in items] == [0, 1, 2]  # one line per evaluation point
+    logged = {k.removeprefix("eval/").rsplit("/", 1)[0] for k in records[0] if k.startswith("eval/")}
+    assert set(items[0]["tasks"]) == logged
+    assert not (plain / "eval_items.jsonl").exists()
 
 
 def test_generate_cli_says_what_the_evaluation_predicted(pretrained, tmp_path):

@@ -132,7 +132,7 @@ class Trainer:
                 )
         self.data_iter = iter(self.dataloader)
         if self.rank0:  # logs continue from the loaded step; records of a crashed tail are dropped
-            for log in ("metrics.jsonl", "selected_slots.jsonl"):
+            for log in ("metrics.jsonl", "selected_slots.jsonl", "eval_items.jsonl"):
                 drop_records_after(self.run_dir / log, self.step)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, tensorboard=cfg.metrics.tensorboard)
@@ -277,7 +277,7 @@ class Trainer:
     def _train_loop(self, losses: list[float]) -> None:
         cfg = self.cfg
         if self.evaluator and self.evaluator.at_start and self.step == 0:
-            self.metrics.log(0, self.evaluator.run())  # the reference that forgetting is measured against
+            self.metrics.log(0, self.evaluator.run(0))  # the reference that forgetting is measured against
         t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
         while self.step < cfg.training.steps:
             t_data = time.perf_counter()
@@ -314,7 +314,7 @@ class Trainer:
                 )
                 t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
             if self.evaluator and self.evaluator.due(self.step, last):
-                self.metrics.log(self.step, self.evaluator.run())
+                self.metrics.log(self.step, self.evaluator.run(self.step))
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             saved = self.step % cfg.checkpoint.interval == 0 or last
             if saved:

@@ -2,10 +2,12 @@
 
     python tools/evaluate.py --checkpoint STEP_DIR --tasks triviaqa,nq_open,gsm8k,hellaswag
                              [--limit N] [--data-dir DIR] [--out results.json] [--predictions preds.jsonl]
+                             [--items items.jsonl]
                              [--num-fewshot K] [--batch-size B] [--config RUN.toml] [--section.key=value ...]
     torchrun --nproc_per_node=8 tools/evaluate.py --checkpoint ...   (each rank a shard, same numbers)
 
-Tasks: triviaqa, nq_open, simpleqa, gsm8k, hellaswag, synthetic_qa, synthetic_completion, perplexity:SOURCE;
+Tasks: triviaqa, nq_open, simpleqa, gsm8k, hellaswag, lambada_openai, synthetic_qa, synthetic_completion,
+synthetic_prose, synthetic_copy, perplexity:SOURCE;
 `task:SOURCE` reads another file or HF dataset. The model and synthetic world come from the run's
 config.json; overrides such as `--data.synthetic_taught_people=5` change what the tasks read. The work is
 `titan_mem.eval.runner.evaluate_checkpoint`.
@@ -30,6 +32,9 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--data-dir", help="folder of local evaluation files (../shared/data layout)")
     parser.add_argument("--out", help="results JSON (task, metric, value, n, checkpoint, step)")
     parser.add_argument("--predictions", help="per-example predictions and scores as JSON lines")
+    parser.add_argument(
+        "--items", help="per-item scores as one eval_items.jsonl line, step 0 (titan_mem/eval/items.py)"
+    )
     parser.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for the QA tasks")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--config", help="the run's config (default: config.json two folders up)")
@@ -46,6 +51,7 @@ def run(argv: list[str]) -> None:
         num_fewshot=args.num_fewshot,
         out=args.out,
         predictions=args.predictions,
+        items_out=args.items,
         progress=not args.no_progress,
     )
 

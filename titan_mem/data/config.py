@@ -171,8 +171,9 @@ class DataConfig:
         default=0,
         metadata={
             "help": "QA pairs in the synthetic pretraining corpus are about the first K known people only "
-            "(0 = all); the others appear only in biographies, so QA about them (eval population "
-            "known_bio) measures whether the model extracts facts it saw only as statements"
+            "(0 = all); the others appear only in biographies, so QA about them (evaluation items whose "
+            "person is SyntheticWorld.person_kind 'known_bio') measures whether the model extracts facts "
+            "it saw only as statements"
         },
     )
     synthetic_seed: int | None = field(

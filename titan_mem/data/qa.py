@@ -182,19 +182,9 @@ def build_finetune_dataset(
 
     first = cfg.max_examples or None
     if cfg.regime == "facts":
-        if world:
-            facts = world.facts(
-                cfg.taught_population(), cfg.synthetic_paraphrases, taught=cfg.synthetic_taught_people
-            )
-        elif cfg.fact_paraphrases == "templates":
-            qa = load_qa(cfg.source, split=cfg.split, config=cfg.hf_config, limit=first)
-            facts = facts_from_qa(qa, cfg.synthetic_paraphrases)
-        else:
-            facts = load_facts(cfg.source)
-        facts = facts[:first]
-        groups = fact_rows(facts, tokenizer)
+        groups = fact_rows(finetune_facts(cfg), tokenizer)
         _truncation_note((r for g in groups for r in g), seq_len, "fact")
-        fact_order = _EpochOrder(len(groups), cfg.seed, cfg.shuffle_buffer > 0)
+        fact_order = fact_epoch_order(cfg, len(groups))
 
         def fact_batch(micro_step: int) -> list[Row]:
             opt_step, k = slot(micro_step)
@@ -245,6 +235,27 @@ def build_finetune_dataset(
         description=f"{cfg.regime} from {cfg.source}",
         **common,
     )
+
+
+def finetune_facts(cfg: DataConfig) -> list[FactExample]:
+    """The facts regime's facts in source order (the first `data.max_examples`), before any shuffling:
+    one definition for the loader and `facts_order.taught_fact_order`, so the two cannot drift apart."""
+    first = cfg.max_examples or None
+    if cfg.source == "synthetic" or cfg.source_type == "synthetic":
+        from titan_mem.data.synthetic import world_of
+
+        world = world_of(cfg)
+        taught = cfg.synthetic_taught_people
+        return world.facts(cfg.taught_population(), cfg.synthetic_paraphrases, taught=taught)[:first]
+    if cfg.fact_paraphrases == "templates":
+        qa = load_qa(cfg.source, split=cfg.split, config=cfg.hf_config, limit=first)
+        return facts_from_qa(qa, cfg.synthetic_paraphrases)
+    return load_facts(cfg.source)[:first]
+
+
+def fact_epoch_order(cfg: DataConfig, n: int) -> Callable[[int], np.ndarray]:
+    """epoch -> the permutation of the `n` facts the facts regime teaches in that epoch."""
+    return _EpochOrder(n, cfg.seed, cfg.shuffle_buffer > 0)
 
 
 def read_documents(cfg: DataConfig) -> list[str]:

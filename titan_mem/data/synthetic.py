@@ -212,12 +212,15 @@ class SyntheticWorld:
     # ---- populations ---------------------------------------------------------------------------------
     def people(self, population: str = "known", taught: int = 0) -> list[Person]:
         """A population: known | new | all; the known people split by whether pretraining shows QA about
-        them: known_qa | known_bio (biographies only); the new people split by `taught` (the first `taught`
-        new people are taught by finetuning, 0 = all of them): new_taught | new_untaught."""
+        them: known_qa | known_bio (biographies only), or into two disjoint halves for evaluation:
+        known_val | known_test; the new people split by `taught` (the first `taught` new people are taught
+        by finetuning, 0 = all of them): new_taught | new_untaught."""
         new = self._people[self.n_known :]
         k = taught or len(new)
         if population == "known":
             return self._people[: self.n_known]
+        if population in ("known_val", "known_test"):
+            return self._known_halves[population == "known_test"]
         if population == "known_qa":
             return self._people[: self.qa_people]
         if population == "known_bio":
@@ -231,10 +234,26 @@ class SyntheticWorld:
         if population == "all":
             return list(self._people)
         raise ValueError(
-            "data.synthetic_population: expected 'known', 'known_qa', 'known_bio', 'new', 'new_taught', "
-            "'new_untaught' or 'all', "
-            f"got {population!r}"
+            "data.synthetic_population: expected 'known', 'known_qa', 'known_bio', 'known_val', "
+            f"'known_test', 'new', 'new_taught', 'new_untaught' or 'all', got {population!r}"
         )
+
+    @functools.cached_property
+    def _known_halves(self) -> tuple[list[Person], list[Person]]:
+        """(known_val, known_test): the QA-trained then the biography-only people, each kind in a seeded
+        random order, dealt alternately into two halves, so selecting on one half and reporting on the other
+        compares like with like (each half holds both kinds in proportion, one person more at most)."""
+        rng = random.Random(f"titan_mem.synthetic.known_split.{self.seed}")
+        qa, bio = self._people[: self.qa_people], self._people[self.qa_people : self.n_known]
+        dealt = rng.sample(qa, len(qa)) + rng.sample(bio, len(bio))
+        return sorted(dealt[0::2], key=lambda p: p.pid), sorted(dealt[1::2], key=lambda p: p.pid)
+
+    def person_kind(self, pid: int) -> str:
+        """What pretraining showed of person `pid`: known_qa (biographies and QA), known_bio (biographies
+        only) or new (nothing): how a per-item record's group (its person id) splits known facts."""
+        if not 0 <= pid < len(self._people):
+            raise ValueError(f"person id {pid}: expected 0..{len(self._people) - 1}")
+        return "known_qa" if pid < self.qa_people else "known_bio" if pid < self.n_known else "new"
 
     # ---- renderings ----------------------------------------------------------------------------------
     @staticmethod
@@ -315,6 +334,11 @@ class SyntheticWorld:
             self.generic_document(random.Random(f"titan_mem.synthetic.heldout.{self.seed}.{i}"))
             for i in range(n)
         ]
+
+    def heldout_days(self, n: int) -> list[str]:
+        """`n` "day" paragraphs (`_day_text`: a first name, then the same name again) from a stream of their
+        own that pretraining never reads: the in-context copying probe (`synthetic_copy`)."""
+        return [_day_text(self, random.Random(f"titan_mem.synthetic.days.{self.seed}.{i}")) for i in range(n)]
 
     def document(
         self,

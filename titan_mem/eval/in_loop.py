@@ -1,10 +1,11 @@
 """Evaluation inside a training run (`[eval]`): the Trainer's model, as it is, on a fixed set of tasks every
-`eval.every` steps, logged as `eval/<task>/<metric>` to metrics.jsonl (and TensorBoard). The study reads
-learning and forgetting along the finetuning stream from these records.
+`eval.every` steps, logged as `eval/<task>/<metric>` to metrics.jsonl (and TensorBoard), and every item's
+scores as one line of `<dump_folder>/eval_items.jsonl` (rank 0 writes; format: eval/items.py). The study
+reads learning and forgetting along the finetuning stream from these records, with intervals over items.
 
 Evaluation does not touch training state: greedy decoding draws no random numbers, modules go back to
 their own train/eval flags (`runner.eval_mode`), and gradients are off, so a run with evaluation takes the
-same steps as one without.
+same steps as one without. The items come from the pass that makes the metrics (no extra forward).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from titan_mem.config import Config, ConfigError
+from titan_mem.eval.items import ITEMS_FILE, append_items
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.runner import run_tasks
 from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks
@@ -32,15 +34,19 @@ class InLoopEvaluator:
         except TaskError as e:
             raise ConfigError(f"eval.tasks: {e}") from None
         self.lm = EvalModel(model, tokenizer, max_seq_len=max_seq_len, batch_size=ev.batch_size)
+        self.items_path = Path(cfg.job.dump_folder) / ITEMS_FILE
 
     def due(self, step: int, last: bool) -> bool:
         """After optimizer step `step`: every `eval.every` steps and at the last one (if `every` > 0)."""
         return self.every > 0 and (step % self.every == 0 or last)
 
-    def run(self) -> dict[str, float]:
+    def run(self, step: int) -> dict[str, float]:
+        """The metrics to log at `step`; rank 0 also appends the step's items to eval_items.jsonl."""
         with torch.no_grad():
-            metrics = run_tasks(self.lm, self.tasks).metrics
-        return {f"eval/{m['task']}/{m['metric']}": m["value"] for m in metrics}
+            out = run_tasks(self.lm, self.tasks)
+        if self.lm.rank == 0:
+            append_items(self.items_path, step, out.predictions)
+        return {f"eval/{m['task']}/{m['metric']}": m["value"] for m in out.metrics}
 
 
 def build_in_loop_evaluator(

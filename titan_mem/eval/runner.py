@@ -26,6 +26,7 @@ from titan_mem.components.model import build_model
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_tokenizer
 from titan_mem.distributed import init_distributed
+from titan_mem.eval.items import write_items
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.tasks import TaskContext, TaskOutput, build_tasks
 from titan_mem.modes.build import model_converters
@@ -139,12 +140,15 @@ def evaluate_checkpoint(
     num_fewshot: int = 0,
     out: str | Path | None = None,
     predictions: str | Path | None = None,
+    items_out: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint on `tasks`; rank 0 prints the table and writes `out` / `predictions`.
-    Outputs are checked writable before the model loads and written whole at the end."""
+    """Evaluate one checkpoint on `tasks`; rank 0 prints the table and writes `out` / `predictions` /
+    `items_out` (the per-item scores as one eval_items.jsonl line with step 0: the base a finetuning
+    stream starts from, beside its arms' in-loop lines). Outputs are checked writable before the model
+    loads and written whole at the end."""
     checkpoint = Path(checkpoint)
-    for path in (out, predictions):
+    for path in (out, predictions, items_out):
         if path is not None and Path(path).is_dir():
             raise ConfigError(f"{path}: is a folder; expected an output file name")
     if limit is not None and limit <= 0:
@@ -173,6 +177,8 @@ def evaluate_checkpoint(
         print(format_table(result.metrics), flush=True)
         if predictions is not None:
             write_jsonl(Path(predictions), result.predictions)
+        if items_out is not None:
+            write_items(Path(items_out), 0, result.predictions)
         if out is not None:
             write_json(Path(out), doc)
     return doc

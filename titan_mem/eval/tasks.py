@@ -13,13 +13,20 @@ Prompt formats (fixed; zero-shot unless `num_fewshot`):
   probe; lm-eval's gsm8k task is generative EM, a different number).
 * hellaswag: log-likelihood of ` {ending}` after the context; acc = argmax, acc_norm = argmax of the
   log-likelihood divided by the ending's length in characters (lm-eval's convention).
-* synthetic_qa / synthetic_completion: the run's synthetic world, split by population (known; known_bio,
-  the known people pretraining showed only as biographies, when `data.synthetic_qa_people` splits them;
-  new_taught, new_untaught; `data.synthetic_taught_people` draws the line). Completion prompts are a
-  fact's first statement template cut before the value ("Ada Lovelace was born in"), greedy until "." or
-  a newline.
+* synthetic_qa / synthetic_completion: the run's synthetic world, one task per population: known_val and
+  known_test (two disjoint halves of all known people, each with QA-trained and biography-only people in
+  proportion: select on one, report on the other), new_taught and new_untaught (the first
+  `data.synthetic_taught_people` new people, and the rest: the control for non-specific learning).
+  `limit` facts per population: people drawn at random (seeded by world seed and population, the same
+  sample in every run of the world), all six facts of each, cut at `limit`; each question's template is
+  drawn per fact the same way. Each item's group is its person id (`SyntheticWorld.person_kind` tells
+  QA-trained from biography-only). Completion prompts are a fact's first statement template cut before
+  the value ("Ada Lovelace was born in"), greedy until "." or a newline.
 * synthetic_prose: NLL / perplexity of held-out generic prose of the run's synthetic world (documents of
   the pretraining distribution from a random stream pretraining never reads).
+* synthetic_copy: a held-out skill unlike the taught facts, copying from context: a held-out "day"
+  paragraph cut after "{A} woke up early on ... After breakfast", target ` {A}`, a first name only the
+  context tells. `em` (the name is the greedy continuation, from the same scoring pass) and `answer_nll`.
 * lambada_openai: the passage's last word after ` `: acc (it is the greedy continuation) and perplexity.
 * perplexity:SOURCE: NLL, perplexity and bits per byte of documents from any source the data layer reads.
 """
@@ -27,6 +34,7 @@ Prompt formats (fixed; zero-shot unless `num_fewshot`):
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +45,14 @@ from titan_mem.data.documents import BadDoc
 from titan_mem.data.qa import load_gsm8k, load_hellaswag, load_lambada, load_qa, qa_prompt
 from titan_mem.data.records import QAExample
 from titan_mem.data.sources import build_source
-from titan_mem.data.synthetic import world_of
+from titan_mem.data.synthetic import ATTRIBUTES, QUESTIONS, SyntheticWorld, world_of
 from titan_mem.eval.lm import EvalModel, nll_summary
 from titan_mem.eval.metrics import normalizer, qa_scores
 
 QA_MAX_NEW_TOKENS = 32
 QA_STOP = ("\n",)
-POPULATIONS = ("known", "known_bio", "new_taught", "new_untaught")
+POPULATIONS = ("known_val", "known_test", "new_taught", "new_untaught")
+COPY_CUE = "After breakfast"  # synthetic_copy: the prompt ends here, the repeated name follows
 
 
 class TaskError(ValueError):
@@ -130,6 +139,7 @@ class QATask:
         self.normalize = normalizer(kw.get("normalization", "squad"))
         self.prompt_of: Callable[[QAExample], str] = kw.get("prompt_of", lambda e: qa_prompt(e.question))
         self.until: Sequence[str] = kw.get("until", QA_STOP)
+        self.group_of: Callable[[QAExample], Any] | None = kw.get("group_of")  # per-item record's group
 
     def evaluate(self, lm: EvalModel) -> TaskOutput:
         prompts = [self.prefix + self.prompt_of(e) for e in self.examples]
@@ -141,14 +151,17 @@ class QATask:
             s = qa_scores(pred.strip(), ex.answers, self.normalize)
             s["answer_nll"] = score.nll_per_token
             rows.append(s)
+            group = {"group": self.group_of(ex)} if self.group_of else {}
             out.predictions.append(
                 {
                     "task": self.name,
                     "id": ex.id,
+                    **group,
                     "prompt": prompt,
                     "prediction": pred.strip(),
                     "references": list(ex.answers),
                     **s,
+                    "tokens": score.n_tokens,
                 }
             )
         n = len(rows)
@@ -182,6 +195,35 @@ class AnswerNLLTask:
         summary = nll_summary(scores)
         out.add(self.name, "nll", summary["nll"], len(scores))
         out.add(self.name, "ppl", summary["ppl"], len(scores))
+        return out
+
+
+class ContinuationTask:
+    """Is a short target the greedy continuation of its prompt (`em`, token for token), and its per-token
+    NLL (`answer_nll`): one scoring pass, no generation."""
+
+    def __init__(self, name: str, items: Sequence[tuple[str, str, str]]):
+        self.name, self.items = name, list(items)  # (id, prompt, target)
+
+    def evaluate(self, lm: EvalModel) -> TaskOutput:
+        scores = lm.loglikelihood([(p, t) for _, p, t in self.items], self.name)
+        out = TaskOutput()
+        for (item_id, prompt, target), s in zip(self.items, scores):
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": item_id,
+                    "prompt": prompt,
+                    "prediction": "",
+                    "references": [target.strip()],
+                    "em": float(s.greedy),
+                    "answer_nll": s.nll_per_token,
+                    "tokens": s.n_tokens,
+                }
+            )
+        n = len(scores)
+        out.add(self.name, "em", sum(s.greedy for s in scores) / n, n)
+        out.add(self.name, "answer_nll", nll_summary(scores)["nll"], n)
         return out
 
 
@@ -261,6 +303,19 @@ class PerplexityTask:
         summary = nll_summary(scores)
         n_bytes = sum(len(t.encode("utf-8")) for t in self.texts)
         out = TaskOutput()
+        for i, (text, s) in enumerate(zip(self.texts, scores)):
+            out.predictions.append(
+                {
+                    "task": self.name,
+                    "id": str(i),
+                    "prompt": text,
+                    "prediction": "",
+                    "references": [],
+                    "nll": s.nll_per_token,
+                    "tokens": s.n_tokens,
+                    "bytes": len(text.encode("utf-8")),
+                }
+            )
         n = len(self.texts)
         out.add(self.name, "nll", summary["nll"], n)
         out.add(self.name, "ppl", summary["ppl"], n)
@@ -317,6 +372,27 @@ def _perplexity_task(name: str, explicit: str | None, ctx: TaskContext) -> Perpl
     return PerplexityTask(f"{name}:{explicit}", texts)
 
 
+def synthetic_examples(
+    world: SyntheticWorld, population: str, limit: int | None = None, taught: int = 0
+) -> list[QAExample]:
+    """A population's evaluation questions: its people in a random order drawn once per (world seed,
+    population), all six facts of each, cut at `limit` facts; each fact's question template drawn from its
+    own seed. A larger limit asks the same questions and more, and every run of the world the same ones."""
+    people = list(world.people(population, taught))
+    random.Random(f"titan_mem.eval.people.{world.seed}.{population}").shuffle(people)
+    out: list[QAExample] = []
+    for p in people:
+        for attr in ATTRIBUTES:
+            fact_id = f"{p.population}-{p.pid}-{attr}"
+            rng = random.Random(f"titan_mem.eval.question.{world.seed}.{population}.{fact_id}")
+            out.append(QAExample(rng.choice(QUESTIONS[attr]).format(name=p.name), [p.value(attr)], fact_id))
+    return out[:limit] if limit else out
+
+
+def _person_of(example: QAExample) -> int:
+    return int(example.id.split("-")[1])  # synthetic fact ids are {population}-{pid}-{attribute}
+
+
 def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list[Any]]:
     def build(name: str, explicit: str | None, ctx: TaskContext) -> list[Any]:
         if explicit:
@@ -325,19 +401,14 @@ def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list
         world = world_of(d)
         tasks: list[Any] = []
         for population in POPULATIONS:
-            people = world.people(population, d.synthetic_taught_people)
-            if not people:
+            examples = synthetic_examples(world, population, ctx.limit, d.synthetic_taught_people)
+            if not examples:
                 continue
-            examples = world.qa_examples(population, taught=d.synthetic_taught_people)
-            examples = examples[: ctx.limit] if ctx.limit else examples
-            task_name = f"{name}/{population}"
-            if kind == "qa":
-                tasks.append(QATask(task_name, examples))
-            else:
+            kw: dict[str, Any] = {"group_of": _person_of}
+            if kind == "completion":
                 prompts = {e.id: world.statement_prompt(e.id) for e in examples}
-                tasks.append(
-                    QATask(task_name, examples, prompt_of=lambda e, p=prompts: p[e.id], until=(".", "\n"))
-                )
+                kw.update(prompt_of=lambda e, p=prompts: p[e.id], until=(".", "\n"))
+            tasks.append(QATask(f"{name}/{population}", examples, **kw))
         return tasks
 
     return build
@@ -347,6 +418,25 @@ def _synthetic_prose_task(name: str, explicit: str | None, ctx: TaskContext) -> 
     if explicit:
         raise TaskError(f"{name}: takes its prose from the run's synthetic world, not a source")
     return PerplexityTask(name, world_of(ctx.data or DataConfig()).heldout_prose(ctx.limit or 200))
+
+
+def copy_items(world: SyntheticWorld, n: int) -> list[tuple[str, str, str]]:
+    """(id, prompt, target) of synthetic_copy: held-out day paragraphs cut after `COPY_CUE`, whose next
+    word is the paragraph's first word, a name drawn at random for that paragraph."""
+    items = []
+    for i, text in enumerate(world.heldout_days(n)):
+        cut = text.index(COPY_CUE) + len(COPY_CUE)
+        target = " " + text.split(" ", 1)[0]
+        if not text[cut:].startswith(target + " "):
+            raise RuntimeError(f"synthetic_copy: day paragraph {i} does not repeat its name: {text!r}")
+        items.append((f"copy-{i}", text[:cut], target))
+    return items
+
+
+def _synthetic_copy_task(name: str, explicit: str | None, ctx: TaskContext) -> ContinuationTask:
+    if explicit:
+        raise TaskError(f"{name}: takes its paragraphs from the run's synthetic world, not a source")
+    return ContinuationTask(name, copy_items(world_of(ctx.data or DataConfig()), ctx.limit or 200))
 
 
 BUILDERS: dict[str, Callable[[str, str | None, TaskContext], Any]] = {
@@ -360,6 +450,7 @@ BUILDERS: dict[str, Callable[[str, str | None, TaskContext], Any]] = {
     "synthetic_qa": _synthetic_tasks("qa"),
     "synthetic_completion": _synthetic_tasks("completion"),
     "synthetic_prose": _synthetic_prose_task,
+    "synthetic_copy": _synthetic_copy_task,
 }
 
 
