@@ -1,5 +1,7 @@
-"""Study files: arms expand to method x sweep x seed with the trainer overrides they mean; bad files give
-one error line naming the file and the key."""
+"""Study files: each method starts from its own finetuning config, arms expand to method x sweep x geometry
+x (base seed, order seed), every method of a group gets the same budget, evaluation is log-spaced; bad files
+give one error line naming the file and the key. The shipped studies (headline, ablations with the document
+regime, the 1.3B one) plan: every arm's trainer config passes the trainer's checks."""
 
 from __future__ import annotations
 
@@ -7,19 +9,30 @@ from pathlib import Path
 
 import pytest
 
-from titan_mem.study.spec import StudyError, load_study, with_base
+from titan_mem import config as config_mod
+from titan_mem.study.runner import plan
+from titan_mem.study.spec import StudyError, eval_steps, load_study, with_base
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """
 [study]
 name = "mini"
 out = "outputs/studies/mini"
 seeds = [0, 1]
+base_seeds = [0]
 
 [base]
 checkpoint = "{base}"
 
-[finetune]
+[method.sparse]
 config = "train_configs/debug_sparse_finetune.toml"
+
+[method.lora]
+config = "train_configs/debug_lora_finetune.toml"
+overrides = ["--finetune.lora_alpha=8"]
+
+[finetune]
 overrides = ["--training.steps=4"]
 
 [eval]
@@ -27,7 +40,8 @@ tasks = ["synthetic_qa"]
 every = 2
 limit = 6
 learning = "synthetic_qa/new_taught:answer_nll"
-forgetting = ["synthetic_qa/known:f1", "perplexity:../shared/data/c4_sample_01.json.gz:nll"]
+control = "synthetic_qa/new_untaught:answer_nll"
+forgetting = ["synthetic_qa/known_{split}:f1", "perplexity:../shared/data/c4_sample_01.json.gz:nll"]
 
 [[arm]]
 method = "sparse"
@@ -37,44 +51,109 @@ ranking = ["tfidf", "tf"]
 
 [[arm]]
 method = "lora"
-lr = 1e-3
+lr = [1e-3, 1e-2]
 rank = [2, 4]
 """
 
 
 def _write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "base").mkdir(exist_ok=True)
+    """The study file, with {base} = a step folder whose run has a resolved config (as a real base has)."""
+    step = tmp_path / "run" / "checkpoints" / "step-1"
+    if not step.is_dir():
+        step.mkdir(parents=True)
+        config_mod.dump(
+            config_mod.parse_args([str(REPO / "train_configs/debug_model.toml")]),
+            step.parent.parent / "config.json",
+        )
     path = tmp_path / "study.toml"
-    path.write_text(text.replace("{base}", str(tmp_path / "base")))
+    path.write_text(text.replace("{base}", str(step)))
     return path
 
 
 def test_arms_expand_to_sweep_times_seeds(tmp_path):
     spec = load_study(_write(tmp_path, GOOD))
-    assert len(spec.arms) == (2 * 1 * 2 + 1 * 2) * 2  # (sparse lr x ranking + lora rank) x seeds
+    assert len(spec.arms) == (2 * 2 + 2 * 2) * 2  # (sparse lr x ranking, lora lr x rank) x seeds
     first = spec.arms[0]
-    assert first.name == "sparse-lr2.0-top_t10-rankingtfidf-seed0"
+    assert first.name == "sparse-lr2.0-top_t10-rankingtfidf-b0-seed0"
     assert first.overrides() == [
-        "--training.mode=sparse_finetune", "--optimizer.name=sgd", "--job.seed=0", "--data.seed=0",
-        "--optimizer.lr=2.0", "--finetune.top_t=10", "--finetune.ranking=tfidf",
+        "--job.seed=0", "--data.seed=0", "--optimizer.lr=2.0", "--finetune.top_t=10",
+        "--finetune.ranking=tfidf",
     ]  # fmt: skip
+    assert {a.mode for a in spec.arms} == {"sparse_finetune", "lora_finetune"}
     assert spec.learning.metric == "answer_nll" and not spec.learning.higher_is_better
-    assert spec.forgetting[0].higher_is_better
-    assert spec.forgetting[1].task == "perplexity:../shared/data/c4_sample_01.json.gz"
+    assert [str(r) for r in spec.forgetting_refs("test")][0] == "synthetic_qa/known_test:f1"
+    assert spec.forgetting_refs("val")[1].task == "perplexity:../shared/data/c4_sample_01.json.gz"
+
+
+def test_each_method_reaches_its_arms_with_its_own_optimizer(tmp_path, monkeypatch):
+    """The baselines run their own configs (AdamW, wd 0, clipping), not the sparse config's optimizer."""
+    monkeypatch.chdir(REPO)
+    spec = load_study(_write(tmp_path, GOOD))
+    jobs = plan(spec)
+    resolved = {}
+    for job in jobs:
+        if job.arm is not None:
+            argv = job.cmd.argv[3:]
+            resolved[job.arm.method] = config_mod.parse_args(argv)
+    sparse, lora = resolved["sparse"], resolved["lora"]
+    assert (sparse.optimizer.name, sparse.training.max_norm) == ("sgd", 0.0)
+    assert (lora.optimizer.name, lora.optimizer.weight_decay, lora.training.max_norm) == ("adamw", 0.0, 1.0)
+    assert lora.finetune.lora_alpha == 8.0 and lora.training.mode == "lora_finetune"
+    assert sparse.training.steps == lora.training.steps == 4  # the shared stream reaches every method
+    assert sparse.eval.at_steps == [2, 4] and sparse.eval.every == 0
+
+
+def test_unequal_budgets_are_refused(tmp_path):
+    text = GOOD.replace("rank = [2, 4]", "rank = [2, 4, 8]")
+    with pytest.raises(StudyError, match=r"unequal search budgets \(sparse 4, lora 6 configurations\)"):
+        load_study(_write(tmp_path, text))
+    # another group may have its own budget
+    text = GOOD + '\n[[arm]]\ngroup = "extra"\nmethod = "sparse"\nlr = 1.0\n'
+    assert {a.group for a in load_study(_write(tmp_path, text)).arms} == {"headline", "extra"}
+
+
+def test_log_spaced_evaluation_steps(tmp_path):
+    spec = load_study(_write(tmp_path, GOOD.replace("every = 2", "points = 8")))
+    assert eval_steps(spec, 120) == [1, 2, 4, 8, 15, 31, 61, 120]  # round(120 ** (i / 7))
+    assert eval_steps(spec, 5) == [1, 2, 3, 4, 5]
+    with pytest.raises(StudyError, match="points .* or every, not both"):
+        load_study(_write(tmp_path, GOOD.replace("every = 2", "every = 2\npoints = 3")))
+
+
+def test_geometries_and_paired_base_seeds(tmp_path):
+    text = GOOD.replace('checkpoint = "{base}"', 'pretrain_config = "train_configs/debug_model.toml"')
+    text = text.replace("base_seeds = [0]", "base_seeds = [3, 4]\npair_seeds = true")
+    text += (
+        '\n[[geometry]]\nname = "4K"\noverrides = ["--model.memory_n_keys=64"]\n'
+        'arm_overrides = ["--finetune.top_t=5"]\n'
+        '\n[[geometry]]\nname = "65K"\noverrides = ["--model.memory_n_keys=256"]\n'
+    )
+    spec = load_study(_write(tmp_path, text))
+    assert [(a.base_seed, a.seed) for a in spec.arms[:2]] == [(3, 0), (4, 1)]  # zipped, not crossed
+    assert {a.geometry for a in spec.arms} == {"4K", "65K"} and len(
+        spec.arms
+    ) == 8 * 2 * 2  # configs x run sets x geometries
+    bad = text.replace('overrides = ["--model.memory_n_keys=256"]', 'overrides = ["--training.steps=2"]')
+    with pytest.raises(StudyError, match="only --model"):
+        load_study(_write(tmp_path, bad))
 
 
 @pytest.mark.parametrize(
     "edit, needle",
     [
-        (('method = "lora"', 'method = "adapter"'), "unknown method 'adapter'"),
+        (('method = "lora"\nlr', 'method = "adapter"\nlr'), "unknown method 'adapter'"),
         (('checkpoint = "{base}"', 'checkpoint = "/nonexistent/step-1"'), "base.checkpoint /nonexistent"),
         (("rank = [2, 4]", "rank = []"), "empty sweep for 'rank'"),
         (("top_t = 10", "top_k = 10"), "unknown key 'top_k'"),
         (("every = 2", "every = 2\nshots = 1"), "unknown key eval.shots"),
-        (("seeds = [0, 1]", "seeds = []"), "study.seeds is empty"),
+        (("seeds = [0, 1]", "seeds = []"), "study.seeds must be a non-empty list"),
         (('learning = "synthetic_qa/new_taught:answer_nll"', 'learning = "answer_nll"'), "task:metric"),
+        (('config = "train_configs/debug_lora_finetune.toml"', 'config = "nope.toml"'), "method.lora.config"),
+        (('config = "train_configs/debug_lora_finetune.toml"', 'config = "train_configs/debug_model.toml"'),
+         "is a pretraining config"),
+        (("[finetune]", '[base.x]\n[finetune]'), "unknown key base.x"),
     ],
-)
+)  # fmt: skip
 def test_bad_study_files_name_the_key(tmp_path, edit, needle):
     old, new = edit
     assert old in GOOD
@@ -93,15 +172,65 @@ def test_no_arms_and_missing_file(tmp_path):
 
 
 def test_quick_table_and_base_override(tmp_path):
-    quick = GOOD + '\n[quick]\nseeds = [0]\nfinetune_overrides = ["--training.steps=2"]\nlimit = 2\n'
+    quick = (
+        GOOD
+        + '\n[quick]\nseeds = [0]\nfinetune_overrides = ["--training.steps=2"]\nlimit = 2\nmax_sweep = 1\n'
+    )
     path = _write(tmp_path, quick)
     full, fast = load_study(path), load_study(path, quick=True)
     assert (full.seeds, fast.seeds) == ([0, 1], [0])
     assert fast.finetune_overrides == ["--training.steps=4", "--training.steps=2"]  # appended: the last wins
     assert (fast.eval_limit, fast.eval_every) == (2, 2)
-    assert str(fast.out) == f"{full.out}-quick" and len(fast.arms) == len(full.arms) // 2
+    assert str(fast.out) == f"{full.out}-quick" and len(fast.arms) == 2  # first value of each sweep
     with pytest.raises(StudyError, match="has no \\[quick\\] table"):
         load_study(_write(tmp_path, GOOD), quick=True)
     with pytest.raises(StudyError, match="--base: /nope is not a checkpoint folder"):
         with_base(full, "/nope")
     assert with_base(full, tmp_path).base_checkpoint == tmp_path and full.pretrain_config is None
+
+
+def _counts_of(jobs) -> dict[str, str]:
+    """arm name -> the background kind of the counts file it reads (None: no counts)."""
+    out = {}
+    for job in jobs:
+        if job.arm is not None:
+            counts = [a for a in job.cmd.argv if a.startswith("--finetune.background_counts=")]
+            out[job.arm.series] = counts[0].split("counts-")[1].split("-")[0] if counts else None
+    return out
+
+
+@pytest.mark.parametrize("name", ["synthetic_facts", "ablations", "triviaqa_1b"])
+def test_shipped_studies_plan(name, monkeypatch):
+    """The shipped study files load and every arm's trainer config passes its checks (--dry-run)."""
+    monkeypatch.chdir(REPO)
+    for quick in (False, True):
+        spec = load_study(f"studies/{name}.toml", quick=quick)
+        jobs = plan(spec)
+        assert sum(j.arm is not None for j in jobs) == len(spec.arms)
+        if name == "synthetic_facts":
+            assert {a.series for a in spec.arms} == {
+                "sparse",
+                "sparse_mass",
+                "sparse_poisson",
+                "full",
+                "lora",
+            }
+            assert {a.geometry for a in spec.arms} == {"4K", "65K", "1M"}
+        if name == "ablations":
+            assert {"ranking_t50", "ranking_t500", "optimizer", "background", "documents"} <= set(spec.groups)
+            kinds = _counts_of([j for j in jobs if j.arm is not None and j.arm.group == "background"])
+            # the background key changes the counts an arm reads; TF-only reads none
+            assert kinds == {
+                "pretrain": "pretrain",
+                "finetune": "finetune",
+                "heldout": "heldout",
+                "none": None,
+            }
+            docs = [j for j in jobs if j.arm is not None and j.arm.group == "documents"]
+            cfg = config_mod.parse_args(docs[0].cmd.argv[3:])
+            assert (cfg.data.regime, cfg.training.global_batch_size, cfg.finetune.top_t) == (
+                "documents",
+                1,
+                2000,
+            )
+            assert any("counts-pretrain-1x128" in a for a in docs[0].cmd.argv)  # its own batch shape

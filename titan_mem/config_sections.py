@@ -119,6 +119,12 @@ class EvalConfig:
     every: int = help_field(
         0, "Evaluate every N optimizer steps (0 = never; the last step always if tasks set)."
     )
+    at_steps: list[int] = help_field(
+        None,
+        "Also evaluate after exactly these optimizer steps (e.g. log-spaced 1,2,4,..., as the study asks: "
+        "learning and forgetting move fastest early).",
+        factory=list,
+    )
     at_start: bool = help_field(True, "Also evaluate before the first step (the reference for forgetting).")
     limit: int = help_field(100, "Examples per task (per population for synthetic tasks); 0 = all.")
     batch_size: int = help_field(16, "Sequences per evaluation forward.")
@@ -129,6 +135,8 @@ class EvalConfig:
     def validate(self) -> None:
         if self.every < 0:
             raise ConfigError(f"eval.every: must be >= 0; got {self.every}")
+        if any(s <= 0 for s in self.at_steps):
+            raise ConfigError(f"eval.at_steps: steps must be positive; got {self.at_steps}")
         if self.limit < 0:
             raise ConfigError(f"eval.limit: must be >= 0; got {self.limit}")
         if self.batch_size <= 0:

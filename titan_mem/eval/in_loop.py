@@ -27,7 +27,7 @@ class InLoopEvaluator:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any, max_seq_len: int) -> None:
         ev = cfg.eval
-        self.every, self.at_start = ev.every, ev.at_start
+        self.every, self.at_start, self.at_steps = ev.every, ev.at_start, set(ev.at_steps)
         ctx = TaskContext(Path(ev.data_dir) if ev.data_dir else None, cfg.data, ev.limit or None, 0)
         try:
             self.tasks = build_tasks(ev.tasks, ctx)
@@ -37,8 +37,9 @@ class InLoopEvaluator:
         self.items_path = Path(cfg.job.dump_folder) / ITEMS_FILE
 
     def due(self, step: int, last: bool) -> bool:
-        """After optimizer step `step`: every `eval.every` steps and at the last one (if `every` > 0)."""
-        return self.every > 0 and (step % self.every == 0 or last)
+        """After optimizer step `step`: at each of `eval.at_steps`, and every `eval.every` steps and at the
+        last one (if `every` > 0)."""
+        return step in self.at_steps or (self.every > 0 and (step % self.every == 0 or last))
 
     def run(self, step: int) -> dict[str, float]:
         """The metrics to log at `step`; rank 0 also appends the step's items to eval_items.jsonl."""

@@ -1,9 +1,10 @@
 """`python -m titan_mem.study STUDY.toml [--jobs N | --gpus 0,1] [--quick] [--base STEP] [--dry-run]
 [--report-only]`
 
-Runs a continual-learning study (docs/results.md): base, background counts, base evaluation, every arm in
-parallel, then `results.jsonl`, `report.md` and PNG plots under the study's `out` folder. Rerunning skips
-what is done. `--dry-run` checks the file and every arm's config and prints the commands.
+Runs a continual-learning study (docs/results.md): per geometry and base seed the base, its background
+counts and its evaluation, every arm as soon as its base is ready, then `results.jsonl`, `report.md`,
+`summary.json` and PNG plots under the study's `out` folder. Rerunning skips what is done. `--dry-run`
+checks the file and every arm's config and prints the commands.
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ import argparse
 import sys
 
 from titan_mem.distributed import exit_process
-from titan_mem.study.report import write_report
-from titan_mem.study.runner import plan, run_study
+from titan_mem.study.overview import write_study_report
+from titan_mem.study.runner import collect, plan, run_study
 from titan_mem.study.spec import load_study, with_base
-from titan_mem.study.stages import Layout
+from titan_mem.study.stages import layout_of
 from titan_mem.train import run_cli
 
 
 def run(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m titan_mem.study", description=__doc__.split("\n")[2])
+    parser = argparse.ArgumentParser(prog="python -m titan_mem.study", description=__doc__.split("\n")[3])
     parser.add_argument("study", help="study file (studies/*.toml)")
-    parser.add_argument("--jobs", type=int, default=1, help="arms run side by side (CPU: threads split)")
-    parser.add_argument("--gpus", help="comma-separated GPU ids: one arm per GPU at a time")
-    parser.add_argument("--threads", type=int, help="threads per arm (default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs run side by side (CPU: threads split)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids: one job per GPU at a time")
+    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs)")
     parser.add_argument("--quick", action="store_true", help="the study file's [quick] version")
     parser.add_argument("--base", help="start every arm from this checkpoint instead of the file's [base]")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the commands")
@@ -36,12 +37,16 @@ def run(argv: list[str]) -> None:
     if args.base:
         spec = with_base(spec, args.base)
     if args.dry_run:
-        for cmd in plan(spec):
-            print(f"# {cmd.name}  (log: {cmd.log})\n{cmd.shell()}")
-        print(f"# {len(spec.arms)} arms; outputs under {spec.out}")
+        jobs = plan(spec)
+        for job in jobs:
+            after = f"; after: {', '.join(job.deps)}" if job.deps else ""
+            print(f"# {job.name}  (log: {job.cmd.log}{after})\n{job.cmd.shell()}")
+        n_arms = sum(1 for j in jobs if j.arm is not None)
+        print(f"# {len(jobs)} jobs, {n_arms} arms; outputs under {spec.out}")
         return
     if args.report_only:
-        print(write_report(spec, Layout(spec.out).results, spec.out))
+        layout = layout_of(spec)
+        print(write_study_report(spec, layout, collect(spec, layout)))
         return
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     run_study(spec, jobs=args.jobs, gpus=gpus, threads=args.threads)

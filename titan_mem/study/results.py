@@ -1,21 +1,27 @@
-"""A study's numbers: one record per arm x evaluation point, read from each run's `metrics.jsonl`
-(in-loop evaluation logs `eval/<task>/<metric>`) and the base evaluation, kept in `results.jsonl`.
+"""A study's numbers: one record per (base | arm) x evaluation point, kept in `results.jsonl`. Each holds the
+aggregates the trainer logged (`metrics`, from metrics.jsonl's `eval/<task>/<metric>`) and the per-item
+scores (`items`, from eval_items.jsonl) the analysis bootstraps over:
 
-    {"arm": "sparse-lr20-...-seed0", "method": "sparse", "params": {"lr": 20.0, ...}, "seed": 0,
-     "step": 40, "metrics": {"synthetic_qa/new_taught:em": 0.2, ...}, "rows_per_step": 12.5}
+    {"arm": "sparse-lr20.0-b0-seed1", "method": "sparse", "base_method": "sparse", "group": "headline",
+     "params": {"lr": 20.0}, "geometry": "1M", "base_seed": 0, "seed": 1, "step": 16,
+     "metrics": {"synthetic_qa/new_taught:answer_nll": 3.9, ...}, "items": {TASK: {"id": [...], ...}},
+     "taught_order": [...], "resolved": {"optimizer": {...}, ...}, "selection": {...}, "rows_per_step": 50.0}
 
-The base is the record with arm "base", method "base", step 0.
+A base is the record with arm "base", method "base", group "base", step 0, seed None, for its geometry and
+base seed. `resolved` is the arm's own optimizer, schedule, clipping and finetuning keys as its run
+resolved them (DESIGN.md: every arm's resolved optimizer goes into the results).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import statistics
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from titan_mem.study.geometry import selection_stats
 from titan_mem.study.spec import Arm
+from titan_mem.study.stages import BaseKey
 
 EVAL_PREFIX = "eval/"
 
@@ -25,9 +31,42 @@ def metric_key(task: str, metric: str) -> str:
     return f"{task}:{metric}"
 
 
+def read_items(path: Path) -> dict[int, dict[str, Any]]:
+    """eval_items.jsonl: step -> {task: per-item columns}; a step logged twice keeps its last line."""
+    out: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[int(rec["step"])] = rec["tasks"]
+    return out
+
+
+def resolved_settings(run_dir: Path) -> dict[str, Any]:
+    """What an arm actually trained with, from its run's resolved config.json."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    training = cfg["training"]
+    return {
+        "mode": training["mode"],
+        "steps": training["steps"],
+        "max_norm": training["max_norm"],
+        "batch": [training["global_batch_size"], training["seq_len"]],
+        "optimizer": cfg["optimizer"],
+        "lr_scheduler": cfg["lr_scheduler"],
+        "finetune": cfg["finetune"] if training["mode"] != "full_finetune" else {},
+    }
+
+
+def _taught_order(run_dir: Path) -> list[str]:
+    from titan_mem import config as config_mod
+    from titan_mem.data.facts_order import taught_fact_order
+
+    cfg = config_mod.load_run_config(run_dir / "config.json")
+    return taught_fact_order(cfg.data) if cfg.data.regime == "facts" else []
+
+
 def arm_records(arm: Arm, run_dir: Path) -> list[dict[str, Any]]:
-    """The arm's evaluation points from its run's metrics.jsonl (sorted by step; a step logged twice,
-    after a resume, keeps its last record)."""
+    """The arm's evaluation points (sorted by step; a step logged twice, after a resume, keeps its last)."""
     by_step: dict[int, dict[str, float]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         if not line.strip():
@@ -38,47 +77,39 @@ def arm_records(arm: Arm, run_dir: Path) -> list[dict[str, Any]]:
             by_step[int(rec["step"])] = {
                 metric_key(*name.rsplit("/", 1)): float(v) for name, v in evals.items()
             }
-    rows = _rows_per_step(run_dir / "selected_slots.jsonl")
+    items = read_items(run_dir / "eval_items.jsonl")
+    resolved = resolved_settings(run_dir)
+    selection = selection_stats(
+        run_dir / "selected_slots.jsonl", resolved["finetune"].get("background_counts")
+    )
+    common: dict[str, Any] = {
+        "arm": arm.name, "method": arm.series, "base_method": arm.method, "group": arm.group,
+        "params": dict(arm.params), "geometry": arm.geometry, "base_seed": arm.base_seed, "seed": arm.seed,
+        "resolved": resolved, "taught_order": _taught_order(run_dir),
+    }  # fmt: skip
+    if selection:
+        common["selection"] = selection
+        common["rows_per_step"] = selection["rows_per_step"]
     return [
-        {
-            "arm": arm.name,
-            "method": arm.method,
-            "params": dict(arm.params),
-            "seed": arm.seed,
-            "step": step,
-            "metrics": metrics,
-            **({"rows_per_step": rows} if rows is not None else {}),
-        }
+        {**common, "step": step, "metrics": metrics, "items": items.get(step, {})}
         for step, metrics in sorted(by_step.items())
     ]
 
 
-def _rows_per_step(selection_log: Path) -> float | None:
-    """Mean value rows a sparse run updated per step (what an adaptive-t rule chose)."""
-    if not selection_log.is_file():
-        return None
-    counts = [json.loads(ln)["slots_selected"] for ln in selection_log.read_text().splitlines() if ln.strip()]
-    return statistics.fmean(counts) if counts else None
-
-
-def base_record(base_eval: dict[str, Any]) -> dict[str, Any]:
-    """The base evaluation document (tools/evaluate.py's results JSON) as the study's step-0 record."""
-    metrics = {metric_key(m["task"], m["metric"]): float(m["value"]) for m in base_eval["results"]}
-    return {"arm": "base", "method": "base", "params": {}, "seed": None, "step": 0, "metrics": metrics}
+def base_records(key: BaseKey, eval_json: Path, items_jsonl: Path) -> list[dict[str, Any]]:
+    """The base evaluation (tools/evaluate.py's results JSON + its items) as the base's step-0 record."""
+    doc = json.loads(eval_json.read_text())
+    metrics = {metric_key(m["task"], m["metric"]): float(m["value"]) for m in doc["results"]}
+    items = read_items(items_jsonl)
+    return [{
+        "arm": "base", "method": "base", "group": "base", "params": {}, "geometry": key.geometry,
+        "base_seed": key.seed, "seed": None, "step": 0, "metrics": metrics, "items": items.get(0, {}),
+    }]  # fmt: skip
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def split_base(records: Iterable[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(the base's metrics, the arms' records); a results file without a base record is refused."""
-    base, arms = None, []
-    for rec in records:
-        if rec["arm"] == "base":
-            base = rec["metrics"]
-        else:
-            arms.append(rec)
-    if base is None:
-        raise ValueError("results: no base record (arm 'base'); the study's base evaluation is missing")
-    return base, arms
+def as_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,9 +1,12 @@
-"""Run a study: base -> background counts -> base evaluation -> every arm (in parallel) -> results + report.
+"""Run a study: per base (geometry x base seed) pretrain -> background counts -> base evaluation, and every
+arm once its base's counts exist; then results + report.
 
-Each stage is skipped when its output exists, so an interrupted or crashed study resumes where it stopped:
-the base run resumes from its own checkpoints, an arm is finished when its `arm.json` holds its records
-and the command that made them (an arm whose command changed, or that died half-way, runs again from its
-start). A failed arm does not stop the others; the study exits non-zero and names it.
+Jobs run `--jobs` at a time as soon as what they need is done, so arms of one base run while the next base
+pretrains. Each job is skipped when its output exists, so an interrupted or crashed study resumes where it
+stopped: a base run resumes from its own checkpoints, an arm is finished when its `arm.json` holds its
+records and the command that made them (an arm whose command changed, or that died half-way, runs again
+from its start). A failed job does not stop the others (only what depends on it); the study exits non-zero
+and names it.
 """
 
 from __future__ import annotations
@@ -14,26 +17,30 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from titan_mem import config as config_mod
-from titan_mem.config import Config
-from titan_mem.eval.runner import load_checkpoint_config, write_json, write_jsonl
-from titan_mem.study.report import write_report
-from titan_mem.study.results import arm_records, base_record
+from titan_mem.eval.runner import write_json, write_jsonl
+from titan_mem.study.overview import write_study_report
+from titan_mem.study.results import arm_records, base_records
 from titan_mem.study.spec import Arm, StudyError, StudySpec
 from titan_mem.study.stages import (
+    BaseKey,
     Command,
     Layout,
+    arm_argv,
     arm_command,
     base_checkpoint,
+    base_config,
     base_eval_command,
     base_is_trained,
+    base_keys,
     counts_command,
+    layout_of,
+    method_argv,
     pretrain_command,
-    pretrain_config,
     run_command,
 )
 from titan_mem.train import TrainingError
@@ -43,27 +50,75 @@ class StudyFailed(TrainingError):
     """A stage or arm exited non-zero: names it and its log."""
 
 
-def base_config(spec: StudySpec, layout: Layout) -> Config:
-    """The base's run config (its synthetic world): from its run folder, or the recipe before it ran."""
-    if spec.base_checkpoint is not None:
-        return load_checkpoint_config(spec.base_checkpoint)
-    return pretrain_config(spec, layout)
+@dataclass
+class Job:
+    """One command of the plan, what it waits for, and how to tell it already ran."""
+
+    cmd: Command
+    done: Callable[[], bool]
+    deps: list[str] = field(default_factory=list)
+    arm: Arm | None = None
+    base: BaseKey | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cmd.name
 
 
-def plan(spec: StudySpec) -> list[Command]:
-    """Every command the study runs, in order (what `--dry-run` prints); checks each arm's config."""
-    layout = Layout(spec.out)
-    base, cfg = base_checkpoint(spec, layout), base_config(spec, layout)
-    out = [pretrain_command(spec, layout)] if spec.pretrain_config is not None else []
-    out += [counts_command(spec, layout, base, cfg), base_eval_command(spec, layout, base, cfg)]
+def _counts_kind(spec: StudySpec, arm: Arm) -> str | None:
+    """The background corpus an arm's selection reads; None when it needs no counts (dense methods,
+    tf / all rankings)."""
+    if arm.mode != "sparse_finetune":
+        return None
+    params = dict(arm.params)
+    ranking = params.get("ranking")
+    if ranking is None:
+        ranking = config_mod.parse_args([str(spec.methods[arm.method].config)]).finetune.ranking
+    rule = params.get("rule", "fixed")
+    if ranking in ("tf", "all") and rule != "poisson":
+        return None
+    return arm.background or spec.background
+
+
+def plan(spec: StudySpec) -> list[Job]:
+    """Every job the study runs, in order (what `--dry-run` prints); checks each arm's config."""
+    layout = layout_of(spec)
+    jobs: list[Job] = []
+    first_method = next(iter(spec.methods.values()))
+    counts_jobs: dict[Path, Job] = {}
+    base_names: dict[BaseKey, list[str]] = {}
+    for key in base_keys(spec):
+        base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
+        deps: list[str] = []
+        if spec.pretrain_config is not None:
+            pre = Job(pretrain_command(spec, layout, key), lambda k=key: base_is_trained(spec, layout, k))
+            jobs.append(pre)
+            deps = [pre.name]
+        ev = base_eval_command(spec, layout, key, base, method_argv(spec, first_method, key, cfg))
+        jobs.append(Job(ev, lambda k=key: layout.base_eval(k).is_file() and layout.base_items(k).is_file(),
+                        deps, base=key))  # fmt: skip
+        base_names[key] = deps
     for arm in spec.arms:
-        cmd = arm_command(spec, layout, arm, base, cfg)
+        key = BaseKey(arm.geometry, arm.base_seed)
+        base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
+        ft = method_argv(spec, spec.methods[arm.method], key, cfg)
         try:
-            config_mod.parse_args(cmd.argv[3:])  # the trainer's own checks, before anything runs
+            config_mod.parse_args(arm_argv(spec, arm, ft))  # the trainer's own checks, before anything runs
         except config_mod.ConfigError as e:
             raise StudyError(f"{spec.path}: arm {arm.name}: {e}") from None
-        out.append(cmd)
-    return out
+        kind = _counts_kind(spec, arm)
+        counts = None
+        deps = list(base_names[key])
+        if kind is not None:
+            cc = counts_command(spec, layout, key, base, ft, kind)
+            counts = Path(cc.argv[cc.argv.index("--out") + 1])
+            if counts not in counts_jobs:
+                counts_jobs[counts] = Job(cc, lambda p=counts: p.is_file(), list(base_names[key]))
+                jobs.append(counts_jobs[counts])
+            deps.append(counts_jobs[counts].name)
+        cmd = arm_command(spec, layout, arm, base, ft, counts)
+        jobs.append(Job(cmd, lambda a=arm, c=cmd: arm_is_done(layout, a, c), deps, arm=arm))
+    return jobs
 
 
 def arm_is_done(layout: Layout, arm: Arm, cmd: Command) -> bool:
@@ -85,94 +140,109 @@ def run_study(
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run whatever is not done yet; returns the results file. Raises StudyFailed naming failed stages."""
-    layout = Layout(spec.out)
+    """Run whatever is not done yet; returns the results file. Raises StudyFailed naming failed jobs."""
+    layout = layout_of(spec)
     layout.root.mkdir(parents=True, exist_ok=True)
-    commands = plan(spec)
+    todo = plan(spec)
     t0 = time.perf_counter()
-    jobs = len(gpus) if gpus else max(1, jobs)
-    per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
-
-    def stage(cmd: Command, done: bool, threads_: int) -> None:
-        if done:
-            log(f"[study] {cmd.name}: done before, skipped")
-            return
-        log(f"[study] {cmd.name} ... (log: {cmd.log})")
-        t = time.perf_counter()
-        rc, last = run_command(cmd, threads=threads_, gpu=gpus[0] if gpus else None)
-        if rc != 0:
-            raise StudyFailed(f"{cmd.name} failed (exit {rc}): {last} (log: {cmd.log})")
-        log(f"[study] {cmd.name}: {time.perf_counter() - t:.0f} s")
-
-    all_threads = threads or os.cpu_count() or 1
-    stages = commands[: len(commands) - len(spec.arms)]
-    if spec.pretrain_config is not None:
-        stage(stages.pop(0), base_is_trained(spec, layout), all_threads)
-    stage(stages[0], layout.counts.is_file(), all_threads)
-    stage(stages[1], layout.base_eval.is_file(), all_threads)
-
-    arm_cmds = dict(zip(spec.arms, commands[-len(spec.arms) :]))
-    pending = [a for a in spec.arms if not arm_is_done(layout, a, arm_cmds[a])]
-    if len(pending) < len(spec.arms):
-        log(f"[study] {len(spec.arms) - len(pending)} of {len(spec.arms)} arms done before, skipped")
-    failed = _run_arms(layout, pending, arm_cmds, jobs, gpus, per_job, log)
-
-    records = [base_record(json.loads(layout.base_eval.read_text()))]
-    for arm in spec.arms:
-        if layout.arm_done(arm).is_file() and arm not in failed:
-            records += json.loads(layout.arm_done(arm).read_text())["records"]
+    n_workers = len(gpus) if gpus else max(1, jobs)
+    per_job = threads or max(1, (os.cpu_count() or 1) // n_workers)
+    failed = _run_jobs(layout, todo, n_workers, gpus, per_job, log)
+    records = collect(spec, layout, failed)
     write_jsonl(layout.results, records)
     if report:
-        write_report(spec, layout.results, layout.root)
-    n_ok = len(spec.arms) - len(failed)
-    log(f"[study] {spec.name}: {n_ok}/{len(spec.arms)} arms, results in {layout.results}, report in "
+        write_study_report(spec, layout, records)
+    n_arms = sum(1 for j in todo if j.arm is not None)
+    n_ok = n_arms - sum(1 for j in failed if j.arm is not None)
+    log(f"[study] {spec.name}: {n_ok}/{n_arms} arms, results in {layout.results}, report in "
         f"{layout.root / 'report.md'} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     if failed:
-        names = ", ".join(f"{a.name} ({failed[a]})" for a in list(failed)[:3])
-        raise StudyFailed(f"{len(failed)} arm(s) failed: {names}; rerun the study to retry them")
+        names = ", ".join(f"{j.name} ({failed[j]})" for j in list(failed)[:3])
+        raise StudyFailed(f"{len(failed)} job(s) failed: {names}; rerun the study to retry them")
     return layout.results
 
 
-def _run_arms(
-    layout: Layout,
-    pending: list[Arm],
-    cmds: dict[Arm, Command],
-    jobs: int,
-    gpus: list[str] | None,
-    threads: int,
-    log: Callable[[str], None],
-) -> dict[Arm, str]:
-    """Run the pending arms, `jobs` at a time (one GPU each when given); returns the failed ones."""
-    free = list(gpus or [None] * jobs)
-    lock = threading.Lock()
-    failed: dict[Arm, str] = {}
-    started = time.perf_counter()
+def collect(spec: StudySpec, layout: Layout, failed: dict[Job, str] | None = None) -> list[dict]:
+    """The records of every evaluated base and finished arm (what results.jsonl holds)."""
+    failed_arms = {j.arm for j in (failed or {}) if j.arm is not None}
+    records: list[dict] = []
+    for key in base_keys(spec):
+        if layout.base_eval(key).is_file() and layout.base_items(key).is_file():
+            records += base_records(key, layout.base_eval(key), layout.base_items(key))
+    for arm in spec.arms:
+        if layout.arm_done(arm).is_file() and arm not in failed_arms:
+            records += json.loads(layout.arm_done(arm).read_text())["records"]
+    return records
 
-    def one(arm: Arm) -> tuple[Arm, int, str, float]:
+
+def _run_jobs(
+    layout: Layout, todo: list[Job], n_workers: int, gpus: list[str] | None, threads: int,
+    log: Callable[[str], None],
+) -> dict[Job, str]:  # fmt: skip
+    """Run the jobs not done yet, each once its dependencies succeeded; returns the failed (or skipped
+    because a dependency failed) jobs with their logs."""
+    by_name = {j.name: j for j in todo}
+    state: dict[str, str] = {}  # name -> ok | failed
+    for j in todo:
+        if j.done():
+            state[j.name] = "ok"
+    pending = [j for j in todo if j.name not in state]
+    if len(pending) < len(todo):
+        log(f"[study] {len(todo) - len(pending)} of {len(todo)} jobs done before, skipped")
+    free = list(gpus or [None] * n_workers)
+    lock = threading.Lock()
+    failed: dict[Job, str] = {}
+    started, n_total, n_done = time.perf_counter(), len(pending), 0
+
+    def one(job: Job) -> tuple[int, str, float]:
         with lock:
             gpu = free.pop()
         try:
-            run_dir = layout.arm_dir(arm)
-            if run_dir.exists():  # a run that died half-way: start it again from the base
-                shutil.rmtree(run_dir)
+            if job.arm is not None and layout.arm_dir(job.arm).exists():  # died half-way: start again
+                shutil.rmtree(layout.arm_dir(job.arm))
             t = time.perf_counter()
-            rc, last = run_command(cmds[arm], threads=None if gpu else threads, gpu=gpu)
-            if rc == 0:
-                done: dict[str, Any] = {"command": cmds[arm].argv[1:], "seconds": time.perf_counter() - t}
-                write_json(layout.arm_done(arm), {**done, "records": arm_records(arm, run_dir)})
-            return arm, rc, last, time.perf_counter() - t
+            rc, last = run_command(job.cmd, threads=None if gpu else threads, gpu=gpu)
+            if rc == 0 and job.arm is not None:
+                seconds = time.perf_counter() - t
+                records = arm_records(job.arm, layout.arm_dir(job.arm))
+                write_json(layout.arm_done(job.arm), {"command": job.cmd.argv[1:], "seconds": seconds,
+                                                      "records": records})  # fmt: skip
+            return rc, last, time.perf_counter() - t
         finally:
             with lock:
                 free.append(gpu)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(one, arm) for arm in pending]
-        for k, fut in enumerate(as_completed(futures), 1):
-            arm, rc, last, seconds = fut.result()
-            eta = (time.perf_counter() - started) / k * (len(pending) - k)
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}): {last}"
-            left = f"~{eta / 60:.1f} min left"
-            log(f"[study] arm {k}/{len(pending)} {arm.name}: {status} in {seconds:.0f} s, {left}")
-            if rc != 0:
-                failed[arm] = str(cmds[arm].log)
+    running: dict[Future, Job] = {}
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        while pending or running:
+            for job in list(pending):
+                if any(state.get(d) == "failed" for d in job.deps):
+                    pending.remove(job)
+                    state[job.name] = "failed"
+                    failed[job] = (
+                        f"not run: {', '.join(d for d in job.deps if state.get(d) == 'failed')} failed"
+                    )
+                elif len(running) < n_workers and all(state.get(d) == "ok" for d in job.deps):
+                    pending.remove(job)
+                    log(f"[study] {job.name} ... (log: {job.cmd.log})")
+                    running[pool.submit(one, job)] = job
+            if not running:
+                if pending:  # nothing can start: a dependency is missing from the plan
+                    raise StudyFailed(f"{pending[0].name}: waits for {pending[0].deps}, which never ran")
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                rc, last, seconds = fut.result()
+                n_done += 1
+                eta = (time.perf_counter() - started) / n_done * (n_total - n_done)
+                state[job.name] = "ok" if rc == 0 else "failed"
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}): {last}"
+                log(
+                    f"[study] {n_done}/{n_total} {job.name}: {status} in {seconds:.0f} s, "
+                    f"~{eta / 60:.1f} min left"
+                )
+                if rc != 0:
+                    failed[job] = str(job.cmd.log)
+    assert all(n in by_name for n in state)
     return failed

@@ -1,53 +1,58 @@
-"""A study file (`studies/*.toml`): the base, the finetuning stream, the held-out evaluation and the arms
-(method x sweep x seed), read into plain records. Every key is known; anything else is a one-line error
-naming the file and key.
+"""A study file (`studies/*.toml`): the bases, the methods' own finetuning configs, the stream, the held-out
+evaluation and the arms (method x sweep x base seed x order seed), read into plain records. Every key is
+known; anything else is a one-line error naming the file and key. DESIGN.md, "The study", says why each
+part exists (own configs, equal budgets, validation/test, specific learning, seeds that vary the base).
 
-    [study]     name, out (folder), seeds = [0, 1, 2]
-    [base]      checkpoint = "RUN/checkpoints/step-N"   | pretrain_config = "train_configs/x.toml"
-                pretrain_overrides = ["--training.steps=400"], background_batches = 1000
-    [finetune]  config = "train_configs/debug_sparse_finetune.toml", overrides = [...]
-    [eval]      tasks = [...], every = 20, limit = 60, data_dir = "../shared/data"
-                learning = "synthetic_qa/new_taught:answer_nll", forgetting = ["synthetic_qa/known:f1", ...]
-                show = [...]  (more metrics for the report's tables)
-    [[arm]]     method = "sparse" | "full" | "lora", plus sweep keys, each a value or a list of values:
-                sparse: lr, top_t, ranking, rule (fixed | mass | poisson: adaptive t), mass, alpha;
-                full: lr; lora: lr, rank; any method: optimizer (default sparse sgd, full/lora adamw)
-    [quick]     what `--quick` changes: seeds, pretrain_overrides / finetune_overrides (appended),
-                background_batches, limit, every, out (default: <out>-quick)
+    [study]      name, out (folder), seeds = [0, 1] (fact order), base_seeds = [0, 1] (bases pretrained
+                 with different seeds), pair_seeds = true (run sets zip the two lists instead of crossing)
+    [base]       checkpoint = "RUN/checkpoints/step-N"  | pretrain_config = "train_configs/x.toml"
+                 | study = "studies/other.toml" (that study's bases: its recipe, folders and geometries)
+                 pretrain_overrides = [...], background_batches = 1000,
+                 background = "pretrain" | "finetune" | "heldout" (the data the background counts read)
+    [[geometry]] name = "1M", overrides = ["--model.memory_n_keys=1024", ...] (model keys: every run),
+                 arm_overrides = ["--finetune.top_t=500"] (finetuning runs only; a sweep key wins)
+    [method.X]   config = "train_configs/debug_full_finetune.toml", overrides = [...]: method X's own
+                 optimizer, schedule, clipping; its training.mode decides the sweep keys
+    [finetune]   overrides = [...] (the stream, shared by every method: data, steps)
+    [eval]       tasks, points = 8 (log-spaced evaluation steps) | every = N, limit, data_dir,
+                 learning, control, learning_f1, control_f1, forgetting (templates, "{split}" = val|test),
+                 show, levels = 5, bootstrap = 1000
+    [[arm]]      method = "X", group = "headline" (series are compared within a group), label = "tf" (the
+                 series; default the method), geometries = [...] (default all), background = "finetune"
+                 (other counts, for ablations), then sweep keys, each a value or a list
+    [quick]      what `--quick` changes: seeds, base_seeds, pretrain_overrides / finetune_overrides
+                 (appended), background_batches, limit, points, max_sweep (first N values of each sweep
+                 list, every method alike), out (default: <out>-quick)
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from titan_mem.config import ConfigError, read_toml
+from titan_mem.study.keys import (
+    ARM_KEYS,
+    BACKGROUNDS,
+    HIGHER_IS_BETTER,
+    SECTIONS,
+    StudyError,
+    sweep_keys,
+)
 
-
-class StudyError(ValueError):
-    """A bad study file: one line naming the file and key."""
-
-
-MODE_OF = {"sparse": "sparse_finetune", "full": "full_finetune", "lora": "lora_finetune"}
-# Lin et al. 2025: sparse memory finetuning with SGD (AdamW forgets more), full finetuning and LoRA with AdamW
-OPTIMIZER_OF = {"sparse": "sgd", "full": "adamw", "lora": "adamw"}
-SWEEP_KEYS: dict[str, dict[str, str]] = {
-    "sparse": {
-        "lr": "optimizer.lr",
-        "top_t": "finetune.top_t",
-        "ranking": "finetune.ranking",
-        "rule": "finetune.top_t_rule",
-        "mass": "finetune.top_t_mass",
-        "alpha": "finetune.top_t_alpha",
-        "optimizer": "optimizer.name",
-    },
-    "full": {"lr": "optimizer.lr", "optimizer": "optimizer.name"},
-    "lora": {"lr": "optimizer.lr", "rank": "finetune.lora_rank", "optimizer": "optimizer.name"},
-}
-# metrics where a higher value is better; every other metric (nll, ppl, bits_per_byte, answer_nll) is a loss
-HIGHER_IS_BETTER = {"em", "f1", "acc", "acc_norm"}
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "Arm",
+    "Geometry",
+    "Method",
+    "MetricRef",
+    "StudyError",
+    "StudySpec",
+    "load_study",
+]
 
 
 @dataclass(frozen=True)
@@ -66,28 +71,52 @@ class MetricRef:
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """One memory size: model overrides every run of it gets, and finetuning-only overrides (e.g. t)."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    arm_overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's own finetuning config (optimizer, schedule, clipping) and its mode."""
+
+    name: str
+    config: Path
+    mode: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Arm:
-    """One finetuning run: a method, one value per sweep key, a seed, and the trainer overrides they mean."""
+    """One finetuning run: a method, one value per sweep key, a geometry, a base seed and an order seed."""
 
     method: str
+    mode: str
     params: tuple[tuple[str, Any], ...]
     seed: int
+    base_seed: int = 0
+    geometry: str = "default"
+    group: str = "headline"
+    background: str | None = None  # None = the study's [base] background
+    label: str = ""  # the series the analysis compares (default: the method)
+
+    @property
+    def series(self) -> str:
+        return self.label or self.method
 
     @property
     def name(self) -> str:
-        parts = [self.method, *(f"{k}{v}" for k, v in self.params), f"seed{self.seed}"]
+        parts = [self.series, *(f"{k}{v}" for k, v in self.params), f"b{self.base_seed}", f"seed{self.seed}"]
         return "-".join(str(p).replace("/", "_") for p in parts)
 
     def overrides(self) -> list[str]:
-        """The trainer overrides of this arm. The seed moves the fact order (`data.seed`) and any random
-        init (`job.seed`); the synthetic world stays the base's (the runner pins `data.synthetic_seed`)."""
-        keys = SWEEP_KEYS[self.method]
-        out = [
-            f"--training.mode={MODE_OF[self.method]}",
-            f"--optimizer.name={OPTIMIZER_OF[self.method]}",
-            f"--job.seed={self.seed}",
-            f"--data.seed={self.seed}",
-        ]
+        """The sweep's trainer overrides. The seed moves the fact order (`data.seed`) and any random init
+        (`job.seed`); the synthetic world stays the base's (the stages pin `data.synthetic_seed`)."""
+        keys = sweep_keys(self.mode)
+        out = [f"--job.seed={self.seed}", f"--data.seed={self.seed}"]
         return out + [f"--{keys[k]}={v}" for k, v in self.params]
 
 
@@ -97,37 +126,88 @@ class StudySpec:
     name: str
     out: Path
     seeds: list[int]
+    base_seeds: list[int]
+    pair_seeds: bool
     base_checkpoint: Path | None
     pretrain_config: Path | None
     pretrain_overrides: list[str]
     background_batches: int
-    finetune_config: Path
+    background: str
+    base_study: Path | None
+    geometries: list[Geometry]
+    methods: dict[str, Method]
     finetune_overrides: list[str]
     eval_tasks: list[str]
+    eval_points: int
     eval_every: int
     eval_limit: int
     eval_data_dir: str | None
     learning: MetricRef
-    forgetting: list[MetricRef]
+    control: MetricRef | None
+    learning_f1: MetricRef | None
+    control_f1: MetricRef | None
+    forgetting: list[str]
     show: list[MetricRef]
+    levels: int = 5
+    bootstrap: int = 1000
     arms: list[Arm] = field(default_factory=list)
 
+    def run_sets(self) -> list[tuple[int, int]]:
+        """(base seed, order seed) pairs every configuration runs with."""
+        if self.pair_seeds:
+            return list(zip(self.base_seeds, self.seeds))
+        return [(b, s) for b in self.base_seeds for s in self.seeds]
 
-SECTIONS: dict[str, set[str]] = {
-    "study": {"name", "out", "seeds"},
-    "base": {"checkpoint", "pretrain_config", "pretrain_overrides", "background_batches"},
-    "finetune": {"config", "overrides"},
-    "eval": {"tasks", "every", "limit", "data_dir", "learning", "forgetting", "show"},
-    "quick": {
-        "seeds",
-        "pretrain_overrides",
-        "finetune_overrides",
-        "background_batches",
-        "limit",
-        "every",
-        "out",
-    },  # fmt: skip
-}
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(a.group for a in self.arms))
+
+    def geometry(self, name: str) -> Geometry:
+        return next(g for g in self.geometries if g.name == name)
+
+    def forgetting_refs(self, split: str) -> list[MetricRef]:
+        """The forgetting metrics of one split (val | test): `{split}` filled in."""
+        return [_metric("", "eval.forgetting", t.replace("{split}", split)) for t in self.forgetting]
+
+
+def _apply_quick(where: str, data: dict[str, Any]) -> int | None:
+    """Fold the [quick] table into the others (in place); returns its max_sweep."""
+    q = data.get("quick")
+    if q is None:
+        raise StudyError(f"{where}: --quick: the file has no [quick] table")
+    study, base, ft, ev = (data.setdefault(s, {}) for s in ("study", "base", "finetune", "eval"))
+    moves = {"seeds": study, "base_seeds": study, "out": study, "background_batches": base}
+    moves |= {"limit": ev, "points": ev}
+    for key, table in moves.items():
+        if key in q:
+            table[key] = q[key]
+    if "out" not in q and "out" in study:
+        study["out"] = f"{study['out']}-quick"
+    for key, table, into in (("pretrain_overrides", base, "pretrain_overrides"),
+                             ("finetune_overrides", ft, "overrides")):  # fmt: skip
+        extra = _str_list(where, f"quick.{key}", q.get(key, []))
+        table[into] = _str_list(where, key, table.get(into, [])) + extra
+    max_sweep = q.get("max_sweep")
+    if max_sweep is not None:
+        _positive(where, "quick.max_sweep", max_sweep)
+    return max_sweep
+
+
+def _check_sections(where: str, data: dict[str, Any]) -> None:
+    for name, table in data.items():
+        if name in ("arm", "geometry"):
+            continue
+        if name not in SECTIONS:
+            raise StudyError(
+                f"{where}: unknown section [{name}] (known: {', '.join([*SECTIONS, 'geometry', 'arm'])})"
+            )
+        if not isinstance(table, dict):
+            raise StudyError(f"{where}: '{name}' must be a [section]")
+        if name == "method":
+            continue
+        for key in table:
+            if key not in SECTIONS[name]:
+                raise StudyError(f"{where}: unknown key {name}.{key}")
 
 
 def load_study(path: str | Path, quick: bool = False) -> StudySpec:
@@ -139,38 +219,10 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     except ConfigError as e:
         raise StudyError(str(e)) from None
     where = str(path)
-    for name, table in data.items():
-        if name == "arm":
-            continue
-        if name not in SECTIONS:
-            raise StudyError(f"{where}: unknown section [{name}] (known: {', '.join([*SECTIONS, 'arm'])})")
-        if not isinstance(table, dict):
-            raise StudyError(f"{where}: '{name}' must be a [section]")
-        for key in table:
-            if key not in SECTIONS[name]:
-                raise StudyError(f"{where}: unknown key {name}.{key}")
+    _check_sections(where, data)
+    max_sweep = _apply_quick(where, data) if quick else None
     study, base = data.get("study", {}), data.get("base", {})
     ft, ev = data.get("finetune", {}), data.get("eval", {})
-    if quick:
-        q = data.get("quick")
-        if q is None:
-            raise StudyError(f"{where}: --quick: the file has no [quick] table")
-        study, base, ft, ev = dict(study), dict(base), dict(ft), dict(ev)
-        for key, (table, into) in {
-            "seeds": (study, "seeds"),
-            "background_batches": (base, "background_batches"),
-            "limit": (ev, "limit"),
-            "every": (ev, "every"),
-            "out": (study, "out"),
-        }.items():
-            if key in q:
-                table[into] = q[key]
-        if "out" not in q and "out" in study:
-            study["out"] = f"{study['out']}-quick"
-        for key, table in (("pretrain_overrides", base), ("finetune_overrides", ft)):
-            extra = _str_list(where, f"quick.{key}", q.get(key, []))
-            field_name = key if key == "pretrain_overrides" else "overrides"
-            table[field_name] = _str_list(where, f"{key}", table.get(field_name, [])) + extra
 
     def need(table: dict, section: str, key: str) -> Any:
         if key not in table:
@@ -178,51 +230,91 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         return table[key]
 
     seeds = _int_list(where, "study.seeds", study.get("seeds", [0]))
-    if not seeds:
-        raise StudyError(f"{where}: study.seeds is empty")
-    checkpoint, recipe = base.get("checkpoint"), base.get("pretrain_config")
-    if (checkpoint is None) == (recipe is None):
-        raise StudyError(f"{where}: [base] needs exactly one of checkpoint or pretrain_config")
+    base_seeds = _int_list(where, "study.base_seeds", study.get("base_seeds", [0]))
+    for key, value in (("study.seeds", seeds), ("study.base_seeds", base_seeds)):
+        if not value or len(set(value)) != len(value):
+            raise StudyError(f"{where}: {key} must be a non-empty list without repeats")
+    if study.get("pair_seeds", False) not in (True, False):
+        raise StudyError(f"{where}: study.pair_seeds: expected true or false")
+    if study.get("pair_seeds") and len(seeds) != len(base_seeds):
+        raise StudyError(f"{where}: study.pair_seeds: seeds and base_seeds must have the same length")
+    checkpoint, recipe, other = base.get("checkpoint"), base.get("pretrain_config"), base.get("study")
+    if sum(x is not None for x in (checkpoint, recipe, other)) != 1:
+        raise StudyError(f"{where}: [base] needs exactly one of checkpoint, pretrain_config or study")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise StudyError(f"{where}: base.checkpoint {checkpoint} is not a checkpoint folder")
+    if checkpoint is not None and len(base_seeds) > 1:
+        raise StudyError(f"{where}: study.base_seeds: one given base.checkpoint cannot have several seeds")
+    geometries = _geometries(where, data.get("geometry", []))
+    if other is not None:
+        shared = load_study(other, quick=quick)
+        if shared.base_study is not None:
+            raise StudyError(f"{where}: base.study {other} takes its bases from another study itself")
+        recipe, checkpoint = shared.pretrain_config, shared.base_checkpoint
+        base = {**base, "pretrain_overrides": shared.pretrain_overrides}
+        known = {g.name: g for g in shared.geometries}
+        for g in geometries:
+            if g.name not in known or known[g.name].overrides != g.overrides:
+                raise StudyError(
+                    f"{where}: geometry {g.name!r} is not one of {other}'s (same name and model)"
+                )
+        if not set(base_seeds) <= set(shared.base_seeds):
+            raise StudyError(f"{where}: study.base_seeds {base_seeds}: {other} has bases {shared.base_seeds}")
     if recipe is not None and not Path(recipe).is_file():
         raise StudyError(f"{where}: base.pretrain_config {recipe} not found")
-    finetune_config = Path(need(ft, "finetune", "config"))
-    if not finetune_config.is_file():
-        raise StudyError(f"{where}: finetune.config {finetune_config} not found")
+    background = base.get("background", "pretrain")
+    if background not in BACKGROUNDS:
+        raise StudyError(
+            f"{where}: base.background: expected one of {', '.join(BACKGROUNDS)}; got {background!r}"
+        )
     spec = StudySpec(
         path=path,
         name=str(need(study, "study", "name")),
         out=Path(need(study, "study", "out")),
         seeds=seeds,
+        base_seeds=base_seeds,
+        pair_seeds=bool(study.get("pair_seeds", False)),
         base_checkpoint=Path(checkpoint) if checkpoint else None,
         pretrain_config=Path(recipe) if recipe else None,
         pretrain_overrides=_str_list(where, "base.pretrain_overrides", base.get("pretrain_overrides", [])),
         background_batches=_positive(where, "base.background_batches", base.get("background_batches", 1000)),
-        finetune_config=finetune_config,
+        background=background,
+        base_study=Path(other) if other else None,
+        geometries=geometries,
+        methods=_methods(where, data.get("method")),
         finetune_overrides=_str_list(where, "finetune.overrides", ft.get("overrides", [])),
         eval_tasks=_str_list(where, "eval.tasks", need(ev, "eval", "tasks")),
+        eval_points=_positive(where, "eval.points", ev.get("points", 0), allow_zero=True),
         eval_every=_positive(where, "eval.every", ev.get("every", 0), allow_zero=True),
         eval_limit=_positive(where, "eval.limit", ev.get("limit", 100)),
         eval_data_dir=ev.get("data_dir"),
         learning=_metric(where, "eval.learning", need(ev, "eval", "learning")),
-        forgetting=[_metric(where, "eval.forgetting", m) for m in _str_list(where, "eval.forgetting",
-                                                                             need(ev, "eval", "forgetting"))],
+        control=_optional_metric(where, ev, "control"),
+        learning_f1=_optional_metric(where, ev, "learning_f1"),
+        control_f1=_optional_metric(where, ev, "control_f1"),
+        forgetting=_str_list(where, "eval.forgetting", need(ev, "eval", "forgetting")),
         show=[_metric(where, "eval.show", m) for m in _str_list(where, "eval.show", ev.get("show", []))],
+        levels=_positive(where, "eval.levels", ev.get("levels", 5)),
+        bootstrap=_positive(where, "eval.bootstrap", ev.get("bootstrap", 1000)),
     )  # fmt: skip
     if not spec.eval_tasks:
         raise StudyError(f"{where}: eval.tasks is empty")
     if not spec.forgetting:
         raise StudyError(f"{where}: eval.forgetting is empty")
+    if spec.eval_points and spec.eval_every:
+        raise StudyError(f"{where}: eval: give points (log-spaced) or every, not both")
+    for t in spec.forgetting:
+        _metric(where, "eval.forgetting", t.replace("{split}", "val"))
     arms = data.get("arm", [])
     if not isinstance(arms, list) or not arms:
         raise StudyError(f"{where}: no [[arm]] tables (nothing to compare)")
     for i, table in enumerate(arms):
-        spec.arms += _expand_arm(where, i, table, seeds)
-    names = [a.name for a in spec.arms]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+        spec.arms += _expand_arm(where, i, table, spec, max_sweep)
+    names = [(a.geometry, a.group, a.name) for a in spec.arms]
+    dupes = sorted({"/".join(n) for n in names if names.count(n) > 1})
     if dupes:
         raise StudyError(f"{where}: arms repeat: {', '.join(dupes[:3])}")
+    _check_budget(where, spec)
     return spec
 
 
@@ -230,31 +322,138 @@ def with_base(spec: StudySpec, checkpoint: str | Path) -> StudySpec:
     """The study started from an existing checkpoint instead of its [base] (`--base`)."""
     if not Path(checkpoint).is_dir():
         raise StudyError(f"--base: {checkpoint} is not a checkpoint folder")
+    if len(spec.geometries) > 1 or len(spec.base_seeds) > 1:
+        raise StudyError("--base: one checkpoint cannot stand for several geometries or base seeds")
     spec.base_checkpoint, spec.pretrain_config, spec.pretrain_overrides = Path(checkpoint), None, []
+    spec.base_study = None
     return spec
 
 
-def _expand_arm(where: str, i: int, table: dict, seeds: list[int]) -> list[Arm]:
-    """One [[arm]] table -> the cartesian product of its sweep lists, times the seeds."""
+def eval_steps(spec: StudySpec, steps: int) -> list[int]:
+    """The finetuning steps evaluated: `points` log-spaced steps from 1 to `steps` (the last included),
+    since learning and forgetting move fastest early; or every `every` steps; or only the last."""
+    if spec.eval_points:
+        n = spec.eval_points
+        raw = {max(1, round(math.exp(math.log(steps) * i / max(n - 1, 1)))) for i in range(n)}
+        return sorted(raw | {steps})
+    if spec.eval_every:
+        return sorted(set(range(spec.eval_every, steps + 1, spec.eval_every)) | {steps})
+    return [steps]
+
+
+def _geometries(where: str, tables: Any) -> list[Geometry]:
+    if not isinstance(tables, list):
+        raise StudyError(f"{where}: 'geometry' must be [[geometry]] tables")
+    if not tables:
+        return [Geometry("default")]
+    out = []
+    for i, t in enumerate(tables):
+        unknown = set(t) - {"name", "overrides", "arm_overrides"}
+        if unknown:
+            raise StudyError(f"{where}: geometry {i}: unknown key {sorted(unknown)[0]!r}")
+        if not isinstance(t.get("name"), str) or not t["name"].replace("_", "").isalnum():
+            raise StudyError(f"{where}: geometry {i}: name must be a short word, got {t.get('name')!r}")
+        over = _str_list(where, f"geometry {t['name']}.overrides", t.get("overrides", []))
+        if any(not o.startswith("--model.") for o in over):
+            raise StudyError(
+                f"{where}: geometry {t['name']}.overrides: only --model.* keys (the memory size)"
+            )
+        arm_over = _str_list(where, f"geometry {t['name']}.arm_overrides", t.get("arm_overrides", []))
+        out.append(Geometry(t["name"], tuple(over), tuple(arm_over)))
+    if len({g.name for g in out}) != len(out):
+        raise StudyError(f"{where}: geometry names repeat")
+    return out
+
+
+def _methods(where: str, tables: Any) -> dict[str, Method]:
+    """[method.X] tables: each method's own config, checked to exist and read for its training.mode."""
+    from titan_mem import config as config_mod
+
+    if not isinstance(tables, dict) or not tables:
+        raise StudyError(f"{where}: no [method.X] tables (each method needs its own finetuning config)")
+    out = {}
+    for name, t in tables.items():
+        if not isinstance(t, dict):
+            raise StudyError(f"{where}: method.{name} must be a table")
+        unknown = set(t) - {"config", "overrides"}
+        if unknown:
+            raise StudyError(f"{where}: unknown key method.{name}.{sorted(unknown)[0]}")
+        if "config" not in t:
+            raise StudyError(f"{where}: missing method.{name}.config")
+        path = Path(t["config"])
+        if not path.is_file():
+            raise StudyError(f"{where}: method.{name}.config {path} not found")
+        overrides = _str_list(where, f"method.{name}.overrides", t.get("overrides", []))
+        try:
+            mode = config_mod.parse_args([str(path), *overrides]).training.mode
+        except ConfigError as e:
+            raise StudyError(f"{where}: method.{name}: {e}") from None
+        if mode == "pretrain":
+            raise StudyError(f"{where}: method.{name}.config {path} is a pretraining config")
+        out[name] = Method(name, path, mode, tuple(overrides))
+    return out
+
+
+def _expand_arm(where: str, i: int, table: dict, spec: StudySpec, max_sweep: int | None) -> list[Arm]:
+    """One [[arm]] table -> the cartesian product of its sweep lists, times geometries and seeds."""
     method = table.get("method")
-    if method not in SWEEP_KEYS:
-        raise StudyError(f"{where}: arm {i}: unknown method {method!r} (known: {', '.join(SWEEP_KEYS)})")
+    if method not in spec.methods:
+        raise StudyError(f"{where}: arm {i}: unknown method {method!r} (the [method.X] tables: "
+                         f"{', '.join(spec.methods)})")  # fmt: skip
+    mode = spec.methods[method].mode
+    group = table.get("group", "headline")
+    label = table.get("label", "")
+    if not isinstance(group, str) or not isinstance(label, str):
+        raise StudyError(f"{where}: arm {i}: group and label must be strings")
+    background = table.get("background")
+    if background is not None and background not in BACKGROUNDS:
+        raise StudyError(f"{where}: arm {i}: background: expected one of {', '.join(BACKGROUNDS)}")
+    geometries = table.get("geometries", [g.name for g in spec.geometries])
+    for g in _str_list(where, f"arm {i}.geometries", geometries):
+        if g not in {x.name for x in spec.geometries}:
+            raise StudyError(f"{where}: arm {i}: unknown geometry {g!r}")
+    keys = sweep_keys(mode)
     sweeps: list[tuple[str, list[Any]]] = []
     for key, value in table.items():
-        if key == "method":
+        if key in ARM_KEYS:
             continue
-        if key not in SWEEP_KEYS[method]:
-            known = ", ".join(SWEEP_KEYS[method])
-            raise StudyError(f"{where}: arm {i} ({method}): unknown key {key!r} (known: {known})")
+        if key not in keys:
+            raise StudyError(f"{where}: arm {i} ({method}): unknown key {key!r} (known: {', '.join(keys)})")
         values = value if isinstance(value, list) else [value]
         if not values:
             raise StudyError(f"{where}: arm {i} ({method}): empty sweep for {key!r}")
-        sweeps.append((key, values))
+        sweeps.append((key, values[:max_sweep] if max_sweep else values))
     out = []
-    for combo in itertools.product(*(v for _, v in sweeps)):
-        params = tuple(zip((k for k, _ in sweeps), combo))
-        out += [Arm(method, params, seed) for seed in seeds]
+    for geometry in geometries:
+        for combo in itertools.product(*(v for _, v in sweeps)):
+            params = tuple(zip((k for k, _ in sweeps), combo))
+            out += [
+                Arm(method, mode, params, seed, base_seed, geometry, group, background, label)
+                for base_seed, seed in spec.run_sets()
+            ]
     return out
+
+
+def _check_budget(where: str, spec: StudySpec) -> None:
+    """Every method of a group gets the same number of configurations per geometry (a front is the lower
+    envelope of noisy points, so more points win by themselves: DESIGN.md, 'Same budget')."""
+    for geometry in spec.geometries:
+        for group in spec.groups:
+            configs: dict[str, set] = {}
+            for a in spec.arms:
+                if a.geometry == geometry.name and a.group == group:
+                    configs.setdefault(a.series, set()).add(a.params)
+            sizes = {m: len(c) for m, c in configs.items()}
+            if len(set(sizes.values())) > 1:
+                detail = ", ".join(f"{m} {n}" for m, n in sizes.items())
+                raise StudyError(
+                    f"{where}: group {group!r} at geometry {geometry.name}: methods have unequal search "
+                    f"budgets ({detail} configurations); give every method the same number"
+                )
+
+
+def _optional_metric(where: str, table: dict, key: str) -> MetricRef | None:
+    return _metric(where, f"eval.{key}", table[key]) if key in table else None
 
 
 def _metric(where: str, key: str, text: Any) -> MetricRef:

@@ -1,5 +1,6 @@
-"""The commands a study runs, one subprocess per stage: pretrain the base (if the study gives a recipe),
-count background slot usage, evaluate the base once, and one finetuning run per arm.
+"""The commands a study runs, one subprocess per stage: per geometry and base seed, pretrain the base (if the
+study gives a recipe), count background slot usage (one file per background corpus and batch shape),
+evaluate the base once; then one finetuning run per arm.
 
 Subprocesses keep a crashed arm from taking the study down, let arms run side by side (`--jobs`, one
 thread budget or one GPU each) and give every run the trainer's own resume and error handling. Every
@@ -17,39 +18,60 @@ from pathlib import Path
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import step_dirs
 from titan_mem.config import Config
-from titan_mem.study.spec import Arm, StudySpec
+from titan_mem.study.spec import Arm, Method, StudySpec, eval_steps
 
 # Keys of the synthetic world an arm must share with its base (people, QA split, world seed).
 WORLD_KEYS = ("synthetic_known_people", "synthetic_new_people", "synthetic_qa_people")
 
 
+@dataclass(frozen=True)
+class BaseKey:
+    """One base model: a memory geometry and a pretraining seed."""
+
+    geometry: str
+    seed: int
+
+
 @dataclass
 class Layout:
-    """Where a study writes: everything under `spec.out`."""
+    """Where a study writes: everything under `root` (= spec.out), bases under `base_root` (another
+    study's out when the study borrows its bases: `[base] study = ...`)."""
 
     root: Path
+    base_root: Path | None = None
 
-    @property
-    def base_run(self) -> Path:
-        return self.root / "base"
+    def base_run(self, key: BaseKey) -> Path:
+        return (self.base_root or self.root) / key.geometry / f"base-b{key.seed}"
 
-    @property
-    def counts(self) -> Path:
-        return self.root / "background_counts.safetensors"
+    def base_files(self, key: BaseKey) -> Path:
+        return self.root / key.geometry / f"base-b{key.seed}-files"
 
-    @property
-    def base_eval(self) -> Path:
-        return self.root / "base_eval.json"
+    def counts(self, key: BaseKey, background: str, batch: int, seq_len: int) -> Path:
+        return self.base_files(key) / f"counts-{background}-{batch}x{seq_len}.safetensors"
+
+    def base_eval(self, key: BaseKey) -> Path:
+        return self.base_files(key) / "eval.json"
+
+    def base_items(self, key: BaseKey) -> Path:
+        return self.base_files(key) / "eval_items.jsonl"
 
     @property
     def results(self) -> Path:
         return self.root / "results.jsonl"
 
     def arm_dir(self, arm: Arm) -> Path:
-        return self.root / "arms" / arm.name
+        return self.root / arm.geometry / "arms" / arm.group / arm.name
 
     def arm_done(self, arm: Arm) -> Path:
         return self.arm_dir(arm) / "arm.json"
+
+
+def layout_of(spec: StudySpec) -> Layout:
+    if spec.base_study is None:
+        return Layout(spec.out)
+    from titan_mem.study.spec import load_study
+
+    return Layout(spec.out, load_study(spec.base_study).out)
 
 
 @dataclass
@@ -67,34 +89,61 @@ class Command:
 
 
 def _quote(arg: str) -> str:
-    return arg if arg and all(c.isalnum() or c in "-_=./:,+" for c in arg) else repr(arg)
+    return arg if arg and all(c.isalnum() or c in "-_=./:,+[]" for c in arg) else repr(arg)
 
 
-def pretrain_config(spec: StudySpec, layout: Layout) -> Config:
-    """The base recipe, resolved with the study's overrides and its dump folder under the study."""
+def base_keys(spec: StudySpec) -> list[BaseKey]:
+    """The bases the arms start from, geometry by geometry."""
+    used = {(a.geometry, a.base_seed) for a in spec.arms}
+    return [BaseKey(g.name, s) for g in spec.geometries for s in spec.base_seeds if (g.name, s) in used]
+
+
+def _recipe_world(spec: StudySpec) -> list[str]:
+    """Pins of the recipe's synthetic world, so a base seed moves init and document order, not the people."""
     assert spec.pretrain_config is not None
-    return config_mod.parse_args(
-        [str(spec.pretrain_config), *spec.pretrain_overrides, f"--job.dump_folder={layout.base_run}"]
-    )
+    return world_overrides(config_mod.parse_args([str(spec.pretrain_config), *spec.pretrain_overrides]))
 
 
-def base_checkpoint(spec: StudySpec, layout: Layout) -> Path:
-    """The checkpoint every arm starts from: the given one, or the recipe's last step."""
+def pretrain_argv(spec: StudySpec, layout: Layout, key: BaseKey) -> list[str]:
+    """The base recipe's trainer arguments: the study's overrides, the geometry, the seed, the folder."""
+    assert spec.pretrain_config is not None
+    return [
+        str(spec.pretrain_config), *spec.pretrain_overrides, *_recipe_world(spec),
+        *spec.geometry(key.geometry).overrides, f"--job.seed={key.seed}", f"--data.seed={key.seed}",
+        f"--job.dump_folder={layout.base_run(key)}",
+    ]  # fmt: skip
+
+
+def pretrain_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
+    return config_mod.parse_args(pretrain_argv(spec, layout, key))
+
+
+def base_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
+    """The checkpoint a base's arms start from: the given one, or the recipe's last step."""
     if spec.base_checkpoint is not None:
         return spec.base_checkpoint
-    cfg = pretrain_config(spec, layout)
-    return layout.base_run / cfg.checkpoint.folder / f"step-{cfg.training.steps}"
+    cfg = pretrain_config(spec, layout, key)
+    return layout.base_run(key) / cfg.checkpoint.folder / f"step-{cfg.training.steps}"
 
 
-def base_is_trained(spec: StudySpec, layout: Layout) -> bool:
-    ckpt = base_checkpoint(spec, layout)
+def base_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
+    """The base's run config (its synthetic world): from its run folder, or the recipe before it ran."""
+    if spec.base_checkpoint is not None:
+        from titan_mem.eval.runner import load_checkpoint_config
+
+        return load_checkpoint_config(spec.base_checkpoint)
+    return pretrain_config(spec, layout, key)
+
+
+def base_is_trained(spec: StudySpec, layout: Layout, key: BaseKey) -> bool:
+    ckpt = base_checkpoint(spec, layout, key)
     return ckpt.is_dir() and int(ckpt.name.split("-")[1]) in step_dirs(ckpt.parent)
 
 
-def pretrain_command(spec: StudySpec, layout: Layout) -> Command:
-    argv = [sys.executable, "-m", "titan_mem.train", str(spec.pretrain_config), *spec.pretrain_overrides]
-    argv.append(f"--job.dump_folder={layout.base_run}")
-    return Command("pretrain base", argv, layout.root / "logs" / "pretrain.log")
+def pretrain_command(spec: StudySpec, layout: Layout, key: BaseKey) -> Command:
+    argv = [sys.executable, "-m", "titan_mem.train", *pretrain_argv(spec, layout, key)]
+    log = (layout.base_root or layout.root) / key.geometry / "logs" / f"pretrain-b{key.seed}.log"
+    return Command(f"pretrain base {key.geometry}/b{key.seed}", argv, log)
 
 
 def world_overrides(base_cfg: Config) -> list[str]:
@@ -106,19 +155,35 @@ def world_overrides(base_cfg: Config) -> list[str]:
     return [*pins, f"--data.synthetic_seed={d.world_seed()}"]
 
 
-def finetune_overrides(spec: StudySpec, base_cfg: Config) -> list[str]:
-    """What every finetuning-shaped command shares: the study's finetune overrides and the base's world."""
-    return [*world_overrides(base_cfg), *spec.finetune_overrides]
-
-
-def counts_command(spec: StudySpec, layout: Layout, base: Path, base_cfg: Config) -> Command:
-    argv = [
-        sys.executable, "-m", "titan_mem.study.worker", "counts",
-        "--base", str(base), "--finetune-config", str(spec.finetune_config),
-        "--batches", str(spec.background_batches), "--out", str(layout.counts),
-        *finetune_overrides(spec, base_cfg),
+def method_argv(spec: StudySpec, method: Method, key: BaseKey, base_cfg: Config) -> list[str]:
+    """A method's finetuning config as every command of that method reads it: its own config, the base's
+    world, the study's stream, the geometry (model and finetuning keys), then the method's own overrides
+    (which win over the study-wide ones: a method may have its own regime or t)."""
+    g = spec.geometry(key.geometry)
+    return [
+        str(method.config), *world_overrides(base_cfg), *spec.finetune_overrides, *g.overrides,
+        *g.arm_overrides, *method.overrides,
     ]  # fmt: skip
-    return Command("background counts", argv, layout.root / "logs" / "counts.log")
+
+
+def shape_of(cfg: Config) -> tuple[int, int]:
+    """The finetuning batch shape (sequences, seq_len) the background counts must match."""
+    return cfg.training.global_batch_size, cfg.training.seq_len
+
+
+def counts_command(
+    spec: StudySpec, layout: Layout, key: BaseKey, base: Path, ft_argv: list[str], background: str
+) -> Command:
+    """Background counts of one base, in the batch shape of the finetuning config `ft_argv` describes,
+    over the corpus `background` names (pretrain | finetune | heldout)."""
+    batch, seq_len = shape_of(config_mod.parse_args(ft_argv))
+    out = layout.counts(key, background, batch, seq_len)
+    argv = [
+        sys.executable, "-m", "titan_mem.study.worker", "counts", "--base", str(base),
+        "--background", background, "--batches", str(spec.background_batches), "--out", str(out), *ft_argv,
+    ]  # fmt: skip
+    name = f"background counts {key.geometry}/b{key.seed} ({background}, {batch}x{seq_len})"
+    return Command(name, argv, layout.base_files(key) / f"counts-{background}-{batch}x{seq_len}.log")
 
 
 def eval_args(spec: StudySpec) -> list[str]:
@@ -126,31 +191,41 @@ def eval_args(spec: StudySpec) -> list[str]:
     return args + (["--data-dir", spec.eval_data_dir] if spec.eval_data_dir else [])
 
 
-def base_eval_command(spec: StudySpec, layout: Layout, base: Path, base_cfg: Config) -> Command:
+def base_eval_command(
+    spec: StudySpec, layout: Layout, key: BaseKey, base: Path, ft_argv: list[str]
+) -> Command:
     argv = [
-        sys.executable, "-m", "titan_mem.study.worker", "eval",
-        "--base", str(base), "--finetune-config", str(spec.finetune_config),
-        "--out", str(layout.base_eval), *eval_args(spec), *finetune_overrides(spec, base_cfg),
+        sys.executable, "-m", "titan_mem.study.worker", "eval", "--base", str(base),
+        "--out", str(layout.base_eval(key)), "--items-out", str(layout.base_items(key)),
+        *eval_args(spec), *ft_argv,
     ]  # fmt: skip
-    return Command("evaluate base", argv, layout.root / "logs" / "base_eval.log")
+    return Command(f"evaluate base {key.geometry}/b{key.seed}", argv, layout.base_files(key) / "eval.log")
 
 
-def arm_command(spec: StudySpec, layout: Layout, arm: Arm, base: Path, base_cfg: Config) -> Command:
-    """The arm's finetuning run: in-loop evaluation every `eval.every` steps and at the end (the base is
-    evaluated once, by the runner); no checkpoints (the study keeps numbers, not weights)."""
-    tasks = ",".join(spec.eval_tasks)
+def arm_argv(spec: StudySpec, arm: Arm, ft_argv: list[str]) -> list[str]:
+    """The arm's trainer arguments before its folders: its method's config, then its sweep values."""
+    return [*ft_argv, *arm.overrides()]
+
+
+def arm_command(
+    spec: StudySpec, layout: Layout, arm: Arm, base: Path, ft_argv: list[str], counts: Path | None
+) -> Command:
+    """The arm's finetuning run: in-loop evaluation at the study's (log-spaced) steps; no checkpoints (the
+    study keeps numbers, not weights)."""
+    argv = arm_argv(spec, arm, ft_argv)
+    steps = config_mod.parse_args(argv).training.steps
+    at = ",".join(str(s) for s in eval_steps(spec, steps))
     argv = [
-        sys.executable, "-m", "titan_mem.train", str(spec.finetune_config),
-        *finetune_overrides(spec, base_cfg), *arm.overrides(),
+        sys.executable, "-m", "titan_mem.train", *argv,
         f"--job.dump_folder={layout.arm_dir(arm)}",
         f"--checkpoint.initial_load_path={base}",
-        f"--finetune.background_counts={layout.counts}",
+        *([f"--finetune.background_counts={counts}"] if counts is not None else []),
         "--checkpoint.enable=false",
-        f"--eval.tasks={tasks}", f"--eval.every={spec.eval_every}", "--eval.at_start=false",
-        f"--eval.limit={spec.eval_limit}",
+        f"--eval.tasks={','.join(spec.eval_tasks)}", f"--eval.at_steps={at}", "--eval.every=0",
+        "--eval.at_start=false", f"--eval.limit={spec.eval_limit}",
         *([f"--eval.data_dir={spec.eval_data_dir}"] if spec.eval_data_dir else []),
     ]  # fmt: skip
-    return Command(arm.name, argv, layout.arm_dir(arm) / "train.log")
+    return Command(f"{arm.geometry}/{arm.group}/{arm.name}", argv, layout.arm_dir(arm) / "train.log")
 
 
 def run_command(cmd: Command, threads: int | None = None, gpu: str | None = None) -> tuple[int, str]:

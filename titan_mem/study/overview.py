@@ -1,0 +1,127 @@
+"""The study's report: the analysis (analysis.py / report.py) of its records, plus what only the study knows
+-- each memory geometry's statistics (reads per token against slots, t against slots, the background df
+histogram, how busy and how many the selected rows are) and every arm's resolved settings."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from titan_mem.study.analysis import AnalysisSpec
+from titan_mem.study.geometry import counts_stats
+from titan_mem.study.spec import StudySpec
+from titan_mem.study.stages import BaseKey, Layout, base_keys
+
+
+def analysis_spec(spec: StudySpec) -> AnalysisSpec:
+    return AnalysisSpec(
+        learning=spec.learning,
+        control=spec.control,
+        learning_f1=spec.learning_f1,
+        control_f1=spec.control_f1,
+        forgetting=tuple(spec.forgetting),
+        show=tuple(spec.show),
+        n_levels=spec.levels,
+        bootstrap=spec.bootstrap,
+    )
+
+
+def _model_memory(layout: Layout, key: BaseKey) -> tuple[int, int] | None:
+    """(reads per token, slots) of a base's memory layer, from its run's resolved config."""
+    path = layout.base_run(key) / "config.json"
+    if not path.is_file():
+        return None
+    from titan_mem import config as config_mod
+    from titan_mem.models.args import build_model_args
+
+    cfg = config_mod.load_run_config(path)
+    mem = build_model_args(cfg.model, vocab_size=1).memory
+    return mem.heads * mem.topk, mem.n_keys**2
+
+
+def geometry_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -> list[str]:
+    """One table per geometry: memory shape and background statistics (base seed 0's counts), and per
+    sparse series the rows it updated (means over its arms' final records)."""
+    lines = [
+        "| geometry | slots | reads/token | reads/token ÷ slots | background | median df/N | never read "
+        "| read by > 50 % of batches |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in base_keys(spec):
+        if key.seed != spec.base_seeds[0]:
+            continue
+        mem = _model_memory(layout, key)
+        for counts in sorted(layout.base_files(key).glob("counts-*.safetensors")):
+            st = counts_stats(counts)
+            hist = st["df_histogram"]
+            reads = f"{mem[0]}" if mem else "?"
+            ratio = f"{mem[0] / mem[1]:.2e}" if mem else "?"
+            lines.append(
+                f"| {key.geometry} | {st['slots']:,} | {reads} | {ratio} | {counts.stem[len('counts-') :]} "
+                f"| {st['median_df_frac']:.3f} | {100 * hist['never read']:.1f} % "
+                f"| {100 * hist['(50 %, 100 %]']:.1f} % |"
+            )
+    lines += [
+        "",
+        "| geometry | group | series | t ÷ slots | rows/step | union of rows updated (share of table) "
+        "| selected rows read by > 50 % of background batches | selected rows with idf 0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    last: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if "selection" in rec and (rec["arm"] not in last or rec["step"] > last[rec["arm"]]["step"]):
+            last[rec["arm"]] = rec
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in last.values():
+        groups.setdefault((rec["geometry"], rec["group"], rec["method"]), []).append(rec)
+    for (geometry, group, series), recs in sorted(groups.items()):
+        sel = [r["selection"] for r in recs]
+        slots = recs[0]["selection"].get("slots", 0)
+        t = statistics.fmean(r["resolved"]["finetune"].get("top_t", 0) for r in recs)
+        lines.append(
+            f"| {geometry} | {group} | {series} | {t / slots if slots else float('nan'):.2e} "
+            f"| {statistics.fmean(s['rows_per_step'] for s in sel):.0f} "
+            f"| {statistics.fmean(s['union_rows'] for s in sel):,.0f} "
+            f"({100 * statistics.fmean(s.get('union_frac', 0) for s in sel):.2f} %) "
+            f"| {100 * statistics.fmean(s.get('selected_read_by_most', 0) for s in sel):.1f} % "
+            f"| {100 * statistics.fmean(s.get('selected_idf0_frac') or 0 for s in sel):.1f} % |"
+        )
+    return lines
+
+
+def settings_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Each series' resolved optimizer, schedule and clipping (one line per distinct setting)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if "resolved" in rec:
+            r = rec["resolved"]
+            o, s = r["optimizer"], r["lr_scheduler"]
+            key = json.dumps([rec["group"], rec["method"], o["name"], o.get("weight_decay"), r["max_norm"],
+                              s["warmup_steps"], s["decay_type"], r["steps"], r["batch"]])  # fmt: skip
+            seen[key] = rec
+    lines = [
+        "| group | series | optimizer | weight decay (dense / memory) | momentum | clip | warmup "
+        "| schedule | steps | batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in seen.values():
+        r = rec["resolved"]
+        o, s = r["optimizer"], r["lr_scheduler"]
+        lines.append(
+            f"| {rec['group']} | {rec['method']} | {o['name']} | {o.get('weight_decay')} / "
+            f"{o.get('memory_weight_decay')} | {o.get('momentum')} | {r['max_norm']} | {s['warmup_steps']} "
+            f"| {s['decay_type']} | {r['steps']} | {r['batch'][0]} x {r['batch'][1]} |"
+        )
+    return lines
+
+
+def write_study_report(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -> Path:
+    from titan_mem.study.report import write_report
+
+    extra = {
+        "Memory geometry and selection": geometry_lines(spec, layout, records),
+        "Resolved settings of every series": settings_lines(records),
+    }
+    return write_report(analysis_spec(spec), records, layout.root, title=f"Study `{spec.name}`", extra=extra)
