@@ -67,6 +67,14 @@ lr = 1e-3
 method = "lora"
 lr = 1e-2
 rank = 2
+
+[[arm]]  # the background corpus as an ablation: counts over the finetuning stream itself
+group = "background"
+method = "sparse"
+label = "finetune"
+background = "finetune"
+lr = 50.0
+top_t = 8
 """
 
 
@@ -89,7 +97,7 @@ def test_micro_study_end_to_end_then_resume(tmp_path):
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     base = [r for r in records if r["arm"] == "base"]
-    arms = [r for r in records if r["arm"] != "base"]
+    arms = [r for r in records if r["arm"] != "base" and r["group"] == "headline"]
     assert len(base) == 1 and base[0]["step"] == 0 and base[0]["geometry"] == "default"
     assert sorted({r["method"] for r in arms}) == ["full", "lora", "sparse"]
     assert sorted(r["step"] for r in arms) == [1, 1, 1, 2, 2, 2]  # 2 log-spaced points over 2 steps
@@ -111,12 +119,24 @@ def test_micro_study_end_to_end_then_resume(tmp_path):
     assert "Memory geometry and selection" in report and "Resolved settings" in report
     assert list(out.glob("*.png")) and json.loads((out / "summary.json").read_text())
 
+    # the background key changes the counts: the stream's own slots, not the pretraining data's
+    from titan_mem.sparse.counts import load_background_counts
+
+    files = out / "default" / "base-b0-files"
+    pre, own = (
+        load_background_counts(files / f"counts-{k}-4x64.safetensors") for k in ("pretrain", "finetune")
+    )
+    layer = pre.layers[0]
+    assert not (pre.df[layer] == own.df[layer]).all()
+    bg_arm = next(r for r in records if r["group"] == "background")
+    assert "counts-finetune-4x64" in bg_arm["resolved"]["finetune"]["background_counts"]
+
     # resume: everything is done, nothing runs again
-    done = {p: p.stat().st_mtime_ns for p in out.glob("default/arms/headline/*/arm.json")}
-    assert len(done) == 3
+    done = {p: p.stat().st_mtime_ns for p in out.glob("default/arms/*/*/arm.json")}
+    assert len(done) == 4
     second = _run(study)
     assert second.returncode == 0, second.stderr
-    assert "6 of 6 jobs done before, skipped" in second.stdout  # pretrain, counts, base eval, 3 arms
+    assert "8 of 8 jobs done before, skipped" in second.stdout  # pretrain, 2 counts, base eval, 4 arms
     assert {p: p.stat().st_mtime_ns for p in done} == done
 
     # an arm that died half-way (no arm.json) runs again, alone
@@ -125,7 +145,7 @@ def test_micro_study_end_to_end_then_resume(tmp_path):
     (lora.parent / "metrics.jsonl").write_text('{"step": 1, "eval/x/em": 0.5}\n')  # stale partial output
     third = _run(study)
     assert third.returncode == 0, third.stderr
-    assert "5 of 6 jobs done before, skipped" in third.stdout and "1/1 default/headline/lora" in third.stdout
+    assert "7 of 8 jobs done before, skipped" in third.stdout and "1/1 default/headline/lora" in third.stdout
     others = {p: t for p, t in done.items() if p != lora}
     assert {p: p.stat().st_mtime_ns for p in others} == others
     again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

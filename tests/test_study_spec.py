@@ -11,7 +11,7 @@ import pytest
 
 from titan_mem import config as config_mod
 from titan_mem.study.runner import plan
-from titan_mem.study.spec import StudyError, eval_steps, load_study, with_base
+from titan_mem.study.spec import StudyError, eval_steps, load_study, only_geometries, with_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +118,14 @@ def test_log_spaced_evaluation_steps(tmp_path):
     assert eval_steps(spec, 5) == [1, 2, 3, 4, 5]
     with pytest.raises(StudyError, match="points .* or every, not both"):
         load_study(_write(tmp_path, GOOD.replace("every = 2", "every = 2\npoints = 3")))
+
+
+def test_only_some_geometries(tmp_path):
+    text = GOOD + '\n[[geometry]]\nname = "A"\n\n[[geometry]]\nname = "B"\n'
+    spec = only_geometries(load_study(_write(tmp_path, text)), ["B"])
+    assert [g.name for g in spec.geometries] == ["B"] and {a.geometry for a in spec.arms} == {"B"}
+    with pytest.raises(StudyError, match="--geometry: 'C' is not a geometry"):
+        only_geometries(spec, ["C"])
 
 
 def test_geometries_and_paired_base_seeds(tmp_path):

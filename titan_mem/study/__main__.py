@@ -15,7 +15,7 @@ import sys
 from titan_mem.distributed import exit_process
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.runner import collect, plan, run_study
-from titan_mem.study.spec import load_study, with_base
+from titan_mem.study.spec import load_study, only_geometries, with_base
 from titan_mem.study.stages import layout_of
 from titan_mem.train import run_cli
 
@@ -28,12 +28,20 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs)")
     parser.add_argument("--quick", action="store_true", help="the study file's [quick] version")
     parser.add_argument("--base", help="start every arm from this checkpoint instead of the file's [base]")
+    parser.add_argument(
+        "--geometry",
+        action="append",
+        help="run only this geometry (repeatable): a study too long for one "
+        "sitting runs geometry by geometry, each analysed on its own",
+    )
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the commands")
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md and plots")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise ValueError(f"--jobs: must be >= 1; got {args.jobs}")
     spec = load_study(args.study, quick=args.quick)
+    if args.geometry:
+        spec = only_geometries(spec, args.geometry)
     if args.base:
         spec = with_base(spec, args.base)
     if args.dry_run:

@@ -366,7 +366,7 @@ def final_points(aspec: AnalysisSpec, blocks: list[Block]) -> list[dict[str, Any
     last: dict[tuple, tuple[Block, int]] = {}
     for block in blocks:
         for i, rec in enumerate(block.recs):
-            key = (block.base_seed, rec["arm"])
+            key = (block.base_seed, rec.get("group", DEFAULT_GROUP), rec["arm"])  # names repeat across groups
             if key not in last or rec["step"] > last[key][0].recs[last[key][1]]["step"]:
                 last[key] = (block, i)
     settings: dict[tuple, list[dict]] = defaultdict(list)

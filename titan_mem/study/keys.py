@@ -21,7 +21,7 @@ SECTIONS: dict[str, set[str]] = {
     },
     "quick": {
         "seeds", "base_seeds", "pretrain_overrides", "finetune_overrides", "background_batches", "limit",
-        "points", "max_sweep", "out",
+        "points", "forgetting", "max_sweep", "out",
     },
 }  # fmt: skip
 

@@ -69,14 +69,18 @@ def geometry_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]
         "| selected rows read by > 50 % of background batches | selected rows with idf 0 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    last: dict[str, dict[str, Any]] = {}
+    last: dict[tuple, dict[str, Any]] = {}
     for rec in records:
-        if "selection" in rec and (rec["arm"] not in last or rec["step"] > last[rec["arm"]]["step"]):
-            last[rec["arm"]] = rec
+        run = (rec["geometry"], rec["group"], rec["arm"])  # arm names repeat across geometries and groups
+        if "selection" in rec and (run not in last or rec["step"] > last[run]["step"]):
+            last[run] = rec
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in last.values():
         groups.setdefault((rec["geometry"], rec["group"], rec["method"]), []).append(rec)
-    for (geometry, group, series), recs in sorted(groups.items()):
+    order = {g.name: i for i, g in enumerate(spec.geometries)}
+    for (geometry, group, series), recs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])
+    ):
         sel = [r["selection"] for r in recs]
         slots = recs[0]["selection"].get("slots", 0)
         t = statistics.fmean(r["resolved"]["finetune"].get("top_t", 0) for r in recs)

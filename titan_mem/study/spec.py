@@ -21,7 +21,8 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
                  series; default the method), geometries = [...] (default all), background = "finetune"
                  (other counts, for ablations), then sweep keys, each a value or a list
     [quick]      what `--quick` changes: seeds, base_seeds, pretrain_overrides / finetune_overrides
-                 (appended), background_batches, limit, points, max_sweep (first N values of each sweep
+                 (appended), background_batches, limit, points, forgetting (a smoke-scale base may
+                 score 0 where relative forgetting needs a scale), max_sweep (first N values of each sweep
                  list, every method alike), out (default: <out>-quick)
 """
 
@@ -177,7 +178,7 @@ def _apply_quick(where: str, data: dict[str, Any]) -> int | None:
         raise StudyError(f"{where}: --quick: the file has no [quick] table")
     study, base, ft, ev = (data.setdefault(s, {}) for s in ("study", "base", "finetune", "eval"))
     moves = {"seeds": study, "base_seeds": study, "out": study, "background_batches": base}
-    moves |= {"limit": ev, "points": ev}
+    moves |= {"limit": ev, "points": ev, "forgetting": ev}
     for key, table in moves.items():
         if key in q:
             table[key] = q[key]
@@ -326,6 +327,17 @@ def with_base(spec: StudySpec, checkpoint: str | Path) -> StudySpec:
         raise StudyError("--base: one checkpoint cannot stand for several geometries or base seeds")
     spec.base_checkpoint, spec.pretrain_config, spec.pretrain_overrides = Path(checkpoint), None, []
     spec.base_study = None
+    return spec
+
+
+def only_geometries(spec: StudySpec, names: list[str]) -> StudySpec:
+    """The study restricted to some geometries (`--geometry`), in the order given."""
+    known = {g.name: g for g in spec.geometries}
+    for name in names:
+        if name not in known:
+            raise StudyError(f"--geometry: {name!r} is not a geometry of {spec.path} ({', '.join(known)})")
+    spec.geometries = [known[n] for n in dict.fromkeys(names)]
+    spec.arms = [a for a in spec.arms if a.geometry in names]
     return spec
 
 
