@@ -70,6 +70,10 @@ def test_common_levels_are_the_overlap_of_the_ranges():
     # the top level is the shared maximum itself, not a rounding of it above the front that ends there
     top = 0.9999999999999996
     assert common_levels([[Point(0.0, 0.0), Point(top, 0.1)]], n=6)[-1] == top
+    # at least two of three: a method that learns little does not cap the others' comparison
+    c = [Point(0.0, 0.0), Point(0.05, 0.0)]
+    assert common_levels([a, b, c], n=3, min_fronts=2) == pytest.approx([0.2, 0.35, 0.5])
+    assert common_levels([a, b, c], n=3) == []  # c's [0, 0.05] overlaps none of [0.2, 0.5]
 
 
 def test_fronts_read_from_the_base_when_a_run_forgets_nothing():

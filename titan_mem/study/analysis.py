@@ -216,7 +216,8 @@ def _view(aspec: AnalysisSpec, view: str, methods: list[str], run_sets: dict[str
     fronts = {m: [_front(rs, rs.block.learning[view]) for rs in run_sets[m]] for m in methods}
     pooled = [anchored_front((p for f in fronts[m] for p in f), BASE_POINT) for m in methods]
     # the base is level 0 for everyone (nothing learned, nothing forgotten): compare above it
-    levels = [x for x in common_levels(pooled, aspec.n_levels + 1) if x > 0]
+    # levels up to where at least two series reach (all of them when only two are compared)
+    levels = [x for x in common_levels(pooled, aspec.n_levels + 1, min_fronts=2) if x > 0]
     measures = [MEAN, *aspec.forgetting, RETENTION]
     out: dict[str, Any] = {"levels": levels, "matched": {}, "per_metric": {t: {} for t in aspec.forgetting},
                            RETENTION: {}, "differences": {}, "fronts": {}, "points": {}}  # fmt: skip

@@ -90,15 +90,20 @@ def forgetting_at(front: Sequence[Point], level: float) -> float | None:
     return None if weights is None else sum(w * p.forgetting for p, w in weights)
 
 
-def common_levels(fronts: Iterable[Sequence[Point]], n: int = 5) -> list[float]:
-    """`n` learning levels every front spans (the overlap of their learning ranges), evenly spaced; empty
-    when the methods' ranges do not overlap -- then no matched comparison exists and the report says so."""
-    lo, hi = -math.inf, math.inf
-    for front in fronts:
-        if not front:
-            return []
-        lo = max(lo, min(p.learning for p in front))
-        hi = min(hi, max(p.learning for p in front))
+def common_levels(
+    fronts: Iterable[Sequence[Point]], n: int = 5, min_fronts: int | None = None
+) -> list[float]:
+    """`n` learning levels evenly spaced over the range at least `min_fronts` fronts span (default: all of
+    them, the overlap of their ranges); empty when no such range exists -- then no matched comparison
+    exists and the report says so. With min_fronts < all, one method that learns little does not squeeze
+    everyone's comparison to its range: above its reach it is reported as not reached."""
+    fronts = list(fronts)
+    k = len(fronts) if min_fronts is None else min(max(min_fronts, 1), len(fronts))
+    if not fronts or sum(1 for f in fronts if f) < k:
+        return []
+    spans = sorted(((min(p.learning for p in f), max(p.learning for p in f)) for f in fronts if f),
+                   key=lambda s: -s[1])  # fmt: skip
+    lo, hi = max(s[0] for s in spans[:k]), spans[k - 1][1]
     if lo > hi:
         return []
     if n == 1 or lo == hi:
