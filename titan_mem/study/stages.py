@@ -18,7 +18,7 @@ from pathlib import Path
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import step_dirs
 from titan_mem.config import Config
-from titan_mem.study.spec import Arm, Method, StudySpec, eval_steps
+from titan_mem.study.spec import Arm, Method, StudySpec, eval_steps, load_study
 
 # Keys of the synthetic world an arm must share with its base (people, QA split, world seed).
 WORLD_KEYS = ("synthetic_known_people", "synthetic_new_people", "synthetic_qa_people")
@@ -69,8 +69,6 @@ class Layout:
 def layout_of(spec: StudySpec) -> Layout:
     if spec.base_study is None:
         return Layout(spec.out)
-    from titan_mem.study.spec import load_study
-
     return Layout(spec.out, load_study(spec.base_study).out)
 
 
