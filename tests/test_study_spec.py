@@ -11,7 +11,8 @@ import pytest
 
 from titan_mem import config as config_mod
 from titan_mem.study.runner import plan
-from titan_mem.study.spec import StudyError, eval_steps, load_study, only_geometries, with_base
+from titan_mem.study.spec import StudyError, eval_steps, load_study
+from titan_mem.study.subset import only_geometries, only_groups, with_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,11 @@ def test_only_some_geometries(tmp_path):
     assert [g.name for g in spec.geometries] == ["B"] and {a.geometry for a in spec.arms} == {"B"}
     with pytest.raises(StudyError, match="--geometry: 'C' is not a geometry"):
         only_geometries(spec, ["C"])
+    text += '\n[[arm]]\ngroup = "extra"\nmethod = "sparse"\nlr = 1.0\n'
+    spec = only_groups(load_study(_write(tmp_path, text)), ["extra"])
+    assert {a.group for a in spec.arms} == {"extra"} and len(spec.arms) == 2 * 2  # seeds x geometries
+    with pytest.raises(StudyError, match="--group: 'nope' is not a group"):
+        only_groups(spec, ["nope"])
 
 
 def test_geometries_and_paired_base_seeds(tmp_path):

@@ -15,8 +15,9 @@ import sys
 from titan_mem.distributed import exit_process
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.runner import collect, plan, run_study
-from titan_mem.study.spec import load_study, only_geometries, with_base
+from titan_mem.study.spec import load_study
 from titan_mem.study.stages import layout_of
+from titan_mem.study.subset import only_geometries, only_groups, with_base
 from titan_mem.train import run_cli
 
 
@@ -34,6 +35,7 @@ def run(argv: list[str]) -> None:
         help="run only this geometry (repeatable): a study too long for one "
         "sitting runs geometry by geometry, each analysed on its own",
     )
+    parser.add_argument("--group", action="append", help="run only this group of arms (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the commands")
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md and plots")
     args = parser.parse_args(argv)
@@ -42,6 +44,8 @@ def run(argv: list[str]) -> None:
     spec = load_study(args.study, quick=args.quick)
     if args.geometry:
         spec = only_geometries(spec, args.geometry)
+    if args.group:
+        spec = only_groups(spec, args.group)
     if args.base:
         spec = with_base(spec, args.base)
     if args.dry_run:

@@ -319,28 +319,6 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     return spec
 
 
-def with_base(spec: StudySpec, checkpoint: str | Path) -> StudySpec:
-    """The study started from an existing checkpoint instead of its [base] (`--base`)."""
-    if not Path(checkpoint).is_dir():
-        raise StudyError(f"--base: {checkpoint} is not a checkpoint folder")
-    if len(spec.geometries) > 1 or len(spec.base_seeds) > 1:
-        raise StudyError("--base: one checkpoint cannot stand for several geometries or base seeds")
-    spec.base_checkpoint, spec.pretrain_config, spec.pretrain_overrides = Path(checkpoint), None, []
-    spec.base_study = None
-    return spec
-
-
-def only_geometries(spec: StudySpec, names: list[str]) -> StudySpec:
-    """The study restricted to some geometries (`--geometry`), in the order given."""
-    known = {g.name: g for g in spec.geometries}
-    for name in names:
-        if name not in known:
-            raise StudyError(f"--geometry: {name!r} is not a geometry of {spec.path} ({', '.join(known)})")
-    spec.geometries = [known[n] for n in dict.fromkeys(names)]
-    spec.arms = [a for a in spec.arms if a.geometry in names]
-    return spec
-
-
 def eval_steps(spec: StudySpec, steps: int) -> list[int]:
     """The finetuning steps evaluated: `points` log-spaced steps from 1 to `steps` (the last included),
     since learning and forgetting move fastest early; or every `every` steps; or only the last."""
