@@ -84,13 +84,18 @@ def geometry_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]
         sel = [r["selection"] for r in recs]
         slots = recs[0]["selection"].get("slots", 0)
         t = statistics.fmean(r["resolved"]["finetune"].get("top_t", 0) for r in recs)
+        has_counts = all("slots" in s for s in sel)  # tf / all arms read no counts: no background stats
+
+        def pct(key: str, sel: list = sel, has_counts: bool = has_counts) -> str:
+            vals = [s.get(key) for s in sel]
+            return f"{100 * statistics.fmean(v or 0 for v in vals):.1f} %" if has_counts else "–"
+
+        union = statistics.fmean(s["union_rows"] for s in sel)
+        share = f" ({100 * statistics.fmean(s['union_frac'] for s in sel):.2f} %)" if has_counts else ""
         lines.append(
-            f"| {geometry} | {group} | {series} | {t / slots if slots else float('nan'):.2e} "
-            f"| {statistics.fmean(s['rows_per_step'] for s in sel):.0f} "
-            f"| {statistics.fmean(s['union_rows'] for s in sel):,.0f} "
-            f"({100 * statistics.fmean(s.get('union_frac', 0) for s in sel):.2f} %) "
-            f"| {100 * statistics.fmean(s.get('selected_read_by_most', 0) for s in sel):.1f} % "
-            f"| {100 * statistics.fmean(s.get('selected_idf0_frac') or 0 for s in sel):.1f} % |"
+            f"| {geometry} | {group} | {series} | {f'{t / slots:.2e}' if slots else '–'} "
+            f"| {statistics.fmean(s['rows_per_step'] for s in sel):.0f} | {union:,.0f}{share} "
+            f"| {pct('selected_read_by_most')} | {pct('selected_idf0_frac')} |"
         )
     return lines
 
