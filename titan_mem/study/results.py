@@ -14,11 +14,11 @@ resolved them (DESIGN.md: every arm's resolved optimizer goes into the results).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+from titan_mem.eval.items import read_items
 from titan_mem.study.geometry import selection_stats
 from titan_mem.study.spec import Arm
 from titan_mem.study.stages import BaseKey
@@ -29,17 +29,6 @@ EVAL_PREFIX = "eval/"
 def metric_key(task: str, metric: str) -> str:
     """The study's name of one number, as in study files: `task:metric`."""
     return f"{task}:{metric}"
-
-
-def read_items(path: Path) -> dict[int, dict[str, Any]]:
-    """eval_items.jsonl: step -> {task: per-item columns}; a step logged twice keeps its last line."""
-    out: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[int(rec["step"])] = rec["tasks"]
-    return out
 
 
 def resolved_settings(run_dir: Path) -> dict[str, Any]:
@@ -77,7 +66,8 @@ def arm_records(arm: Arm, run_dir: Path) -> list[dict[str, Any]]:
             by_step[int(rec["step"])] = {
                 metric_key(*name.rsplit("/", 1)): float(v) for name, v in evals.items()
             }
-    items = read_items(run_dir / "eval_items.jsonl")
+    items_file = run_dir / "eval_items.jsonl"
+    items = read_items(items_file) if items_file.is_file() else {}
     resolved = resolved_settings(run_dir)
     selection = selection_stats(
         run_dir / "selected_slots.jsonl", resolved["finetune"].get("background_counts")
@@ -109,7 +99,3 @@ def base_records(key: BaseKey, eval_json: Path, items_jsonl: Path) -> list[dict[
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def as_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
