@@ -212,3 +212,17 @@ def test_taught_fact_order_is_the_order_the_facts_loader_teaches(tok, shuffle):
         t for t in build_tasks(["synthetic_qa"], TaskContext(data=cfg)) if t.name.endswith("/new_taught")
     ]
     assert sorted(e.id for e in task.examples) == sorted(order)
+
+
+def test_a_held_out_population_streams_only_its_people(tok):
+    """data.synthetic_population=known_val (the study's `background = heldout` counts): the facts stream
+    reads the validation half of the known people and none of the test half or the new people."""
+    world = get_world(0, 20, 4)
+    val, test = world.people("known_val"), world.people("known_test")
+    cfg = dict(regime="facts", shuffle_buffer=0, repeat=False, synthetic_population="known_val", **SYN)
+    DataConfig(**cfg).validate()
+    text = "".join(" ".join(_rows(tok, b)) for b in _loader(tok, seq_len=64, bsz=1, **cfg))
+    assert all(p.name in text for p in val)
+    assert not any(p.name in text for p in test + world.people("new"))
+    with pytest.raises(ValueError, match="population: expected one of 'auto', 'known',.* got 'vip'"):
+        DataConfig(**{**SYN, "synthetic_population": "vip"}).validate()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from titan_mem.study.runner import plan
+from titan_mem.study.runner import Job, _run_jobs, plan
 from titan_mem.study.spec import StudyError, load_study
+from titan_mem.study.stages import Command, Layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,3 +160,22 @@ def test_an_arm_the_trainer_refuses_stops_the_study_before_it_runs(tmp_path, mon
     with pytest.raises(StudyError, match=r"arm lora-lr0.01-rank0-b0-seed0: finetune.lora_rank: must be"):
         plan(spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_job_skips_its_dependents_and_not_the_others(tmp_path):
+    """The pool goes on past a failure: what waits for it is reported as not run, an independent job runs."""
+
+    def job(name: str, code: int, deps: list[str] | None = None) -> Job:
+        argv = [sys.executable, "-c", f"print('{name}'); raise SystemExit({code})"]
+        return Job(Command(name, argv, tmp_path / f"{name}.log"), done=lambda: False, deps=deps or [])
+
+    todo = [job("counts", 2), job("arm", 0, ["counts"]), job("other", 0)]
+    lines: list[str] = []
+    failed = _run_jobs(Layout(tmp_path), todo, 2, None, 1, lines.append)
+    assert {j.name: why for j, why in failed.items()} == {
+        "counts": str(tmp_path / "counts.log"),
+        "arm": "not run: counts failed",
+    }
+    assert (tmp_path / "other.log").read_text().splitlines()[-1] == "other"
+    assert not (tmp_path / "arm.log").exists()
+    assert any("counts: FAILED (exit 2): counts" in line for line in lines)

@@ -12,7 +12,19 @@ from dataclasses import dataclass, field
 REGIMES = ("pretrain", "facts", "qa", "documents")
 FACT_PARAPHRASES = ("file", "templates")
 SOURCE_TYPES = ("auto", "synthetic", "local", "hf")
-POPULATIONS = ("auto", "known", "new", "all")
+# The synthetic world's populations (data.synthetic.SyntheticWorld.people says what each holds).
+SYNTHETIC_POPULATIONS = (
+    "known",
+    "known_qa",
+    "known_bio",
+    "known_val",
+    "known_test",
+    "new",
+    "new_taught",
+    "new_untaught",
+    "all",
+)
+POPULATIONS = ("auto", *SYNTHETIC_POPULATIONS)
 TEXT_SPLITS = ("file", "line", "paragraph")
 
 
@@ -158,7 +170,9 @@ class DataConfig:
     )
     synthetic_population: str = field(
         default="auto",
-        metadata={"help": "auto (pretrain: known, finetune regimes: new) | known | new | all"},
+        metadata={
+            "help": "auto (pretrain: known, finetune regimes: new) | " + " | ".join(SYNTHETIC_POPULATIONS)
+        },
     )
     synthetic_taught_people: int = field(
         default=0,

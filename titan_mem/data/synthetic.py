@@ -20,7 +20,7 @@ import functools
 import random
 from dataclasses import dataclass
 
-from titan_mem.data.config import DataConfig
+from titan_mem.data.config import SYNTHETIC_POPULATIONS, DataConfig
 from titan_mem.data.records import FactExample, QAExample
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "work_city")
@@ -233,10 +233,8 @@ class SyntheticWorld:
             return new[k:]
         if population == "all":
             return list(self._people)
-        raise ValueError(
-            "data.synthetic_population: expected 'known', 'known_qa', 'known_bio', 'known_val', "
-            f"'known_test', 'new', 'new_taught', 'new_untaught' or 'all', got {population!r}"
-        )
+        choices = ", ".join(repr(c) for c in SYNTHETIC_POPULATIONS)
+        raise ValueError(f"data.synthetic_population: expected one of {choices}, got {population!r}")
 
     @functools.cached_property
     def _known_halves(self) -> tuple[list[Person], list[Person]]:

@@ -50,7 +50,7 @@ class StudyFailed(TrainingError):
     """A stage or arm exited non-zero: names it and its log."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are keys of the failed-jobs map: identity, not field equality
 class Job:
     """One command of the plan, what it waits for, and how to tell it already ran."""
 
