@@ -98,6 +98,31 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def error_line(
+    result: subprocess.CompletedProcess | tuple[int, str],
+    *needles: str,
+    alone: bool = False,
+    last: bool = False,
+    code: int | None = 2,
+) -> str:
+    """The one `error: ...` line a refused command printed (bad input: one line naming the fault, a non-zero
+    exit, no traceback), checked to hold every needle. `result`: a finished process or (exit code, stderr).
+    alone: stderr holds nothing else; last: it is stderr's final line; code None: any non-zero exit."""
+    done = isinstance(result, subprocess.CompletedProcess)
+    rc, err = (result.returncode, result.stderr) if done else result
+    context = err[-2000:]
+    assert (rc != 0) if code is None else (rc == code), f"exit {rc}: {context}"
+    assert "Traceback" not in err, context
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, context
+    assert not alone or lines == errors, context
+    assert not last or lines[-1] == errors[0], context
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import TINY, run_tool, run_trainer, sparse_finetune_args
+from conftest import TINY, error_line, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 
 from titan_mem.config import parse_args
@@ -23,14 +23,6 @@ def _args(tmp_path, base, *extra: str) -> list[str]:
         f"--checkpoint.initial_load_path={base}",
         *extra,
     ]
-
-
-def _one_error_line(proc) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    errors = [x for x in lines if x.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    return errors[0]
 
 
 def test_counts_record_the_batch_shape_and_real_tokens(pretrained, tmp_path):
@@ -78,18 +70,16 @@ def test_finetune_config_gives_shape_checkpoint_and_output(pretrained, tmp_path)
 
 def test_no_batch_shape_is_refused(pretrained, tmp_path):
     out = tmp_path / "c.safetensors"
-    line = _one_error_line(
-        run_tool("background_counts.py", [*_args(tmp_path, pretrained), "--out", str(out)])
-    )
+    line = error_line(run_tool("background_counts.py", [*_args(tmp_path, pretrained), "--out", str(out)]))
     assert "--finetune-config" in line and "saturate idf" in line and "README" in line
-    line = _one_error_line(
+    line = error_line(
         run_tool(
             "background_counts.py", [*_args(tmp_path, pretrained, "--batch-size", "4"), "--out", str(out)]
         )
     )
     assert "--batch-size and --seq-len" in line
     too_long = _args(tmp_path, pretrained, "--batch-size", "4", "--seq-len", "100000", "--out", str(out))
-    line = _one_error_line(run_tool("background_counts.py", too_long))
+    line = error_line(run_tool("background_counts.py", too_long))
     assert "--seq-len: 100000 exceeds the model's max_seq_len" in line
     assert not out.exists()
 
@@ -98,7 +88,7 @@ def test_finetune_refuses_counts_of_another_batch_shape(pretrained, tmp_path):
     """The fixture counted 4 x 32-token batches; a 2 x 16 finetune batch is 4x smaller (> tolerance 2)."""
     small = ["--training.micro_batch_size=2", "--training.global_batch_size=2", "--training.seq_len=16"]
     proc = run_trainer(sparse_finetune_args(pretrained, tmp_path / "a", *small, "--training.steps=1"))
-    line = _one_error_line(proc)
+    line = error_line(proc)
     assert "counted over 4 x 32-token batches, but this finetune's batches are 2 x 16" in line
     assert "ratio of tokens per batch 4.0 > tolerance 2.0" in line
     assert str(pretrained / "background_counts.safetensors") in line

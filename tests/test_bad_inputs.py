@@ -8,19 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, _env, launch, run_trainer
+from conftest import REPO, _env, error_line, launch, run_trainer
 
 from titan_mem.checkpoint import step_dirs
-
-
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.mark.parametrize(
@@ -37,31 +27,31 @@ def _one_line_error(proc, *needles):
     ],
 )
 def test_bad_config_values(tiny, args, needles):
-    _one_line_error(run_trainer([*tiny, *args]), *needles)
+    error_line(run_trainer([*tiny, *args]), *needles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU on a machine without one")
 def test_cuda_asked_on_a_machine_without_one(tiny):
-    _one_line_error(run_trainer([*tiny, "--training.device=cuda"]), "training.device=cuda")
+    error_line(run_trainer([*tiny, "--training.device=cuda"]), "training.device=cuda")
 
 
 def test_unwritable_dump_folder(tiny, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    _one_line_error(run_trainer([*tiny, f"--job.dump_folder={blocker / 'run'}"]), str(blocker))
+    error_line(run_trainer([*tiny, f"--job.dump_folder={blocker / 'run'}"]), str(blocker))
 
 
 def test_missing_and_invalid_config_file(tmp_path):
-    _one_line_error(run_trainer([str(tmp_path / "nope.toml")]), "nope.toml", "not found")
+    error_line(run_trainer([str(tmp_path / "nope.toml")]), "nope.toml", "not found")
     bad = tmp_path / "bad.toml"
     bad.write_text("[training\nsteps = 3\n")
-    _one_line_error(run_trainer([str(bad)]), "bad.toml", "TOML")
+    error_line(run_trainer([str(bad)]), "bad.toml", "TOML")
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[training]\nsteps = 3\nbogus = 1\n")
-    _one_line_error(run_trainer([str(unknown)]), "training.bogus")
+    error_line(run_trainer([str(unknown)]), "training.bogus")
     typed = tmp_path / "typed.toml"
     typed.write_text('[training]\nsteps = "three"\n')
-    _one_line_error(run_trainer([str(typed)]), "training.steps")
+    error_line(run_trainer([str(typed)]), "training.steps")
 
 
 @pytest.fixture
@@ -75,7 +65,7 @@ def test_corrupt_checkpoint(tiny, saved_run, tmp_path):
     bad = tmp_path / "corrupt" / "step-1"
     shutil.copytree(saved_run, bad)
     (bad / ".metadata").write_bytes(b"not a pickle")
-    _one_line_error(
+    error_line(
         run_trainer([*tiny, f"--job.dump_folder={tmp_path / 'ft'}", f"--checkpoint.initial_load_path={bad}"]),
         str(bad),
         "unreadable",
@@ -83,7 +73,7 @@ def test_corrupt_checkpoint(tiny, saved_run, tmp_path):
     for f in bad.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:10])
     (bad / ".metadata").write_bytes((saved_run / ".metadata").read_bytes())
-    _one_line_error(
+    error_line(
         run_trainer(
             [*tiny, f"--job.dump_folder={tmp_path / 'ft2'}", f"--checkpoint.initial_load_path={bad}"]
         ),
@@ -106,7 +96,7 @@ def test_outputs_that_cannot_be_written(tiny, saved_run, tmp_path):
         cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300,
         preexec_fn=_file_size_limit_1mib,
     )  # fmt: skip
-    _one_line_error(proc, "step-2.partial", "saving step 2 failed", "ulimit -f")
+    error_line(proc, "step-2.partial", "saving step 2 failed", "ulimit -f")
     folder = saved_run.parent
     assert sorted(step_dirs(folder)) == [1] and not (folder / "step-2.partial").exists()
     blocker = tmp_path / "a_file"
@@ -114,34 +104,34 @@ def test_outputs_that_cannot_be_written(tiny, saved_run, tmp_path):
     to_file = launch(
         [str(REPO / "tools" / "convert_checkpoint.py"), "to-file", str(saved_run), str(blocker / "o.pt")]
     )
-    _one_line_error(to_file, f"{blocker} is a file, not a folder")
+    error_line(to_file, f"{blocker} is a file, not a folder")
     counts = launch(
         [str(REPO / "tools" / "background_counts.py"), "train_configs/debug_model.toml", *tiny,
          f"--checkpoint={saved_run}", "--batch-size=4", "--seq-len=32", "--out=/proc/bg.safetensors"]
     )  # fmt: skip
-    _one_line_error(counts, "/proc/bg.safetensors", "cannot be written")
+    error_line(counts, "/proc/bg.safetensors", "cannot be written")
 
 
 def test_checkpoint_of_another_shape(tiny, saved_run, tmp_path):
     args = [*tiny, f"--job.dump_folder={tmp_path / 'other'}", f"--checkpoint.initial_load_path={saved_run}"]
-    _one_line_error(run_trainer([*args, "--model.dim=96"]), str(saved_run), "shape")
-    _one_line_error(run_trainer([*args, "--model.memory_layers=0"]), str(saved_run))
+    error_line(run_trainer([*args, "--model.dim=96"]), str(saved_run), "shape")
+    error_line(run_trainer([*args, "--model.memory_layers=0"]), str(saved_run))
     # Checkpoints holding tensors this model lacks: a deeper model, and Memory+ into plain PKM.
-    _one_line_error(
+    error_line(
         run_trainer([*args, "--model.n_layers=1", "--model.memory_layers=[]"]), str(saved_run), "lacks"
     )
-    _one_line_error(run_trainer([*args, "--model.memory_plus=false"]), str(saved_run), "gate_proj")
+    error_line(run_trainer([*args, "--model.memory_plus=false"]), str(saved_run), "gate_proj")
 
 
 def test_missing_checkpoint_path_and_step(tiny, saved_run, tmp_path):
     missing = tmp_path / "nowhere" / "step-9"
-    _one_line_error(
+    error_line(
         run_trainer(
             [*tiny, f"--job.dump_folder={tmp_path / 'x'}", f"--checkpoint.initial_load_path={missing}"]
         ),
         str(missing),
     )
-    _one_line_error(run_trainer([*tiny, "--checkpoint.load_step=7"]), "checkpoint.load_step=7")
+    error_line(run_trainer([*tiny, "--checkpoint.load_step=7"]), "checkpoint.load_step=7")
 
 
 def test_help_lists_every_option():
@@ -166,22 +156,22 @@ def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
         )
 
     # tiny: global batch 4, micro-batch 2: 3 ranks cannot split it
-    _one_line_error(launch_sh(3), "training.global_batch_size", "ranks (3)")
+    error_line(launch_sh(3), "training.global_batch_size", "ranks (3)")
     missing = tmp_path / "no_such_run" / "step-3"
     proc = launch_sh(2, "--training.mode=full_finetune", f"--checkpoint.initial_load_path={missing}")
-    _one_line_error(proc, "checkpoint.initial_load_path", str(missing))
-    _one_line_error(launch_sh(2, "--training.mode=lora_finetune"), "checkpoint.initial_load_path")
-    _one_line_error(launch_sh(2, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path")
+    error_line(proc, "checkpoint.initial_load_path", str(missing))
+    error_line(launch_sh(2, "--training.mode=lora_finetune"), "checkpoint.initial_load_path")
+    error_line(launch_sh(2, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path")
     # A shard of a 2-rank checkpoint truncated (a copy cut short): named before any worker starts.
     run = tmp_path / "two_ranks"
     assert run_trainer([*tiny, f"--job.dump_folder={run}", "--training.steps=1"], nproc=2).returncode == 0
     shard = run / "checkpoints" / "step-1" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = launch_sh(2, f"--job.dump_folder={run}", "--training.steps=2")
-    _one_line_error(proc, f"{shard}: truncated")
+    error_line(proc, f"{shard}: truncated")
     # A stream count the ranks cannot share, and one the global batch cannot be split over.
-    _one_line_error(launch_sh(2, "--data.streams=1"), "data.streams=1", "multiple of the 2 data-parallel")
-    _one_line_error(launch_sh(1, "--data.streams=8"), "data.streams=8", "global batch of 4")
+    error_line(launch_sh(2, "--data.streams=1"), "data.streams=1", "multiple of the 2 data-parallel")
+    error_line(launch_sh(1, "--data.streams=8"), "data.streams=8", "global batch of 4")
 
 
 @pytest.mark.parametrize(
@@ -197,4 +187,4 @@ def test_run_train_sh_launch_variables(env, needle):
         text=True,
         timeout=60,
     )
-    _one_line_error(proc, needle)
+    error_line(proc, needle)

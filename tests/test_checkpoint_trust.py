@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import TINY, run_trainer
+from conftest import TINY, error_line, run_trainer
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from titan_mem.checkpoint.safe_dcp import SafeFileSystemReader, decode_state, encode_state
@@ -47,10 +47,7 @@ def _rewrite(step_dir, tmp_path, change):
 
 
 def _refused(proc, needle: str, marker) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0, proc.stdout
-    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    error_line(proc, needle, last=True, code=None)
     assert not marker.exists(), "the payload ran"
 
 

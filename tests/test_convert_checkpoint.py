@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from conftest import REPO, TINY, _env, run_trainer, sparse_finetune_args
+from conftest import REPO, TINY, _env, error_line, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -116,13 +116,7 @@ def cli_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def one_line_error(rc: int, err: str, *needles: str) -> str:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return error_line((rc, err), *needles, alone=True)
 
 
 def no_leftovers(out: Path) -> None:

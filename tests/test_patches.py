@@ -11,7 +11,15 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, launch, load_model_tensors, read_metrics, run_trainer, sparse_finetune_args
+from conftest import (
+    REPO,
+    error_line,
+    launch,
+    load_model_tensors,
+    read_metrics,
+    run_trainer,
+    sparse_finetune_args,
+)
 from conftest import ok as _ok
 from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
@@ -110,9 +118,7 @@ def test_resume_on_another_base_is_refused(runs, tmp_path):
             "--finetune.check_counts_checkpoint=false",
         ]
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "refusing to resume" in err, err
+    error_line(proc, "refusing to resume", last=True)
 
 
 def test_patches_stack_and_come_off_in_sequence(runs, tmp_path):
@@ -146,7 +152,5 @@ def test_conflicting_patch_is_refused(runs, tmp_path):
     c1 = tmp_path / "c1"
     _ok(_convert("apply-delta", runs["base"], runs["sparse"] / "patch.safetensors", c1))
     proc = _convert("apply-delta", c1, p3 / "patch.safetensors", tmp_path / "x")
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and VALUES in line and "refusing" in line, line
+    error_line(proc, VALUES, "refusing", last=True)
     assert not (tmp_path / "x").exists()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, _env, losses, run_trainer
+from conftest import REPO, _env, error_line, losses, run_trainer
 from conftest import ok as _ok
 
 from titan_mem.checkpoint import step_dirs
@@ -18,9 +18,7 @@ from titan_mem.components.run_control import StopSignals
 
 
 def _one_error_line(proc, needle: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    assert needle in lines[0], lines[0]
+    error_line(proc, needle, alone=True)
 
 
 def test_a_live_run_locks_its_dump_folder_and_a_dead_one_does_not(tiny, tmp_path):

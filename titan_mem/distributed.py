@@ -64,10 +64,9 @@ def exit_process(code: int) -> NoReturn:
 
     Processes that used gloo collectives sometimes abort with SIGABRT ("terminate called without an active
     exception") *after* destroy_process_group, in Python finalisation: faulthandler shows the main thread
-    alone, with no Python frame, i.e. C++ objects torn down in an order we do not control. Seen once in CI
-    after a finished training run, and in about 1 of 6 runs of tests/dist_scripts/query_batchnorm.py before
-    it ended here (0 of 25 after). Files are written and closed or renamed before this point, so skipping
-    finalisation loses nothing and the exit code is the command's own.
+    alone, with no Python frame, i.e. C++ objects torn down in an order we do not control. Files are
+    written and closed or renamed before this point, so skipping finalisation loses nothing and the exit
+    code is the command's own.
     """
     logging.shutdown()
     sys.stdout.flush()

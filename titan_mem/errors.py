@@ -22,6 +22,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the path and the problem."""
 
 
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
+
+
 class ConvertError(CheckpointError):
     """An input or output a checkpoint tool cannot use; `str()` is one line `<path>: <what>`."""
 

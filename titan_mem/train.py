@@ -45,16 +45,12 @@ from titan_mem.distributed import (
     init_distributed,
     shutdown,
 )
-from titan_mem.errors import UNEXPECTED_EXIT, is_user_error, report_unexpected
+from titan_mem.errors import UNEXPECTED_EXIT, TrainingError, is_user_error, report_unexpected
 from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
 from titan_mem.preflight import check_launch
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
 
 
 class Trainer:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from titan_mem import config as config_mod
+from titan_mem.errors import TrainingError
 from titan_mem.eval.runner import write_json, write_jsonl
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.results import arm_records, base_records
@@ -43,7 +44,6 @@ from titan_mem.study.stages import (
     pretrain_command,
     run_command,
 )
-from titan_mem.train import TrainingError
 
 
 class StudyFailed(TrainingError):
