@@ -1,11 +1,13 @@
 """Triton value-lookup kernels against the torch path and a float64 naive sum (CPU: triton interpreter)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, losses, ok, run_trainer, sparse_finetune_args
 
 from titan_mem.kernels import LOOKUP_BACKENDS, lookup_backward, lookup_forward, value_lookup
 from titan_mem.kernels import triton_lookup as tlk
@@ -147,3 +149,26 @@ def test_cpu_import_pays_for_neither_triton_nor_dynamo():
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@needs_triton
+def test_trainer_steps_with_the_triton_kernels_match_the_torch_path(pretrained, tmp_path):
+    """The Triton lookup inside real trainer steps (dense table gradient in pretraining, row-sparse in sparse
+    finetuning), not only as a function: same losses and the same selected rows as the torch path."""
+    runs = {}
+    for kernel in ("torch", "triton"):
+        pre = tmp_path / f"pre-{kernel}"
+        ok(run_trainer([*TINY, f"--job.dump_folder={pre}", "--training.steps=3", "--checkpoint.enable=false",
+                        f"--training.memory_kernel={kernel}"]))  # fmt: skip
+        sft = tmp_path / f"sft-{kernel}"
+        extra = ("--training.steps=2", "--checkpoint.enable=false", f"--training.memory_kernel={kernel}")
+        ok(run_trainer(sparse_finetune_args(pretrained, sft, *extra)))
+        records = (sft / "selected_slots.jsonl").read_text().splitlines()
+        selected = [json.loads(line)["selected"] for line in records]
+        runs[kernel] = (losses(pre), losses(sft), selected)
+    (pre_t, sft_t, sel_t), (pre_k, sft_k, sel_k) = runs["torch"], runs["triton"]
+    assert pre_t.keys() == pre_k.keys() == {1, 2, 3} and sft_t.keys() == sft_k.keys() == {1, 2}
+    for a, b in ((pre_t, pre_k), (sft_t, sft_k)):
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    assert sel_k == sel_t
