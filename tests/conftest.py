@@ -132,6 +132,19 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_process_group_outlives_its_module(request):
+    """A module that leaves a process group in the pytest process fails itself: otherwise the next test that
+    expects none fails far from the cause (set up first, so it is torn down after the module's own
+    fixtures)."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail(f"{request.module.__name__} left a torch.distributed process group initialised")
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny 3-step pretraining checkpoint with 8 batches of background counts in its folder."""

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from titan_mem import config as config_mod
 from titan_mem.data import build_dataloader, build_tokenizer
+from titan_mem.distributed import shutdown
 from titan_mem.eval.runner import load_eval_model
 
 TOP_T = 10  # sparse_finetune_args' finetune.top_t
@@ -20,8 +21,14 @@ TOP_T = 10  # sparse_finetune_args' finetune.top_t
 
 def _oracle_selection(base, cfg) -> dict[str, list[int]]:
     """Top-t TF-IDF rows of every memory layer for the first global batch of `cfg`'s finetuning stream."""
-    lm, _ = load_eval_model(base)
-    model = lm.model
+    lm, _ = load_eval_model(base)  # makes a one-rank process group here; gone before the test ends
+    try:
+        return _top_t_rows(lm.model, base, cfg)
+    finally:
+        shutdown()
+
+
+def _top_t_rows(model, base, cfg) -> dict[str, list[int]]:
     tokenizer = build_tokenizer(cfg.tokenizer)
     loader = build_dataloader(
         cfg.data, tokenizer, seq_len=cfg.training.seq_len, micro_batch_size=cfg.training.micro_batch_size,
