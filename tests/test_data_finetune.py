@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 import torch
@@ -120,6 +121,32 @@ def test_documents_regime_streams_chunks_in_order(tmp_path, tok):
     # chunks are consecutive pieces of each document, every token after BOS a target exactly once
     assert targets == [t for e in encoded for t in e[1:]]
     assert stream == [t for e in encoded for t in e[:-1]]
+
+
+def test_synthetic_articles_hold_each_fact_twice_inside_generic_prose(tok):
+    """data.synthetic_article_sections: the document regime's long documents (facts inside mostly other text)
+    stream as seq_len chunks, one per step, in document order."""
+    world = get_world(0, 20, 4)
+    people = world.people("new", 4)
+    articles = world.finetune_documents(people, seed=0, article_sections=8)
+    assert articles == world.finetune_documents(people, seed=0, article_sections=8)  # deterministic
+    assert world.finetune_documents(people, seed=0) == [  # 0 sections: the biography, as before
+        world.biography(p, random.Random(f"titan_mem.documents.0.{p.pid}")) for p in people
+    ]
+    for person, text in zip(people, articles):
+        paragraphs = text.split("\n\n")
+        assert len(paragraphs) == 8
+        statements = [s for s in text.replace("\n\n", " ").split(". ") if person.name in s]
+        assert len(statements) >= 12  # six facts, each stated twice (a statement may hold a value twice)
+        for attribute in ("birth_city", "university", "employer", "work_city", "field"):
+            assert text.count(person.value(attribute)) >= 2, attribute
+        assert sum(len(s) for s in statements) < len(text) / 2  # mostly other text
+    loader = _loader(
+        tok, regime="documents", seq_len=128, bsz=1, repeat=False, synthetic_article_sections=8,
+        **{**SYN, "synthetic_taught_people": 4},
+    )  # fmt: skip
+    stream = [t for b in loader for t in b["labels"][0][b["token_mask"][0]].tolist()]
+    assert stream == [t for a in articles for t in tok.encode(a, bos=True, eos=True)[1:]]
 
 
 def test_finetune_resume_and_worker_count_give_the_same_batches(tok):

@@ -242,9 +242,9 @@ def test_shipped_studies_plan(name, monkeypatch):
             }
             docs = [j for j in jobs if j.arm is not None and j.arm.group == "documents"]
             cfg = config_mod.parse_args(docs[0].cmd.argv[3:])
-            assert (cfg.data.regime, cfg.training.global_batch_size, cfg.finetune.top_t) == (
+            assert (cfg.data.regime, cfg.data.synthetic_article_sections, cfg.finetune.top_t) == (
                 "documents",
-                1,
-                2000,
+                8,
+                2500,
             )
             assert any("counts-pretrain-1x128" in a for a in docs[0].cmd.argv)  # its own batch shape

@@ -201,6 +201,14 @@ class DataConfig:
         default=0,
         metadata={"help": "documents in one epoch of the synthetic pretraining corpus (0 = endless stream)"},
     )
+    synthetic_article_sections: int = field(
+        default=0,
+        metadata={
+            "help": "documents regime on the synthetic corpus: 0 = each taught person's biography is one "
+            "document; N > 0 = an article, the person's six facts stated twice spread over N paragraphs of "
+            "generic prose (Lin et al.'s document regime: facts inside mostly other text, 512-token chunks)"
+        },
+    )
     synthetic_generic_fraction: float = field(
         default=0.3,
         metadata={"help": "fraction of synthetic documents that are generic descriptive prose"},
@@ -236,6 +244,7 @@ class DataConfig:
         _at_least("data.synthetic_known_people", self.synthetic_known_people, 0)
         _at_least("data.synthetic_new_people", self.synthetic_new_people, 0)
         _at_least("data.synthetic_documents", self.synthetic_documents, 0)
+        _at_least("data.synthetic_article_sections", self.synthetic_article_sections, 0)
         _at_least("data.synthetic_taught_people", self.synthetic_taught_people, 0)
         _at_least("data.synthetic_qa_people", self.synthetic_qa_people, 0)
         if self.synthetic_qa_people > self.synthetic_known_people:

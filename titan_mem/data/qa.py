@@ -21,7 +21,6 @@ import gzip
 import io
 import json
 import logging
-import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -208,9 +207,7 @@ def build_finetune_dataset(
     elif cfg.regime == "documents":
         if world:
             people = world.people(cfg.taught_population(), cfg.synthetic_taught_people)
-            texts = [
-                world.biography(p, random.Random(f"titan_mem.documents.{cfg.seed}.{p.pid}")) for p in people
-            ]
+            texts = world.finetune_documents(people, cfg.seed, cfg.synthetic_article_sections)
         else:
             texts = read_documents(cfg)
         rows = document_rows(texts, tokenizer, seq_len)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from titan_mem.data.config import SYNTHETIC_POPULATIONS, DataConfig
 from titan_mem.data.records import FactExample, QAExample
+from titan_mem.data.synthetic_prose import GENERIC_SECTIONS, day_text
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "work_city")
 
@@ -313,6 +314,32 @@ class SyntheticWorld:
         ]
         return " ".join(sentences)
 
+    def article(self, person: Person, rng: random.Random, sections: int) -> str:
+        """A long document about one person, for the document regime (Lin et al. 2025, sec. 4.2: facts inside
+        mostly other text): the six facts stated twice in random templates, spread in order over `sections`
+        paragraphs of generic prose. Always by name: a pronoun after a paragraph about a town is ambiguous."""
+        statements = []
+        for _ in range(2):
+            attrs = list(ATTRIBUTES)
+            rng.shuffle(attrs)
+            statements += [self.statement(person, a, rng.randrange(len(STATEMENTS[a]))) for a in attrs]
+        n = len(statements)
+        paragraphs = [
+            " ".join([*statements[j * n // sections : (j + 1) * n // sections], self.generic_section(rng)])
+            for j in range(sections)
+        ]
+        return "\n\n".join(paragraphs)
+
+    def finetune_documents(self, people: list[Person], seed: int, article_sections: int = 0) -> list[str]:
+        """The document regime's texts, one per taught person: the biography, or an article when
+        `article_sections` > 0 (`data.synthetic_article_sections`)."""
+        texts = []
+        for p in people:
+            rng = random.Random(f"titan_mem.documents.{seed}.{p.pid}")
+            text = self.article(p, rng, article_sections) if article_sections else self.biography(p, rng)
+            texts.append(text)
+        return texts
+
     def qa_document(self, person: Person, rng: random.Random) -> str:
         attrs = rng.sample(ATTRIBUTES, k=rng.randint(1, len(ATTRIBUTES)))
         pairs = [
@@ -321,9 +348,13 @@ class SyntheticWorld:
         ]
         return "\n\n".join(pairs)
 
+    def generic_section(self, rng: random.Random) -> str:
+        """One paragraph of generic descriptive prose (a town, a company, an animal, a day or a recipe)."""
+        return GENERIC_SECTIONS[rng.randrange(len(GENERIC_SECTIONS))](self, rng)
+
     def generic_document(self, rng: random.Random) -> str:
         n = rng.randint(2, 4)
-        return "\n\n".join(_GENERIC[rng.randrange(len(_GENERIC))](self, rng) for _ in range(n))
+        return "\n\n".join(self.generic_section(rng) for _ in range(n))
 
     def heldout_prose(self, n: int) -> list[str]:
         """`n` generic documents drawn from a random stream pretraining never reads (its own seed
@@ -334,9 +365,9 @@ class SyntheticWorld:
         ]
 
     def heldout_days(self, n: int) -> list[str]:
-        """`n` "day" paragraphs (`_day_text`: a first name, then the same name again) from a stream of their
-        own that pretraining never reads: the in-context copying probe (`synthetic_copy`)."""
-        return [_day_text(self, random.Random(f"titan_mem.synthetic.days.{self.seed}.{i}")) for i in range(n)]
+        """`n` "day" paragraphs (`synthetic_prose.day_text`: a first name, then the same name again) from a
+        stream of their own that pretraining never reads: the in-context copying probe (`synthetic_copy`)."""
+        return [day_text(self, random.Random(f"titan_mem.synthetic.days.{self.seed}.{i}")) for i in range(n)]
 
     def document(
         self,
@@ -371,105 +402,3 @@ def world_of(cfg: DataConfig) -> SyntheticWorld:
     return get_world(
         cfg.world_seed(), cfg.synthetic_known_people, cfg.synthetic_new_people, cfg.synthetic_qa_people
     )
-
-
-# ---- generic descriptive prose -------------------------------------------------------------------------
-def _words(spec: str) -> tuple[str, ...]:
-    return tuple(spec.split("|"))
-
-
-_ADJ = _words(
-    "quiet|busy|old|small|large|green|sunny|windy|peaceful|crowded|modern|historic|colorful|narrow|"
-    "wide|cold|warm|friendly|famous|hidden"
-)
-_PLACE = _words(
-    "market|library|harbor|park|museum|bakery|train station|bridge|garden|square|school|theater|"
-    "hospital|river bank|hill|bookshop|cafe|stadium"
-)
-_FEATURE = _words(
-    "old stone bridges|tall glass towers|fresh bread|spring festival|long beaches|wooden houses|"
-    "busy port|quiet canals|mountain views|night market|apple orchards|red brick factories|"
-    "summer concerts|wide avenues|local cheese"
-)
-_ACTIVITY = _words(
-    "walk along the river|visit the museum|buy fruit at the market|ride bicycles|sit in the cafes|"
-    "watch the boats|climb the hill|listen to street music|read in the park|"
-    "take photographs of the old town"
-)
-_SEASON = _words("spring|summer|autumn|winter")
-_PRODUCT = _words(
-    "furniture|software|bicycles|medical devices|shoes|paper|solar panels|kitchen tools|toys|engines|"
-    "coffee machines|textiles|glass|batteries"
-)
-_ANIMAL = _words(
-    "fox|owl|heron|badger|otter|deer|hedgehog|crow|salmon|beaver|rabbit|woodpecker|frog|squirrel"
-)
-_HABITAT = _words("forests|wetlands|rivers|meadows|mountains|coastal cliffs|lakes|grasslands")
-_FOOD = _words("berries|insects|seeds|small fish|roots|nuts|grass|worms|leaves")
-_TOPIC = _words(
-    "the weather|an old film|a new book|their plans for the holidays|a football match|"
-    "the price of bread|a trip to the sea|music|their childhood|a strange dream"
-)
-_DISH = _words(
-    "vegetable soup|apple pie|tomato sauce|rice with beans|pancakes|lemon cake|potato salad|bread rolls"
-)
-_STEP = _words(
-    "wash the vegetables|heat the oil in a pan|mix the flour with water|add a pinch of salt|"
-    "stir for five minutes|let it rest for an hour|chop the onions|bake it until golden|"
-    "pour in the milk|cover the pot"
-)
-_WEATHER = ("cold", "sunny", "rainy", "windy", "quiet", "busy", "warm", "grey", "bright", "foggy")
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_FIRST = ("Anna", "Tom", "Maria", "Leo", "Sara", "Paul", "Nina", "Omar", "Ella", "Ben", "Lucy", "Sam")
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _city_text(w: SyntheticWorld, r: random.Random) -> str:
-    c, c2 = r.sample(w.cities, 2)
-    f1, f2 = r.sample(_FEATURE, 2)
-    first = f"{c} is {_a(r.choice(_ADJ))} town about {r.randint(5, 90)} miles from {c2}."
-    second = f"It is known for its {f1} and its {f2}."
-    season, adj = r.choice(_SEASON), r.choice(_ADJ)
-    third = f"In {season} the streets are {adj}, and visitors like to {r.choice(_ACTIVITY)}."
-    return f"{first} {second} {third} The {r.choice(_PLACE)} near the center opens early in the morning."
-
-
-def _company_text(w: SyntheticWorld, r: random.Random) -> str:
-    c = r.choice(w.companies)
-    p1, p2 = r.sample(_PRODUCT, 2)
-    return (
-        f"{c} is a company that makes {p1}. It has offices in {r.choice(w.cities)} and in "
-        f"{r.choice(w.states)}. Last year it started selling {p2} as well, and the new products were "
-        f"{r.choice(('popular', 'expensive', 'hard to find', 'well reviewed', 'delayed'))}."
-    )
-
-
-def _animal_text(w: SyntheticWorld, r: random.Random) -> str:
-    a = r.choice(_ANIMAL)
-    first = f"The {a} lives in {r.choice(_HABITAT)} and eats {r.choice(_FOOD)}."
-    second = f"It is most active in the {r.choice(('morning', 'evening', 'night', 'afternoon'))}."
-    third = f"In {r.choice(_SEASON)} {_a(a)} may travel {r.randint(2, 40)} miles to find food,"
-    return f"{first} {second} {third} and it often rests near a {r.choice(_PLACE)}."
-
-
-def _day_text(w: SyntheticWorld, r: random.Random) -> str:
-    a, b = r.sample(_FIRST, 2)
-    return (
-        f"{a} woke up early on {_a(r.choice(_WEATHER))} {r.choice(_DAYS)}. After breakfast {a} walked to the "
-        f"{r.choice(_PLACE)} and met {b}. They talked about {r.choice(_TOPIC)} for a long time. Later it "
-        f"started to rain, so they went to the {r.choice(_PLACE)} "
-        f"and stayed until {r.randint(2, 11)} o'clock."
-    )
-
-
-def _recipe_text(w: SyntheticWorld, r: random.Random) -> str:
-    s1, s2, s3 = r.sample(_STEP, 3)
-    dish = r.choice(_DISH)
-    serve = r.choice(("hot", "warm", "cold"))
-    return f"To make {dish}, first {s1}. Then {s2}. Finally, {s3}, and serve it {serve}."
-
-
-_GENERIC = (_city_text, _company_text, _animal_text, _day_text, _recipe_text)
