@@ -130,3 +130,26 @@ def test_ablation_keys_refuse_what_they_cannot_mean():
     assert parse_args([]).finetune.sparse_update == "rows"
     with pytest.raises(ConfigError, match="finetune.sparse_update"):
         parse_args(["--finetune.sparse_update=dense"])
+
+
+def test_every_model_hyper_parameter_is_a_model_key_that_reaches_the_model():
+    """models/args.py is the one definition: each overridable ModelArgs / MemoryArgs field is a [model] key
+    (memory fields as memory_<name>), and a value given there is the one the built model args hold."""
+    import dataclasses
+
+    from titan_mem.models.args import MemoryArgs, ModelArgs, build_model_args
+
+    keys = {f.name for f in dataclasses.fields(parse_args([]).model)} - {"flavor"}
+    fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"vocab_size", "memory"}
+    fields |= {f"memory_{f.name}" for f in dataclasses.fields(MemoryArgs)}
+    assert keys == fields
+    given = {
+        "dim": 256, "n_heads": 8, "n_kv_heads": 2, "rope_theta": 123.0, "norm_eps": 1e-6,
+        "tie_embeddings": True, "memory_layers": [1, 3], "memory_n_keys": 32, "memory_topk": 4,
+        "memory_query_norm": "batchnorm", "memory_shared_values": True,
+    }  # fmt: skip
+    argv = [f"--model.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in given.items()]
+    args = build_model_args(parse_args(argv).model, vocab_size=128)
+    for key, value in given.items():
+        owner, attr = (args.memory, key[len("memory_") :]) if key.startswith("memory_") else (args, key)
+        assert getattr(owner, attr) == value, key

@@ -18,6 +18,7 @@ from typing import Any
 from titan_mem.config_sections import ConfigError, EvalConfig, FinetuneConfig, choice, help_field
 from titan_mem.data.config import DataConfig, TokenizerConfig
 from titan_mem.kernels import LOOKUP_BACKENDS
+from titan_mem.models.args import FLAVORS, model_overrides
 from titan_mem.models.transformer import AC_MODES
 
 if sys.version_info >= (3, 11):
@@ -38,30 +39,21 @@ class JobConfig:
     )
 
 
-@dataclass
-class ModelConfig:
-    flavor: str = help_field(
-        "debug", "Named model size from titan_mem.models.args.FLAVORS (debug, debug_dense, 1b, 1b_dense)."
-    )
-    # Optional overrides of single flavor fields; None keeps the flavor's value.
-    dim: int | None = help_field(None, "Override: model width.")
-    n_layers: int | None = help_field(None, "Override: number of transformer blocks.")
-    n_heads: int | None = help_field(None, "Override: attention heads.")
-    n_kv_heads: int | None = help_field(None, "Override: key/value heads (grouped-query attention).")
-    ffn_hidden_dim: int | None = help_field(None, "Override: SwiGLU hidden size.")
-    max_seq_len: int | None = help_field(None, "Override: maximum sequence length (RoPE table size).")
-    tie_embeddings: bool | None = help_field(None, "Override: share input embedding and output projection.")
-    memory_layers: list[int] | None = help_field(None, "Override: block indices whose FFN is a memory layer.")
-    memory_n_keys: int | None = help_field(None, "Override: half-keys per product half (slots = n_keys**2).")
-    memory_heads: int | None = help_field(None, "Override: memory heads.")
-    memory_topk: int | None = help_field(None, "Override: slots read per head per token.")
-    memory_k_dim: int | None = help_field(None, "Override: full key dimension (each half is k_dim/2).")
-    memory_v_dim: int | None = help_field(None, "Override: value row dimension (-1 = model dim).")
-    memory_plus: bool | None = help_field(None, "Override: Memory+ gated output (False = plain PKM).")
-    memory_query_norm: str | None = help_field(None, "Override: query normalisation: none | rms | batchnorm.")
-    memory_shared_values: bool | None = help_field(
-        None, "Override: one value pool shared by all memory layers."
-    )
+def _model_config() -> type:
+    """The [model] section: `flavor`, then one optional override per hyper-parameter that
+    `models.args.model_overrides()` lists (None keeps the flavor's value), so the fields live in one place."""
+    fields: list[tuple[str, Any, Any]] = [
+        ("flavor", str, help_field("debug", f"Named model size ({', '.join(FLAVORS)}; models/args.py).")),
+    ]
+    for o in model_overrides():
+        text = o.help[0].upper() + o.help[1:]
+        fields.append((o.key, o.type | None, help_field(None, f"Override: {text}.")))
+    cls = dataclasses.make_dataclass("ModelConfig", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+ModelConfig = _model_config()
 
 
 @dataclass

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def _arg(default: Any, text: str, *, factory: Any = None, override: bool = True) -> Any:
+    """A model hyper-parameter with its help line. Every field with `override` becomes a `[model]` config
+    key (`--model.<name>`; memory fields as `--model.memory_<name>`) that replaces the flavor's value:
+    adding a field here is the one edit a new hyper-parameter needs."""
+    meta = {"help": text, "override": override}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class MemoryArgs:
     """Product-key memory (Lample et al. 2019; Memory+ of Berges et al. 2024 "Memory Layers at Scale")."""
 
-    layers: list[int] = field(default_factory=list)  # block indices whose FFN becomes a memory layer
-    n_keys: int = 1024  # half-keys per product half; slots = n_keys**2
-    heads: int = 4
-    topk: int = 32  # slots read per head per token
-    k_dim: int = 512  # full query/key size; each product half uses k_dim // 2
-    v_dim: int = 1024  # value row size (-1 = model dim)
-    plus: bool = True  # Memory+: value_proj(lookup * silu(gate_proj(x)))
-    query_norm: str = "rms"  # none | rms | batchnorm (XLM PKM found query batch-norm helps)
-    shared_values: bool = False  # one value pool for all memory layers
+    layers: list[int] = _arg(None, "block indices whose FFN is a memory layer", factory=list)
+    n_keys: int = _arg(1024, "half-keys per product half (slots = n_keys**2)")
+    heads: int = _arg(4, "memory heads")
+    topk: int = _arg(32, "slots read per head per token")
+    k_dim: int = _arg(512, "full query/key size (each product half uses k_dim/2)")
+    v_dim: int = _arg(1024, "value row size (-1 = model dim)")
+    plus: bool = _arg(True, "Memory+ gated output: value_proj(lookup * silu(gate_proj(x))) (False = PKM)")
+    query_norm: str = _arg("rms", "query normalisation: none | rms | batchnorm (XLM PKM: batch-norm helps)")
+    shared_values: bool = _arg(False, "one value pool shared by all memory layers")
 
     @property
     def n_slots(self) -> int:
@@ -27,17 +39,17 @@ class MemoryArgs:
 
 @dataclass
 class ModelArgs:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    ffn_hidden_dim: int = 768
-    vocab_size: int = -1  # set from the tokenizer, padded to a multiple of 128
-    max_seq_len: int = 2048
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    memory: MemoryArgs = field(default_factory=MemoryArgs)
+    dim: int = _arg(256, "model width")
+    n_layers: int = _arg(4, "transformer blocks")
+    n_heads: int = _arg(4, "attention heads")
+    n_kv_heads: int | None = _arg(None, "key/value heads (grouped-query attention; None = n_heads)")
+    ffn_hidden_dim: int = _arg(768, "SwiGLU hidden size")
+    vocab_size: int = _arg(-1, "set from the tokenizer, padded to a multiple of 128", override=False)
+    max_seq_len: int = _arg(2048, "maximum sequence length (RoPE table size)")
+    norm_eps: float = _arg(1e-5, "RMSNorm epsilon")
+    rope_theta: float = _arg(10000.0, "RoPE base (Su et al. 2021)")
+    tie_embeddings: bool = _arg(False, "share the input embedding and the output projection")
+    memory: MemoryArgs = _arg(None, "the memory layers", factory=MemoryArgs, override=False)
 
     @property
     def head_dim(self) -> int:
@@ -100,40 +112,39 @@ FLAVORS["debug_dense"] = dataclasses.replace(FLAVORS["debug"], memory=MemoryArgs
 FLAVORS["1b_dense"] = dataclasses.replace(FLAVORS["1b"], memory=MemoryArgs())
 
 
-_MODEL_OVERRIDES = {
-    "dim": "dim",
-    "n_layers": "n_layers",
-    "n_heads": "n_heads",
-    "n_kv_heads": "n_kv_heads",
-    "ffn_hidden_dim": "ffn_hidden_dim",
-    "max_seq_len": "max_seq_len",
-    "tie_embeddings": "tie_embeddings",
-}
-_MEMORY_OVERRIDES = {
-    "memory_layers": "layers",
-    "memory_n_keys": "n_keys",
-    "memory_heads": "heads",
-    "memory_topk": "topk",
-    "memory_k_dim": "k_dim",
-    "memory_v_dim": "v_dim",
-    "memory_plus": "plus",
-    "memory_query_norm": "query_norm",
-    "memory_shared_values": "shared_values",
-}
+@dataclass(frozen=True)
+class Override:
+    """One `[model]` config key and the hyper-parameter it replaces."""
+
+    key: str  # the config key: the field name, memory fields prefixed with memory_
+    in_memory: bool  # a MemoryArgs field (else ModelArgs)
+    attr: str
+    type: Any  # the field's type (resolved)
+    help: str
 
 
-def build_model_args(model_cfg, vocab_size: int) -> ModelArgs:
+def model_overrides() -> list[Override]:
+    """Every overridable hyper-parameter of ModelArgs and MemoryArgs, in declaration order."""
+    out = []
+    for cls, in_memory in ((ModelArgs, False), (MemoryArgs, True)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("override"):
+                key = f"memory_{f.name}" if in_memory else f.name
+                out.append(Override(key, in_memory, f.name, hints[f.name], f.metadata["help"]))
+    return out
+
+
+def build_model_args(model_cfg: Any, vocab_size: int) -> ModelArgs:
     """Flavor defaults, then any non-None override from the [model] section, then validation."""
     if model_cfg.flavor not in FLAVORS:
         raise ValueError(f"model.flavor: unknown {model_cfg.flavor!r} (known: {', '.join(FLAVORS)})")
     base = FLAVORS[model_cfg.flavor]
     args = dataclasses.replace(base, memory=dataclasses.replace(base.memory, layers=list(base.memory.layers)))
-    for key, attr in _MODEL_OVERRIDES.items():
-        if getattr(model_cfg, key) is not None:
-            setattr(args, attr, getattr(model_cfg, key))
-    for key, attr in _MEMORY_OVERRIDES.items():
-        if getattr(model_cfg, key) is not None:
-            setattr(args.memory, attr, getattr(model_cfg, key))
+    for o in model_overrides():
+        value = getattr(model_cfg, o.key)
+        if value is not None:
+            setattr(args.memory if o.in_memory else args, o.attr, value)
     args.vocab_size = vocab_size
     args.validate()
     return args
