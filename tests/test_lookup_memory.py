@@ -1,7 +1,7 @@
 """A value lookup never casts, copies or allocates anything table-sized unless a dense gradient is asked for.
 
 The default layout on one GPU is a 1 x 1 column shard of an fp32 table read in bf16 compute
-(`MemoryValues.compute_dtype`); casting the table per micro-batch would cost M x D x 2 bytes every time
+(`ColumnShardedValues.compute_dtype`); casting the table per micro-batch would cost M x D x 2 bytes every time
 (2 GiB at the 1B shapes). Allocations are counted with the profiler (components.bench.allocations), which
 sees CPU tensors too, so this runs on CPU for both the torch and the Triton (interpreter) path.
 """
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from titan_mem.components.bench import allocations
 from titan_mem.kernels import value_lookup
 from titan_mem.models.memory import MemoryValues
-from titan_mem.parallel.memory_parallel import memory_parallel_mesh, shard_columns
+from titan_mem.parallel.memory_parallel import ColumnShardedValues, memory_parallel_mesh
 
 M, D, N, K = 16384, 64, 64, 8  # table 4 MiB in fp32; a batch reads N * K = 512 rows (128 KiB)
 
@@ -30,13 +30,11 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def _split_table(seed: int = 0) -> MemoryValues:
+def _split_table(seed: int = 0) -> ColumnShardedValues:
     torch.manual_seed(seed)
     values = MemoryValues(M, D)
     values.init_weights()
-    shard_columns(values, memory_parallel_mesh("cpu", 1, -1))
-    values.compute_dtype = torch.bfloat16
-    return values
+    return ColumnShardedValues(values, memory_parallel_mesh("cpu", 1, -1), compute_dtype=torch.bfloat16)
 
 
 def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from titan_mem.parallel.value_grads import value_table_grads
 from titan_mem.sparse import masked_optim
 from titan_mem.sparse.masked_optim import MaskedGradientAdamW, MaskedGradientSGD
 from titan_mem.sparse.optimizer import RowSparseOptimizer
@@ -83,7 +84,8 @@ def _two_steps(sparse_update: str, optimizer: str, **hyper):
     """Step 1 selects rows 0-3, step 2 rows 4-5; the table before and after step 2 and the norm reported."""
     table = torch.nn.Parameter(_table(torch.float32))
     cfg = SimpleNamespace(name=optimizer, lr=0.1, memory_lr=None, betas=[0.9, 0.95], eps=1e-8, **hyper)
-    opt = RowSparseOptimizer({"layers.1.feed_forward": table}, cfg, sparse_update)
+    tables = {"layers.1.feed_forward": table}
+    opt = RowSparseOptimizer(tables, cfg, value_table_grads(tables), sparse_update)
     g = torch.Generator().manual_seed(2)
     for rows in (torch.arange(4), torch.tensor([4, 5])):
         before = table.detach().clone()
@@ -121,7 +123,9 @@ def test_update_norm_counts_every_row_the_weight_decay_moved():
     with pytest.raises(RuntimeError, match="masked_gradient"):
         cfg = SimpleNamespace(name="adamw", lr=0.1, memory_lr=None, betas=[0.9, 0.95], eps=1e-8, **hyper)
         table = torch.nn.Parameter(_table(torch.float32))
-        RowSparseOptimizer({"t": table}, cfg, "masked_gradient").changed_rows()  # no patch to take
+        RowSparseOptimizer(
+            {"t": table}, cfg, value_table_grads({"t": table}), "masked_gradient"
+        ).changed_rows()  # no patch to take
 
 
 def test_state_round_trip_keeps_the_global_step():

@@ -74,25 +74,27 @@ def test_memory_layer_output_is_weighted_bag_of_selected_rows(plus, query_norm):
     torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_indices_recorded_only_when_asked():
+def test_slots_returned_only_when_asked():
     layer = _layer()
     x = torch.randn(2, 5, 16)
-    layer(x)
-    assert layer.last_indices is None
-    layer.record_indices = True
-    layer(x)
-    assert layer.last_indices.shape == (2, 5, 2, 3)
-    assert layer.last_indices.max() < 64
+    out = layer(x)
+    assert isinstance(out, torch.Tensor)
+    out_too, slots = layer(x, return_slots=True)
+    assert torch.equal(out_too, out)
+    assert slots.shape == (2, 5, 2, 3) and slots.dtype == torch.int64
+    assert slots.max() < 64 and not slots.requires_grad
+    _, want = layer.lookup_slots(x.reshape(-1, 16))
+    assert torch.equal(slots.reshape(-1, 2, 3), want)
 
 
 def test_memory_value_gradient_is_row_sparse():
     layer = _layer()
     x = torch.randn(1, 3, 16)
-    layer.record_indices = True
-    layer(x).pow(2).sum().backward()
+    out, slots = layer(x, return_slots=True)
+    out.pow(2).sum().backward()
     grad = layer.value_table.weight.grad
     touched = torch.zeros(64, dtype=torch.bool)
-    touched[layer.last_indices.flatten()] = True
+    touched[slots.flatten()] = True
     assert grad[~touched].abs().sum() == 0
     assert grad[touched].abs().sum() > 0
 

@@ -83,18 +83,14 @@ def test_micro_batches_sum_to_their_concatenation():
         counter.add_indices("nope", i1, m1)
 
 
-def test_add_from_layers_reads_last_indices():
-    class Layer:
-        last_indices = None
-
-    layer = Layer()
-    counter = SlotCounter({"layers.1.feed_forward": N_SLOTS})
-    with pytest.raises(ValueError, match="last_indices"):
-        counter.add_from_layers({"layers.1.feed_forward": layer}, torch.ones(3, 7, dtype=torch.bool))
-    layer.last_indices, mask = _batch(3)
-    counter.add_from_layers({"layers.1.feed_forward": layer}, mask)
-    want = count_slots(layer.last_indices, mask, N_SLOTS)[1]
-    assert torch.equal(counter.local("layers.1.feed_forward")[1], want)
+def test_add_slots_counts_every_layer_of_a_forward():
+    counter = SlotCounter({"layers.1.feed_forward": N_SLOTS, "layers.3.feed_forward": N_SLOTS})
+    (a, mask), (b, _) = _batch(3), _batch(4)
+    with pytest.raises(ValueError, match=r"no slots for memory layer\(s\) \['layers.3.feed_forward'\]"):
+        counter.add_slots({"layers.1.feed_forward": a}, mask)
+    counter.add_slots({"layers.1.feed_forward": a, "layers.3.feed_forward": b}, mask)
+    assert torch.equal(counter.local("layers.1.feed_forward")[1], count_slots(a, mask, N_SLOTS)[1])
+    assert torch.equal(counter.local("layers.3.feed_forward")[1], count_slots(b, mask, N_SLOTS)[1])
 
 
 def test_merge_counts():

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 
+from titan_mem.parallel.value_grads import value_table_grads
 from titan_mem.sparse.counts import load_background_counts
 from titan_mem.sparse.selector import selected_row_gradients
 
@@ -117,12 +118,18 @@ def test_top_t_zero_changes_nothing(base, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_sparse_finetune_two_ranks_equals_one_rank(base, tmp_path):
-    """Slot counts are all-reduced: 2 ranks select the same rows and reach the same values as 1 rank."""
+@pytest.mark.parametrize("degree", [-1, 0, 1], ids=["columns", "whole", "column_replicas"])
+def test_sparse_finetune_two_ranks_equals_one_rank(base, tmp_path, degree):
+    """Slot counts are all-reduced: 2 ranks select the same rows and reach the same values as 1 rank, with
+    every layout's sum of the selected rows' gradient (parallel.value_grads): none inside one column group
+    of 2, over both ranks for a whole table, over the 2 replicas of 1-rank column groups."""
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"r{nproc}"
-        args = sparse_finetune_args(base, run, "--training.micro_batch_size=2", "--training.steps=3")
+        args = sparse_finetune_args(
+            base, run, "--training.micro_batch_size=2", "--training.steps=3",
+            f"--parallelism.memory_parallel_degree={degree if nproc == 2 else -1}",
+        )  # fmt: skip
         _ok(run_trainer(args, nproc=nproc))
         runs[nproc] = run
     sel1, sel2 = _selections(runs[1]), _selections(runs[2])
@@ -327,7 +334,8 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
         rows_with_grad.unsqueeze(0), dense[rows_with_grad], (10, 4), check_invariants=True
     )
     picks = {"layers.1.feed_forward": torch.tensor([3, 1]), "layers.3.feed_forward": torch.tensor([5, 3, 9])}
-    staged, selected = selected_row_gradients({name: table for name in picks}, lambda name: picks[name])
+    tables = {name: table for name in picks}
+    staged, selected = selected_row_gradients(tables, lambda name: picks[name], value_table_grads(tables))
     assert list(staged) == ["layers.1.feed_forward"]  # one entry per table
     rows, grads = staged["layers.1.feed_forward"]
     assert rows.tolist() == [1, 3, 5, 9]
@@ -337,5 +345,6 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
     assert selected == {name: r.tolist() for name, r in picks.items()}
     # Two tables: each keeps its own rows.
     other = torch.nn.Parameter(torch.zeros(10, 4))
-    staged, _ = selected_row_gradients({"a": table, "b": other}, lambda name: torch.tensor([3]))
+    tables = {"a": table, "b": other}
+    staged, _ = selected_row_gradients(tables, lambda name: torch.tensor([3]), value_table_grads(tables))
     assert set(staged) == {"a", "b"} and torch.equal(staged["b"][1], torch.zeros(1, 4))

@@ -50,6 +50,7 @@ from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.models.args import build_model_args
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
+from titan_mem.parallel.value_grads import value_table_grads
 from titan_mem.preflight import check_launch
 
 
@@ -109,11 +110,14 @@ class Trainer:
             load_model_weights(self.ckpt, initial, self.model, allow_missing=self.mode.new_tensor_names())
             self._log(f"loaded model weights from {initial}")
         trainable = self.mode.policy.apply(self.model)
-        self.optimizer = self.mode.build_optimizer(self.model, trainable)
+        # How each value table's gradient is summed, clipped and stepped (the table in parallel/value_grads)
+        self.value_grads = value_table_grads(self.model.value_tables())
+        self.optimizer = self.mode.build_optimizer(self.model, trainable, self.value_grads)
         self.trainable = trainable
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.content = self.mode.build_checkpoint(self.model, self.optimizer)
-        self.hooks = self.mode.build_hooks(self.model, self.optimizer, self.device)
+        self.hooks = self.mode.build_hooks(self.model, self.optimizer, self.device, self.value_grads)
+        self.hooks_read_slots = any(hook.reads_slots for hook in self.hooks)
         if resume is None and initial is not None and not cfg.checkpoint.initial_load_model_only:
             resume = initial  # continue another run's full state (optimizer, schedule, data position) here
         if resume is not None:
@@ -193,7 +197,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             self._set_gradient_sync(i == len(batches) - 1)
-            logits = self.model(batch["input_ids"])
+            slots: dict[str, torch.Tensor] = {}
+            if self.hooks_read_slots:
+                logits, slots = self.model(batch["input_ids"], return_slots=True)
+            else:
+                logits = self.model(batch["input_ids"])
             loss = (
                 F.cross_entropy(
                     logits.flatten(0, 1).float(),
@@ -205,7 +213,7 @@ class Trainer:
             )
             loss.backward()
             for hook in self.hooks:
-                hook.on_micro_batch(self.model, batch)
+                hook.on_micro_batch(self.model, batch, slots)
             loss_sum += loss.detach().double()
         loss_value = float(all_reduce_sum(loss_sum).item())
         if not torch.isfinite(torch.tensor(loss_value)):
@@ -215,7 +223,7 @@ class Trainer:
         step_info: dict[str, Any] = {}
         for hook in self.hooks:
             step_info.update(hook.prepare_gradients(self.model))
-        grad_norm = clip_grad_norm_(self.trainable, self.cfg.training.max_norm)
+        grad_norm = clip_grad_norm_(self.trainable, self.cfg.training.max_norm, self.value_grads.values())
         if not torch.isfinite(grad_norm):
             raise TrainingError(
                 f"step {self.step + 1}: gradient norm is {float(grad_norm)}; stopping without saving "

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from titan_mem.checkpoint.dcp_index import single_process
 from titan_mem.checkpoint.patches import Lineage, sha256, spec, write_patch
 from titan_mem.components.bench import machine_info, write_report
+from titan_mem.parallel.value_grads import value_table_grads
 from titan_mem.sparse.optimizer import RowSparseOptimizer
 
 TABLE = "layers.12.feed_forward.values.weight"
@@ -47,7 +48,8 @@ def run(n_slots: int, v_dim: int, steps: int, top_t: int, optimizer: str, seed: 
         betas=(0.9, 0.999),
         eps=1e-8,
     )
-    opt = RowSparseOptimizer({"layers.12.feed_forward": table}, cfg)
+    tables = {"layers.12.feed_forward": table}
+    opt = RowSparseOptimizer(tables, cfg, value_table_grads(tables))
     t0 = time.perf_counter()
     for _ in range(steps):
         rows = torch.randperm(n_slots, generator=gen)[:top_t].sort().values

@@ -20,7 +20,7 @@ import torch.nn as nn
 from titan_mem.checkpoint.manager import ModelState, OptimizerState
 from titan_mem.distributed import exit_process, init_distributed
 from titan_mem.models.memory import MemoryValues
-from titan_mem.parallel.memory_parallel import column_shard_of, memory_parallel_mesh, shard_columns
+from titan_mem.parallel.memory_parallel import ColumnShardedValues, column_shard_of, memory_parallel_mesh
 
 M, D, K = 40, 12, 6
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -33,10 +33,10 @@ def _whole_table() -> MemoryValues:
     return values
 
 
-def _split(degree: int) -> MemoryValues:
+def _split(degree: int) -> MemoryValues | ColumnShardedValues:
     values = _whole_table()
     if degree:
-        shard_columns(values, memory_parallel_mesh("cpu", dist.get_world_size(), degree))
+        return ColumnShardedValues(values, memory_parallel_mesh("cpu", dist.get_world_size(), degree))
     return values
 
 

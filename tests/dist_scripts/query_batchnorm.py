@@ -1,4 +1,5 @@
-"""QueryBatchNorm on W ranks = nn.BatchNorm1d on one process over the concatenated rows (DESIGN invariant 2).
+"""SyncQueryBatchNorm (what parallelizing makes of a QueryBatchNorm) on W ranks = nn.BatchNorm1d on one
+process over the concatenated rows (DESIGN invariant 2).
 
 Every rank builds the same global batch, keeps an uneven slice of it (so the all-reduced count matters),
 and checks its outputs, input gradients, summed affine gradients and running stats against a single-process
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from titan_mem.distributed import exit_process
-from titan_mem.models.memory import QueryBatchNorm
+from titan_mem.parallel.sync_batchnorm import SyncQueryBatchNorm
 
 CHANNELS, ROWS = 6, 24
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -21,7 +22,7 @@ def _slice(rank: int, world: int) -> slice:
     return slice(bounds[rank], bounds[rank + 1])
 
 
-def _check_step(ours: QueryBatchNorm, ref: torch.nn.BatchNorm1d, g: torch.Generator, step: int) -> None:
+def _check_step(ours: SyncQueryBatchNorm, ref: torch.nn.BatchNorm1d, g: torch.Generator, step: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.randn(ROWS, CHANNELS, generator=g) * 2 + 0.5 * step
     upstream = torch.randn(ROWS, CHANNELS, generator=g)
@@ -44,7 +45,7 @@ def _check_step(ours: QueryBatchNorm, ref: torch.nn.BatchNorm1d, g: torch.Genera
 
 def main() -> None:
     dist.init_process_group("gloo")
-    ref, ours = torch.nn.BatchNorm1d(CHANNELS), QueryBatchNorm(CHANNELS)
+    ref, ours = torch.nn.BatchNorm1d(CHANNELS), SyncQueryBatchNorm(CHANNELS)
     ours.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(3)  # same on every rank: the same global batches
     for step in range(3):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn as nn
 
-from titan_mem.parallel.memory_parallel import column_shard_of, squared_norm
+from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.lazy_adamw import LazyRowAdamW
 
 
@@ -59,38 +61,31 @@ def build_optimizer(model: nn.Module, cfg, params: list[nn.Parameter] | None = N
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global gradient L2 norm over dense, DTensor (FSDP), sparse (selected value rows) and column-sharded
-    (memory-parallel) gradients; scales every gradient by min(1, max_norm / (norm + 1e-6)) when
-    max_norm > 0. Clipping only."""
+def clip_grad_norm_(
+    params: list[nn.Parameter], max_norm: float, value_grads: Iterable[ValueTableGrad] = ()
+) -> torch.Tensor:
+    """Global gradient L2 norm over every parameter: dense and FSDP (DTensor) gradients by torch, each value
+    table outside FSDP by its gradient path (`parallel.value_grads`: row-sparse, column-sharded). Scales
+    every gradient by min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Clipping only."""
+    paths = {id(v.table): v for v in value_grads}
     with_grad = [p for p in params if p.grad is not None]
-    by_columns = [p for p in with_grad if column_shard_of(p) is not None]
-    rest = [p for p in with_grad if column_shard_of(p) is None]
-    dense = [p.grad for p in rest if not p.grad.is_sparse]
-    sparse = [p.grad.coalesce() for p in rest if p.grad.is_sparse]
+    dense = [p for p in with_grad if id(p) not in paths]
+    tables = [paths[id(p)] for p in with_grad if id(p) in paths]
+    if any(p.grad.is_sparse for p in dense):
+        raise RuntimeError("clip_grad_norm_: a row-sparse gradient outside the value tables' paths")
     parts = []
     if dense:
-        norm = torch.nn.utils.get_total_norm(dense, norm_type=2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in dense], norm_type=2.0)
         parts.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    parts += [g.values().double().norm() for g in sparse]
-    # A column shard's norm covers the whole table once its group's squares are summed.
-    parts += [squared_norm([p.grad], column_shard_of(p)).sqrt() for p in by_columns]
+    parts += [t.squared_norm().sqrt() for t in tables]
     if not parts:
         return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack([p.double().cpu() for p in parts]))
     if max_norm > 0:
         if dense:
-            dense_params = [p for p in rest if not p.grad.is_sparse]
-            torch.nn.utils.clip_grads_with_norm_(dense_params, max_norm, total.float())
+            torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total.float())
         coef = min(1.0, max_norm / (float(total) + 1e-6))
-        for p in with_grad:
-            if coef >= 1.0:
-                break
-            if p.grad.is_sparse:
-                g = p.grad.coalesce()
-                p.grad = torch.sparse_coo_tensor(
-                    g.indices(), g.values() * coef, g.shape, is_coalesced=True, check_invariants=False
-                )
-            elif column_shard_of(p) is not None:
-                p.grad.mul_(coef)
+        if coef < 1.0:
+            for t in tables:
+                t.scale(coef)
     return total.float()

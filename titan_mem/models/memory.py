@@ -14,44 +14,45 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from titan_mem.kernels import value_lookup
 from titan_mem.models.args import MemoryArgs
-from titan_mem.parallel.memory_parallel import column_shard_of, memory_parallel_lookup
+
+
+class ValueTable(Protocol):
+    """What a memory layer reads: `MemoryValues`, or the column-sharded table parallelizing swaps in."""
+
+    weight: nn.Parameter
+    backend: str
+
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool) -> torch.Tensor: ...
 
 
 class MemoryValues(nn.Module):
     """The value table [n_slots, v_dim]; its own module so several memory layers can share one pool.
 
-    Whole, FSDP-sharded by rows, or (parallel.memory_parallel) this rank's column slice of it.
+    Whole, or FSDP-sharded by rows. Parallelizing may swap it for `parallel.memory_parallel.
+    ColumnShardedValues` (this rank's column slice), which has the same `weight`/`backend`/`lookup` face.
     """
 
     def __init__(self, n_slots: int, v_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
         self.backend = "auto"  # lookup kernel: kernels.LOOKUP_BACKENDS
-        # A column-sharded table stays fp32 (FSDP's mixed precision never sees it); its lookup *result* is
-        # cast to this dtype (bf16 on GPU), never the table (kernels.value_lookup says why).
-        self.compute_dtype: torch.dtype | None = None
 
     def init_weights(self) -> None:
         # XLM PKM: values ~ N(0, v_dim^-1/2).
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
-        """Weighted bags of rows [N, K] -> [N, v_dim], whichever way the table is held."""
-        shard = column_shard_of(self.weight)
-        if shard is None:
-            return value_lookup(self.weight, indices, weights, sparse_grad, self.backend)
-        return memory_parallel_lookup(
-            self.weight, shard, indices, weights, sparse_grad, self.backend, out_dtype=self.compute_dtype
-        )
+        """Weighted bags of rows [N, K] -> [N, v_dim]."""
+        return value_lookup(self.weight, indices, weights, sparse_grad, self.backend)
 
 
 _recompute = threading.local()
@@ -88,12 +89,12 @@ def is_recomputing() -> bool:
 
 
 class QueryBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over query rows [N, C] whose training statistics cover every data-parallel rank's tokens.
-
-    Per-rank statistics would make FSDP on N ranks differ from 1 rank with the same global batch (DESIGN
-    invariant 2), so the per-channel sum, sum of squares and count are all-reduced (autograd-aware) first,
-    as in SyncBatchNorm. Subclassing BatchNorm1d keeps its parameter/buffer names (checkpoints load), its
-    `reset_parameters` init and the `isinstance(mod, nn.BatchNorm1d)` checks that freeze it in finetuning.
+    """BatchNorm1d over query rows [N, C] (Lample et al. 2019, sec. 3.2: batch-normalised queries spread
+    the reads over the keys), computed from per-channel sums so that the statistics can cover more rows
+    than this process holds: `parallel.sync_batchnorm.SyncQueryBatchNorm`, swapped in when parallelizing,
+    sums them over every data-parallel rank (DESIGN invariant 2: N ranks = 1 rank). Subclassing BatchNorm1d
+    keeps its parameter/buffer names (checkpoints load), its `reset_parameters` init and the
+    `isinstance(mod, nn.BatchNorm1d)` checks that freeze it in finetuning.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +121,16 @@ class QueryBatchNorm(nn.BatchNorm1d):
         shift = self.running_mean.detach().float() if self.running_mean is not None else x.new_zeros(())
         d = x - shift
         count = x.new_full((1,), float(x.shape[0]))
-        stats = torch.cat([d.sum(0), (d * d).sum(0), count])
-        stats = _all_reduce_data_parallel(stats)
+        stats = self.reduce_stats(torch.cat([d.sum(0), (d * d).sum(0), count]))
         c = x.shape[1]
         n = stats[2 * c :]
         mean_d = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean_d * mean_d).clamp_min(0.0)
         return shift + mean_d, var, n
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """[sum of x - K, sum of (x - K)^2, row count] over the rows the statistics cover: this process's."""
+        return stats
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -136,30 +140,6 @@ class QueryBatchNorm(nn.BatchNorm1d):
         unbiased = var * count / (count - 1).clamp_min(1.0)
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """y = sum over ranks of x, on every rank. Each rank's loss depends on y, so dL/dx_r is the sum over
-    ranks of their dL_r/dy: the backward is the same all-reduce."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
-
-
-def _all_reduce_data_parallel(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over the default process group, differentiable (its backward all-reduces the gradient)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    return _AllReduceSum.apply(t)
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +163,8 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
 
 
 class MemoryLayer(nn.Module):
-    """PKM / Memory+ layer. Set `record_indices = True` to keep the slots of the last forward."""
+    """PKM / Memory+ layer. `forward(x, return_slots=True)` also returns the slots each token read: what the
+    slot selector and the background counter count (Lin et al. 2025, sec. 3)."""
 
     def __init__(self, dim: int, args: MemoryArgs, v_dim: int, shared_values: MemoryValues | None = None):
         super().__init__()
@@ -200,20 +181,27 @@ class MemoryLayer(nn.Module):
         self.keys = nn.Parameter(torch.empty(args.heads, 2, args.n_keys, self.half))
         if shared_values is None:
             self.values = MemoryValues(args.n_slots, v_dim)
-            self._shared: list[MemoryValues] = []
+            self._shared: list[ValueTable] = []
         else:
             # Held in a list so the shared pool is registered once, by its owner (the Transformer).
             self._shared = [shared_values]
         if args.plus:
             self.gate_proj = nn.Linear(dim, v_dim, bias=False)
             self.value_proj = nn.Linear(v_dim, dim, bias=False)
-        self.record_indices = False
         self.sparse_grad = False  # sparse finetuning: row-sparse table gradient (see kernels.value_lookup)
-        self.last_indices: torch.Tensor | None = None
 
     @property
-    def value_table(self) -> MemoryValues:
+    def value_table(self) -> ValueTable:
         return self._shared[0] if self._shared else self.values
+
+    def use_value_table(self, values: ValueTable) -> None:
+        """Read `values` from now on (parallelizing swaps in a column-sharded table with the same face):
+        an owned table is replaced; a shared pool is re-pointed (its owner, the Transformer, holds the new
+        one)."""
+        if self._shared:
+            self._shared[0] = values
+        else:
+            self.values = values
 
     def init_weights(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.query_proj.weight, std=self.dim**-0.5)
@@ -239,12 +227,13 @@ class MemoryLayer(nn.Module):
         scores, slots = product_key_topk(q.float(), self.keys.float(), self.topk)
         return F.softmax(scores, dim=-1), slots
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_slots: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[..., dim] -> [..., dim]; with `return_slots`, also the slots read, [..., heads, topk] int64."""
         shape = x.shape
         flat = x.reshape(-1, self.dim)
         weights, slots = self.lookup_slots(flat)
-        if self.record_indices:
-            self.last_indices = slots.detach().view(*shape[:-1], self.heads, self.topk)
         n = flat.shape[0]
         bag = self.value_table.lookup(slots.view(n, -1), weights.view(n, -1), self.sparse_grad)
         bag = bag.to(x.dtype)
@@ -252,6 +241,8 @@ class MemoryLayer(nn.Module):
             out = self.value_proj(bag * F.silu(self.gate_proj(flat)))
         else:
             out = bag
+        if return_slots:
+            return out.view(shape), slots.detach().view(*shape[:-1], self.heads, self.topk)
         return out.view(shape)
 
 

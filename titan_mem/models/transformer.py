@@ -180,23 +180,35 @@ class TransformerBlock(nn.Module):
         rope: torch.Tensor,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        return_slots: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """`mask` and `cache` as in `Attention.forward` (keyword arguments pass FSDP2's hooks unchanged: a
-        bool mask is not cast, a KVCache is not traversed)."""
+        bool mask is not cast, a KVCache is not traversed). `return_slots`: (h, the memory layer's slots, or
+        None in a block without one)."""
         # Checkpointing inside the block keeps FSDP's hooks outside it, so recompute never re-gathers.
         if self.activation_checkpoint != "none" and torch.is_grad_enabled():
             context_fn = _CONTEXT_FNS[self.activation_checkpoint, torch.compiler.is_compiling()]
             kwargs = {} if context_fn is None else {"context_fn": context_fn}
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, rope, mask, cache, use_reentrant=False, **kwargs
+                self._forward, x, rope, mask, cache, return_slots, use_reentrant=False, **kwargs
             )
-        return self._forward(x, rope, mask, cache)
+        return self._forward(x, rope, mask, cache, return_slots)
 
     def _forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        return_slots: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
-        return h + self.feed_forward(self.ffn_norm(h))
+        if not return_slots:
+            return h + self.feed_forward(self.ffn_norm(h))
+        if not self.is_memory:
+            return h + self.feed_forward(self.ffn_norm(h)), None
+        out, slots = self.feed_forward(self.ffn_norm(h), return_slots=True)
+        return h + out, slots
 
 
 class Transformer(nn.Module):
@@ -224,7 +236,7 @@ class Transformer(nn.Module):
 
     def memory_layers(self) -> dict[str, MemoryLayer]:
         """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""
-        return {f"layers.{k}.feed_forward": b.feed_forward for k, b in self.layers.items() if b.is_memory}
+        return {memory_layer_name(k): b.feed_forward for k, b in self.layers.items() if b.is_memory}
 
     def value_tables(self) -> dict[str, nn.Parameter]:
         """The value table each memory layer reads, by layer name (a shared pool appears under each)."""
@@ -263,8 +275,11 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] of tokens [B, T] ([B, 1, vocab] with `last_only`).
+        return_slots: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, T, vocab] of tokens [B, T] ([B, 1, vocab] with `last_only`); with `return_slots`,
+        (logits, {memory layer name: slots [B, T, heads, topk]}): the slots each token read, which the slot
+        selector and the background counter count (Lin et al. 2025, sec. 3).
 
         With no keyword arguments: the training path, causal attention at positions 0..T-1. For decoding:
         - `pad_mask` [B, T] bool, True = padding: padded positions are masked out of every other position's
@@ -277,15 +292,27 @@ class Transformer(nn.Module):
             t = tokens.shape[1]
             if t > self.args.max_seq_len:
                 raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
-            h = self.tok_embeddings(tokens)
-            rope = self.rope[:t]
-            for block in self.layers.values():
-                h = block(h, rope)
+            slots: dict[str, torch.Tensor] | None = {} if return_slots else None
+            h = self._blocks(self.tok_embeddings(tokens), self.rope[:t], {}, slots)
         else:
-            h = self._decode_forward(tokens, cache, positions, pad_mask)
+            h, slots = self._decode_forward(tokens, cache, positions, pad_mask, return_slots)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h))
+        logits = self.output(self.norm(h))
+        return (logits, slots) if slots is not None else logits
+
+    def _blocks(
+        self, h: torch.Tensor, rope: torch.Tensor, kwargs: dict, slots: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Run every block; `slots` (when not None) receives each memory layer's slots by layer name."""
+        for k, block in self.layers.items():
+            if slots is None:
+                h = block(h, rope, **kwargs)
+                continue
+            h, read = block(h, rope, **kwargs, return_slots=True)
+            if read is not None:
+                slots[memory_layer_name(k)] = read
+        return h
 
     def _decode_forward(
         self,
@@ -293,8 +320,10 @@ class Transformer(nn.Module):
         cache: KVCache | None,
         positions: torch.Tensor | None,
         pad_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Hidden states for the keyword-argument form of `forward`: per-row RoPE, padding/cache mask."""
+        return_slots: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Hidden states (and slots) for the keyword-argument form of `forward`: per-row RoPE, padding/cache
+        mask."""
         t = tokens.shape[1]
         real = ~pad_mask if pad_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
         offset = cache.length if cache is not None else 0
@@ -312,12 +341,17 @@ class Transformer(nn.Module):
         mask = None
         if cache is not None or pad_mask is not None:
             mask = attention_mask(key_valid, offset, t)
-        h = self.tok_embeddings(tokens)
-        for block in self.layers.values():
-            h = block(h, rope, mask=mask, cache=cache)
+        slots: dict[str, torch.Tensor] | None = {} if return_slots else None
+        h = self._blocks(self.tok_embeddings(tokens), rope, {"mask": mask, "cache": cache}, slots)
         if cache is not None:
             cache.advance(real)
-        return h
+        return h, slots
+
+
+def memory_layer_name(block: str) -> str:
+    """A memory layer's name: its parameter-path prefix (`layers.12.feed_forward`), the key of its slots,
+    background counts and selections."""
+    return f"layers.{block}.feed_forward"
 
 
 def attention_mask(key_valid: torch.Tensor, offset: int, t: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from titan_mem.models.lora import add_lora, lora_parameter_names
-from titan_mem.parallel.memory_parallel import all_reduce_sparse_rows, column_shard_of
+from titan_mem.parallel.value_grads import ValueTableGrad
 
 
 class ModelConverter(Protocol):
@@ -82,8 +82,13 @@ class OnlyNamed(TrainablePolicy):
 class StepHook:
     """Called by the Trainer at three points of a step; the defaults do nothing."""
 
-    def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        """After each micro-batch's backward."""
+    reads_slots = False  # True: the Trainer's forward returns the memory slots each token read
+
+    def on_micro_batch(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
+    ) -> None:
+        """After each micro-batch's backward; `slots`: {memory layer name: slots [B, T, heads, topk]} of
+        its forward when `reads_slots`, else empty."""
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         """After the last backward, before clipping; returns values to log."""
@@ -94,31 +99,31 @@ class StepHook:
         return {}
 
 
-class SumSparseRowsOverReplicas(StepHook):
-    """Lazy value rows: sum each column shard's row-sparse gradient over memory-parallel replica groups once
-    per step, before clipping (dense gradients are all-reduced in backward instead); logs the fraction of
-    value rows the step read (`value_rows_read`), which is how far lazy AdamW is from dense AdamW."""
+class SumRowsReadOverReplicas(StepHook):
+    """Lazy value rows: sum each table's row-sparse gradient (the rows read) by its gradient path once per
+    step, before clipping (`parallel.value_grads`: over memory-parallel replica groups); logs the fraction
+    of value rows the step read (`value_rows_read`), which is how far lazy AdamW is from dense AdamW."""
 
-    @staticmethod
-    def _sparse_tables(model: nn.Module) -> list[nn.Parameter]:
+    def __init__(self, value_grads: dict[str, ValueTableGrad]):
+        self.value_grads = value_grads
+
+    def _sparse_tables(self) -> list[ValueTableGrad]:
         """Value tables holding a row-sparse gradient, each once (a shared pool is one table)."""
-        tables = {id(p): p for p in model.value_tables().values()}.values()
-        return [t for t in tables if t.grad is not None and t.grad.is_sparse]
+        return [v for v in self.value_grads.values() if v.table.grad is not None and v.table.grad.is_sparse]
 
-    def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    def on_micro_batch(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
+    ) -> None:
         """Coalesce after each backward: accumulated sparse gradients only concatenate, which would hold a
         copy of the rows read per micro-batch; coalesced, they never exceed the table's own size."""
-        for table in self._sparse_tables(model):
-            table.grad = table.grad.coalesce()
+        for path in self._sparse_tables():
+            path.table.grad = path.table.grad.coalesce()
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         read = total = 0
-        for table in self._sparse_tables(model):
-            shard = column_shard_of(table)
-            if shard is not None and shard.replicas > 1:
-                table.grad = all_reduce_sparse_rows(table.grad, shard.replicate_group)
-            else:
-                table.grad = table.grad.coalesce()
+        for path in self._sparse_tables():
+            table = path.table
+            table.grad = path.sum_rows_read(table.grad)
             read, total = read + table.grad._nnz(), total + table.shape[0]
         return {"value_rows_read": read / total} if total else {}
 
@@ -127,10 +132,12 @@ class SumSparseRowsOverReplicas(StepHook):
 class TrainingMode:
     name: str
     policy: TrainablePolicy
-    build_optimizer: Callable[[nn.Module, list[nn.Parameter]], torch.optim.Optimizer]
+    # (model, trainable parameters, value-table gradient paths) -> optimizer
+    build_optimizer: Callable[[nn.Module, list[nn.Parameter], dict], torch.optim.Optimizer]
     build_checkpoint: Callable[..., Any]
     converters: list[ModelConverter] = field(default_factory=list)
-    build_hooks: Callable[..., list[StepHook]] = lambda model, optimizer, device: []
+    # (model, optimizer, device, value-table gradient paths) -> step hooks
+    build_hooks: Callable[..., list[StepHook]] = lambda model, optimizer, device, value_grads: []
 
     def new_tensor_names(self) -> set[str]:
         """Tensors a checkpoint from pretraining lacks (fresh adapters)."""

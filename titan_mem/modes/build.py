@@ -16,11 +16,12 @@ from titan_mem.modes.base import (
     ModelConverter,
     OnlyNamed,
     StepHook,
-    SumSparseRowsOverReplicas,
+    SumRowsReadOverReplicas,
     TrainablePolicy,
     TrainingMode,
     freeze_batchnorm,
 )
+from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.counts import load_background_counts
 from titan_mem.sparse.optimizer import RowSparseOptimizer
 from titan_mem.sparse.selector import SlotSelector
@@ -46,7 +47,6 @@ class OnlyValueTables(TrainablePolicy):
             p.requires_grad_(False)
         for layer in layers.values():
             layer.value_table.weight.requires_grad_(True)
-            layer.record_indices = True
             layer.sparse_grad = True
         freeze_batchnorm(model)  # nothing outside the selected rows may change
         return list({id(p): p for p in model.value_tables().values()}.values())
@@ -70,7 +70,11 @@ def sparse_counts_path(cfg: Config) -> str | None:
 
 
 def _slot_selector(
-    cfg: Config, model: nn.Module, optimizer: RowSparseOptimizer, device: torch.device
+    cfg: Config,
+    model: nn.Module,
+    optimizer: RowSparseOptimizer,
+    device: torch.device,
+    value_grads: dict[str, ValueTableGrad],
 ) -> SlotSelector:
     counts, background = sparse_counts_path(cfg), None
     if counts is not None:
@@ -86,7 +90,7 @@ def _slot_selector(
         except ValueError as e:
             raise ConfigError(str(e)) from None
     log = Path(cfg.job.dump_folder) / "selected_slots.jsonl"
-    return SlotSelector(model, optimizer, cfg.finetune, background, log, device)
+    return SlotSelector(model, optimizer, cfg.finetune, background, log, value_grads, device)
 
 
 def model_converters(cfg: Config) -> list[ModelConverter]:
@@ -108,7 +112,9 @@ def build_mode(cfg: Config) -> TrainingMode:
             f"checkpoint.initial_load_path: {name} needs the pretrained checkpoint to start from"
         )
 
-    def dense_optimizer(model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def dense_optimizer(
+        model: nn.Module, params: list[nn.Parameter], value_grads: dict[str, ValueTableGrad]
+    ) -> torch.optim.Optimizer:
         return build_optimizer(model, cfg.optimizer, params)
 
     if name == "sparse_finetune":
@@ -120,14 +126,16 @@ def build_mode(cfg: Config) -> TrainingMode:
         def sparse_checkpoint(model: nn.Module, optimizer: RowSparseOptimizer) -> SparseContent:
             return SparseContent(model, optimizer, cfg.checkpoint.initial_load_path, run, save_model)
 
-        def hooks(model: nn.Module, optimizer: RowSparseOptimizer, device: torch.device) -> list[StepHook]:
-            return [_slot_selector(cfg, model, optimizer, device)]
+        def hooks(
+            model: nn.Module, optimizer: RowSparseOptimizer, device: torch.device, value_grads: dict
+        ) -> list[StepHook]:
+            return [_slot_selector(cfg, model, optimizer, device, value_grads)]
 
         return TrainingMode(
             name=name,
             policy=OnlyValueTables(),
-            build_optimizer=lambda model, params: RowSparseOptimizer(
-                model.value_tables(), cfg.optimizer, cfg.finetune.sparse_update
+            build_optimizer=lambda model, params, value_grads: RowSparseOptimizer(
+                model.value_tables(), cfg.optimizer, value_grads, cfg.finetune.sparse_update
             ),
             build_checkpoint=sparse_checkpoint,
             build_hooks=hooks,
@@ -149,7 +157,7 @@ def build_mode(cfg: Config) -> TrainingMode:
             policy=LazyValueRows(),
             build_optimizer=dense_optimizer,
             build_checkpoint=FullContent,
-            build_hooks=lambda model, optimizer, device: [SumSparseRowsOverReplicas()],
+            build_hooks=lambda model, optimizer, device, value_grads: [SumRowsReadOverReplicas(value_grads)],
         )
     return TrainingMode(
         name=name, policy=TrainablePolicy(), build_optimizer=dense_optimizer, build_checkpoint=FullContent

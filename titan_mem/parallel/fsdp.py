@@ -12,9 +12,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from titan_mem.models.lora import LoRALinear
-from titan_mem.models.memory import MemoryValues, is_value_table
+from titan_mem.models.memory import is_value_table
 from titan_mem.models.transformer import AC_MODES, Transformer
 from titan_mem.parallel.memory_parallel import shard_columns
+from titan_mem.parallel.sync_batchnorm import sync_query_batchnorm
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -52,17 +53,14 @@ def parallelize_and_init(
     """
     if activation_checkpoint not in AC_MODES:
         raise ValueError(f"activation_checkpoint {activation_checkpoint!r}: expected one of {AC_MODES}")
+    sync_query_batchnorm(model)  # query statistics over every data-parallel rank's tokens
     names = set(ignored_param_names or ())
     if memory_mesh is not None:
         names |= {n for n, _ in model.named_parameters(remove_duplicate=False) if is_value_table(n)}
 
     def split_tables(module: torch.nn.Module) -> None:
-        if memory_mesh is None:
-            return
-        for mod in module.modules():
-            if isinstance(mod, MemoryValues):
-                shard_columns(mod, memory_mesh)
-                mod.compute_dtype = memory_dtype
+        if memory_mesh is not None:
+            shard_columns(module, memory_mesh, memory_dtype)
 
     def ignored() -> set[torch.nn.Parameter] | None:
         found = {p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
@@ -91,8 +89,7 @@ def parallelize_and_init(
         mod.to_empty(device=device)
     with torch.no_grad():
         model.init_root_weights(device)
-    for mod in model.root_modules():
-        split_tables(mod)
+    split_tables(model)  # the blocks' tables are split already: what is left is a shared pool
     # The root stays gathered after forward: its output layer is used again at once in backward.
     fully_shard(
         model,

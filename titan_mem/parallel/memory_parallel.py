@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_mem.kernels import value_lookup
+from titan_mem.models.memory import MemoryLayer, MemoryValues
 
 MESH_DIMS = ("mp_replicate", "mp")
 
@@ -270,22 +271,57 @@ def _load_local_columns(module: nn.Module, state_dict: dict, prefix: str, *args:
             raise ValueError(f"{key}: {e}") from None
 
 
-def shard_columns(values: nn.Module, mesh: DeviceMesh) -> ColumnShard:
-    """Replace a materialised `MemoryValues.weight` [M, D] by this rank's column slice; hook the checkpoint
-    view. The whole table is initialised first (seeded), so the numbers never depend on the group size."""
-    weight = values.weight
-    shard = ColumnShard(mesh=mesh, n_rows=weight.shape[0], n_cols=weight.shape[1])
-    if weight.shape[1] % shard.size:
-        raise ValueError(
-            f"parallelism.memory_parallel_degree: value dim {weight.shape[1]} is not divisible by "
-            f"{shard.size} ranks"
+class ColumnShardedValues(nn.Module):
+    """A value table as this rank's column slice [M, D/P] of its memory-parallel group: the module
+    parallelizing swaps in for a `models.memory.MemoryValues` (`shard_columns`), with the same face
+    (`weight`, `backend`, `lookup`). Its lookup is `memory_parallel_lookup`; its state dict shows the global
+    table (a DTensor sharded on dim 1) and loads any layout of it, so DCP reshards when the group changes.
+    The shard also sits on `weight.column_shard` (`column_shard_of`), where the optimizer, clipping, slot
+    selection and checkpoints read it.
+    """
+
+    def __init__(self, whole: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        weight = whole.weight
+        self.shard = ColumnShard(mesh=mesh, n_rows=weight.shape[0], n_cols=weight.shape[1])
+        if weight.shape[1] % self.shard.size:
+            raise ValueError(
+                f"parallelism.memory_parallel_degree: value dim {weight.shape[1]} is not divisible by "
+                f"{self.shard.size} ranks"
+            )
+        local = nn.Parameter(weight.detach()[:, self.shard.cols].clone(), requires_grad=weight.requires_grad)
+        local.column_shard = self.shard
+        self.weight = local
+        self.backend = whole.backend
+        # The shard stays fp32 (FSDP's mixed precision never sees it); its lookup *result* is cast to this
+        # dtype (bf16 on GPU), never the table (kernels.value_lookup says why).
+        self.compute_dtype = compute_dtype
+        self.register_state_dict_post_hook(_state_dict_view)
+        self.register_load_state_dict_pre_hook(_load_local_columns)
+
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
+        """Weighted bags of rows [N, K] of this rank's tokens -> [N, D] whole rows (a group collective)."""
+        return memory_parallel_lookup(
+            self.weight, self.shard, indices, weights, sparse_grad, self.backend, out_dtype=self.compute_dtype
         )
-    local = nn.Parameter(weight.detach()[:, shard.cols].clone(), requires_grad=weight.requires_grad)
-    local.column_shard = shard
-    values.weight = local
-    values.register_state_dict_post_hook(_state_dict_view)
-    values.register_load_state_dict_pre_hook(_load_local_columns)
-    return shard
+
+
+def shard_columns(
+    root: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None
+) -> list[ColumnShardedValues]:
+    """Swap every materialised `MemoryValues` under `root` for its `ColumnShardedValues` and re-point the
+    memory layers under `root` that read it (a shared pool: call it on the model, which owns the pool). The
+    whole table is initialised first (seeded), so the numbers never depend on the group size."""
+    from_to: dict[int, ColumnShardedValues] = {}
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MemoryValues):
+                split = from_to.setdefault(id(child), ColumnShardedValues(child, mesh, compute_dtype))
+                setattr(parent, name, split)
+    for mod in root.modules():
+        if isinstance(mod, MemoryLayer) and id(mod.value_table) in from_to:
+            mod.use_value_table(from_to[id(mod.value_table)])
+    return list(from_to.values())
 
 
 def column_sharded_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, ColumnShard]]:
@@ -322,14 +358,3 @@ def optimizer_state_view(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]
 def optimizer_state_local(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `optimizer_state_view` after a load: each rank's columns as plain tensors."""
     return _map_table_state(model, sd, lambda shard, v: shard.to_local(v) if isinstance(v, DTensor) else v)
-
-
-def squared_norm(grads: list[torch.Tensor], shard: ColumnShard) -> torch.Tensor:
-    """Sum of squares of column-shard gradients over the whole table (summed over the group's columns)."""
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        v = g.coalesce().values() if g.is_sparse else g
-        sq = sq + v.double().pow(2).sum()
-    if shard.size > 1:
-        dist.all_reduce(sq, group=shard.group)
-    return sq

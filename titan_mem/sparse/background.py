@@ -110,8 +110,6 @@ def count_background(
     layers = model.memory_layers()
     if not layers:
         raise ConfigError("model.memory_layers: the model has no memory layer to count")
-    for layer in layers.values():
-        layer.record_indices = True
     n_slots = {name: layer.value_table.weight.shape[0] for name, layer in layers.items()}
     step = int(ckpt_path.name.split("-")[-1]) if ckpt_path.name.startswith("step-") else -1
     bg = BackgroundCounts.empty(
@@ -153,11 +151,11 @@ def count_background(
             parts: dict[str, list] = {name: [] for name in layers}
             for batch in own:
                 mask = batch["token_mask"].to(dist_info.device)
-                model(batch["input_ids"].to(dist_info.device))
+                _, slots = model(batch["input_ids"].to(dist_info.device), return_slots=True)
                 if counted:
                     tokens_local += int(mask.sum())
-                    for name, layer in layers.items():
-                        parts[name].append(count_slots(layer.last_indices, mask, n_slots[name]))
+                    for name in layers:
+                        parts[name].append(count_slots(slots[name], mask, n_slots[name]))
             if counted:
                 for name in layers:
                     touched, counts = merge_counts(*parts[name])

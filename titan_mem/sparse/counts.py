@@ -82,12 +82,13 @@ class SlotCounter:
         """Count one micro-batch's slot ids [B, T, H, k] for `layer`, padding excluded."""
         self.add(layer, *count_slots(indices, token_mask, self._n(layer)))
 
-    def add_from_layers(self, layers: Mapping[str, Any], token_mask: torch.Tensor) -> None:
-        """Count `last_indices` of each MemoryLayer in `layers` (forward run with record_indices=True)."""
-        for name, layer in layers.items():
-            if getattr(layer, "last_indices", None) is None:
-                raise ValueError(f"slot counts: memory layer {name!r} has no last_indices (record_indices?)")
-            self.add_indices(name, layer.last_indices, token_mask)
+    def add_slots(self, slots: Mapping[str, torch.Tensor], token_mask: torch.Tensor) -> None:
+        """Count one micro-batch's slots of every layer (`Transformer.forward(..., return_slots=True)`)."""
+        missing = set(self.n_slots) - set(slots)
+        if missing:
+            raise ValueError(f"slot counts: no slots for memory layer(s) {sorted(missing)} in this forward")
+        for name in self.n_slots:
+            self.add_indices(name, slots[name], token_mask)
 
     def local(self, layer: str) -> SparseCounts:
         """This rank's (touched, counts) for `layer`."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from titan_mem.parallel.memory_parallel import column_shard_of
+from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.masked_optim import MaskedGradientAdamW, MaskedGradientSGD
 from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
 
@@ -30,7 +31,13 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     """Row-sparse updates of the memory value tables (`tables`: layer name -> table; shared pools once).
     `sparse_update`: "rows" (mask the update, DESIGN.md invariant 4) or "masked_gradient" (the ablation)."""
 
-    def __init__(self, tables: dict[str, nn.Parameter], cfg: Any, sparse_update: str = "rows"):
+    def __init__(
+        self,
+        tables: dict[str, nn.Parameter],
+        cfg: Any,
+        value_grads: dict[str, ValueTableGrad],
+        sparse_update: str = "rows",
+    ):
         if sparse_update not in ("rows", "masked_gradient"):
             raise ValueError(f"finetune.sparse_update: expected rows or masked_gradient; got {sparse_update}")
         self.masked = sparse_update == "masked_gradient"
@@ -41,6 +48,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         for name, p in tables.items():
             unique.setdefault(id(p), (name, p))
         self.tables = {name: p for name, p in unique.values()}  # first layer name of each table
+        self.value_grads = value_grads
         lr = cfg.lr if cfg.memory_lr is None else cfg.memory_lr  # the value rows' rate, as in pretraining
         super().__init__(
             [{"params": list(self.tables.values()), "lr": lr, "name": "memory_values"}], {"lr": lr}
@@ -85,10 +93,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 before = table.data.index_select(0, rows)
                 updater.step(rows, grad_rows)
                 change = (table.data.index_select(0, rows) - before).double().pow(2).sum()
-            shard = column_shard_of(table)
-            if shard is not None and shard.size > 1:  # the whole rows' change: every rank's columns
-                torch.distributed.all_reduce(change, group=shard.group)
-            sq += float(change)
+            sq += float(self.value_grads[name].sum_over_columns(change))  # whole rows: every column
         self.last_update_norm = sq**0.5
 
     def _remember(self, name: str, rows: torch.Tensor) -> None:

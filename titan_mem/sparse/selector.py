@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from titan_mem.distributed import all_reduce_sum
-from titan_mem.parallel.memory_parallel import column_shard_of
-from titan_mem.sparse.counts import BackgroundCounts, SlotCounter, count_slots
+from titan_mem.parallel.value_grads import ValueTableGrad
+from titan_mem.sparse.counts import BackgroundCounts, SlotCounter
 from titan_mem.sparse.scores import select_slots
 
 
@@ -40,15 +40,17 @@ def rows_of_sparse_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def selected_row_gradients(
-    tables: dict[str, nn.Parameter], choose: Any
+    tables: dict[str, nn.Parameter], choose: Any, value_grads: dict[str, ValueTableGrad]
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
-    """Per value table: the rows chosen by any layer reading it, with their data-parallel summed gradient.
+    """Per value table: the rows chosen by any layer reading it, with their gradient summed over ranks by
+    the table's path (`value_grads`: every rank for a whole table, the replicas for a column shard).
 
     `choose(layer_name)` gives a layer's selected rows. A shared pool is one Parameter under several layer
     names whose `.grad` already sums every layer's contribution, so its gradient is read once, at the union
     of the layers' rows (reading it per layer would count a row picked by two layers twice). Returns
     `{first layer name of each table: (rows, grad_rows)}` and every layer's own selection (for the log).
     """
+    paths = {id(v.table): v for v in value_grads.values()}
     by_table: dict[int, list[str]] = {}
     for name, table in tables.items():
         by_table.setdefault(id(table), []).append(name)
@@ -67,12 +69,7 @@ def selected_row_gradients(
             grad_rows = torch.zeros(rows.numel(), table.shape[1], device=table.device, dtype=table.dtype)
         else:
             grad_rows = rows_of_sparse_grad(table.grad, rows.to(table.grad.device))
-        shard = column_shard_of(table)
-        if shard is None:
-            all_reduce_sum(grad_rows)
-        elif shard.replicas > 1:  # a column shard's gradient already sums its group's tokens
-            dist.all_reduce(grad_rows, group=shard.replicate_group)
-        out[names[0]] = (rows, grad_rows)
+        out[names[0]] = (rows, paths[id(table)].sum_selected_rows(grad_rows))
     return out, selected_ids
 
 
@@ -86,25 +83,30 @@ class SlotSelector:
         finetune: Any,
         background: BackgroundCounts | None,
         log_path: Path,
+        value_grads: dict[str, ValueTableGrad],
         device: torch.device | None = None,
     ):
-        """`finetune`: the [finetune] section (ranking, top_t, top_t_rule, top_t_mass, top_t_alpha)."""
+        """`finetune`: the [finetune] section (ranking, top_t, top_t_rule, top_t_mass, top_t_alpha);
+        `value_grads`: each table's gradient path (`parallel.value_grads`)."""
         self.ranking, self.top_t, self.background = finetune.ranking, finetune.top_t, background
         self.rule = {"rule": finetune.top_t_rule, "mass": finetune.top_t_mass, "alpha": finetune.top_t_alpha}
         self.optimizer = optimizer  # reports the norm of the update it applied
         self.tables = model.value_tables()
+        self.value_grads = value_grads
         self.n_slots = {name: t.shape[0] for name, t in self.tables.items()}
         self.counter = SlotCounter(self.n_slots, device)
         self.log_path = log_path
         self.tokens = 0
         self._record: dict[str, Any] = {}
 
-    def on_micro_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    reads_slots = True
+
+    def on_micro_batch(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
+    ) -> None:
         mask = batch["token_mask"]
         self.tokens += int(mask.sum())
-        for name, layer in model.memory_layers().items():
-            self.counter.add(name, *count_slots(layer.last_indices, mask, self.n_slots[name]))
-            layer.last_indices = None
+        self.counter.add_slots(slots, mask)
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         """Select rows from the global counts; each table's gradient becomes its selected rows, summed over
@@ -115,7 +117,7 @@ class SlotSelector:
             touched, counts = global_counts[name]
             return select_slots(touched, counts, self.ranking, self.top_t, self._bg(name), **self.rule)
 
-        staged, selected_ids = selected_row_gradients(self.tables, choose)
+        staged, selected_ids = selected_row_gradients(self.tables, choose, self.value_grads)
         for name, (rows, grad_rows) in staged.items():
             table = self.tables[name]
             table.grad = torch.sparse_coo_tensor(
