@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan_mem.generation import greedy_generate
+from titan_mem.eval.greedy import greedy_generate
 from titan_mem.models.args import MemoryArgs, ModelArgs
 from titan_mem.models.kv_cache import KVCache
 from titan_mem.models.memory import QueryBatchNorm

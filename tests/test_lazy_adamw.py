@@ -1,5 +1,5 @@
-"""Lazy row-sparse AdamW (sparse/lazy_adamw.py): dense AdamW when every row is read, untouched rows and their
-moments frozen otherwise, per-row bias correction, checkpoint round trip, and the trainer end to end."""
+"""Lazy row-sparse AdamW (components/lazy_adamw.py): dense AdamW when every row is read, untouched rows and
+their moments frozen otherwise, per-row bias correction, checkpoint round trip, and the trainer end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from conftest import load_model_tensors, losses, run_tool, run_trainer
 from conftest import ok as _ok
 
+from titan_mem.components.lazy_adamw import LazyRowAdamW
 from titan_mem.config import ConfigError, parse_args
-from titan_mem.sparse.lazy_adamw import LazyRowAdamW
 
 HYPER = {"lr": 0.05, "betas": (0.9, 0.95), "eps": 1e-8}
 

@@ -98,7 +98,8 @@ class OptimizerConfig:
     momentum: float = help_field(0.0, "SGD momentum.")
     memory_update: str = help_field(
         "dense",
-        "dense | lazy: AdamW on every value row each step, or lazily on the rows read (sparse/lazy_adamw).",
+        "dense | lazy: AdamW on every value row each step, or lazily on the rows read "
+        "(components/lazy_adamw).",
     )
     implementation: str = help_field(
         "auto",

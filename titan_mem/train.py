@@ -24,7 +24,7 @@ from titan_mem.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from titan_mem.checkpoint.sparse import is_sparse_checkpoint, load_model_weights
+from titan_mem.checkpoint.content import is_sparse_checkpoint, load_model_weights
 from titan_mem.components.lr import build_lr_scheduler
 from titan_mem.components.metrics import MetricsLogger, drop_records_after, peak_flops, peak_memory_gib
 from titan_mem.components.model import build_model

@@ -23,7 +23,7 @@ import torch
 from titan_mem.components.bench import machine_info, write_report
 from titan_mem.config import parse_args
 from titan_mem.data.tokenizer import build_tokenizer, padded_vocab_size
-from titan_mem.generation import greedy_generate
+from titan_mem.eval.greedy import greedy_generate
 from titan_mem.models.args import build_model_args
 from titan_mem.models.transformer import Transformer
 

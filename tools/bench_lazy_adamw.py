@@ -109,7 +109,7 @@ def _time_steps(
 
 
 def _optimizer_step(rows: int, dim: int, fractions: list[float], repeat: int) -> list[dict]:
-    from titan_mem.sparse.lazy_adamw import LazyRowAdamW
+    from titan_mem.components.lazy_adamw import LazyRowAdamW
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []

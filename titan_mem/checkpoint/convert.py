@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from titan_mem.checkpoint.content import PATCH_FILE, is_sparse_checkpoint
 from titan_mem.checkpoint.dcp_index import MODEL_KEY, load_model, load_nested, open_dcp
 from titan_mem.checkpoint.files import atomic_file, check_new_output, nbytes, save_dcp
 from titan_mem.checkpoint.patches import (
@@ -34,7 +35,6 @@ from titan_mem.checkpoint.patches import (
     read_lineage,
     read_patch,
 )
-from titan_mem.checkpoint.sparse import PATCH_FILE, is_sparse_checkpoint
 from titan_mem.errors import ConvertError, root_cause
 from titan_mem.models.lora import merge_lora_state_dict
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from titan_mem.components.lazy_adamw import LazyRowAdamW
 from titan_mem.parallel.value_grads import ValueTableGrad
-from titan_mem.sparse.lazy_adamw import LazyRowAdamW
 
 
 def param_groups(model: nn.Module, cfg, params: list[nn.Parameter] | None = None) -> list[dict]:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from titan_mem.generation import greedy_generate
+from titan_mem.eval.greedy import greedy_generate
 
 T = TypeVar("T")
 R = TypeVar("R")

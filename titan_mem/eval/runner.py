@@ -3,7 +3,7 @@ and the Trainer's in-loop evaluation share.
 
 Any checkpoint a run wrote evaluates: the model is rebuilt from the run's `config.json` (two folders up
 from `step-N`; `--config` names another), with the training mode's converters (LoRA adapters) so its
-tensors load, and sparse checkpoints resolve as base + patch (`checkpoint.sparse.load_model_weights`).
+tensors load, and sparse checkpoints resolve as base + patch (`checkpoint.content.load_model_weights`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, CheckpointManager
+from titan_mem.checkpoint.content import load_model_weights
 from titan_mem.checkpoint.files import atomic_file
-from titan_mem.checkpoint.sparse import load_model_weights
 from titan_mem.components.model import build_model
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_tokenizer

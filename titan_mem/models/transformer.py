@@ -2,7 +2,7 @@
 
 Built on the meta device and materialised with `to_empty` + `init_weights()` after sharding, so a 1.3B model
 never exists unsharded on one rank. `Transformer.forward(tokens)` is the training path (causal attention,
-positions 0..T-1); its keyword arguments add what decoding needs (titan_mem.generation): a KV cache,
+positions 0..T-1); its keyword arguments add what decoding needs (titan_mem.eval.greedy): a KV cache,
 per-row positions and a padding mask for left-padded batches.
 """
 

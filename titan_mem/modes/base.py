@@ -57,7 +57,7 @@ class TrainablePolicy:
 
 class LazyValueRows(TrainablePolicy):
     """Every parameter trains; memory value tables get a row-sparse gradient (only the rows read) for the
-    lazy row AdamW (optimizer.memory_update=lazy, sparse/lazy_adamw.py)."""
+    lazy row AdamW (optimizer.memory_update=lazy, components/lazy_adamw.py)."""
 
     def apply(self, model: nn.Module) -> list[nn.Parameter]:
         for layer in model.memory_layers().values():

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from titan_mem.checkpoint.sparse import FullContent, SparseContent
+from titan_mem.checkpoint.content import FullContent, SparseContent
 from titan_mem.components.optim import build_optimizer
 from titan_mem.config import MODES, Config, ConfigError
 from titan_mem.modes.base import (

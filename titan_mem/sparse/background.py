@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from titan_mem.checkpoint import CheckpointError, CheckpointManager, step_dirs
-from titan_mem.checkpoint.sparse import load_model_weights
+from titan_mem.checkpoint.content import load_model_weights
 from titan_mem.components.model import build_model
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
