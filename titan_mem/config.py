@@ -196,8 +196,15 @@ class Config:
 MODES = ("pretrain", "sparse_finetune", "full_finetune", "lora_finetune")
 
 
+def resolve_defaults(cfg: Config) -> None:
+    """Fill the keys whose default depends on others: optimizer.name '' = sgd for sparse finetuning (Lin et
+    al. 2025, sec. 5: SGD forgets less for sparse updates), adamw otherwise."""
+    if not cfg.optimizer.name:
+        cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that make a run impossible; each error names its key."""
+    """Cross-field checks that make a run impossible; each error names its key. Reads only."""
     choice("training.mode", cfg.training.mode, MODES)
     choice("checkpoint.save_format", cfg.checkpoint.save_format, ("auto", "full", "sparse"))
     if cfg.checkpoint.save_format == "sparse" and cfg.finetune.sparse_update == "masked_gradient":
@@ -207,8 +214,6 @@ def validate(cfg: Config) -> None:
         )
     choice("checkpoint.async_mode", cfg.checkpoint.async_mode, ("disabled", "async"))
     choice("optimizer.implementation", cfg.optimizer.implementation, ("auto", "fused", "foreach", "for-loop"))
-    if not cfg.optimizer.name:
-        cfg.optimizer.name = "sgd" if cfg.training.mode == "sparse_finetune" else "adamw"
     choice("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
     choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "wsd", "constant"))
     choice("training.activation_checkpoint", cfg.training.activation_checkpoint, AC_MODES)
@@ -413,7 +418,8 @@ def parse_args(argv: list[str]) -> Config:
 
 
 def apply_overrides(cfg: Config, args: list[str]) -> None:
-    """Apply `--section.key=value` / `--section.key value` / bare `--flag` arguments, then validate."""
+    """Apply `--section.key=value` / `--section.key value` / bare `--flag` arguments, fill the dependent
+    defaults (`resolve_defaults`), then validate."""
     i = 0
     while i < len(args):
         arg = args[i]
@@ -431,6 +437,7 @@ def apply_overrides(cfg: Config, args: list[str]) -> None:
                 i += 1
         _set(cfg, key, value, from_cli=True)
         i += 1
+    resolve_defaults(cfg)
     validate(cfg)
 
 
