@@ -7,7 +7,7 @@ place that decides it, per training mode and table layout (`value_table_grads`, 
   pretrain, full (lazy)   columns                   rows read       replicas: sum_rows_read [3]  LazyRowAdamW
   sparse_finetune         whole on every rank (0)   selected rows   all: sum_selected_rows [4]   RowSparseOpt.
   sparse_finetune         columns                   selected rows   replicas: sum_selected_rows  RowSparseOpt.
-  lora_finetune           rows, FSDP, frozen        none            -                            -
+  lora_finetune           either, frozen            none            -                            -
 
 [1] in backward, FSDP's own; clipped with the other FSDP gradients (a DTensor norm). Every other row is a
     `ValueTableGrad`, clipped by `components.optim.clip_grad_norm_` through `squared_norm` and `scale`.
