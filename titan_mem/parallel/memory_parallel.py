@@ -276,8 +276,9 @@ class ColumnShardedValues(nn.Module):
     parallelizing swaps in for a `models.memory.MemoryValues` (`shard_columns`), with the same face
     (`weight`, `backend`, `lookup`). Its lookup is `memory_parallel_lookup`; its state dict shows the global
     table (a DTensor sharded on dim 1) and loads any layout of it, so DCP reshards when the group changes.
-    The shard also sits on `weight.column_shard` (`column_shard_of`), where the optimizer, clipping, slot
-    selection and checkpoints read it.
+    The shard also sits on `weight.column_shard` (`column_shard_of`): `parallel.value_grads` reads it once to
+    choose the table's gradient path, and checkpoints and the row optimizer's state files to gather and
+    split whole rows.
     """
 
     def __init__(self, whole: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None):
