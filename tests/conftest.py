@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,73 @@ def launch(target: list[str], nproc: int = 1, env: dict[str, str] | None = None,
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-def run_trainer(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run `python -m titan_mem.train ARGS` on `nproc` ranks."""
+def run_trainer(
+    args: list[str],
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    fresh_process: bool = False,
+):
+    """Run `python -m titan_mem.train ARGS` on `nproc` ranks. One rank with no extra environment runs inside
+    this process (`in_process`), unless `fresh_process`: for what only a process boundary shows (the exit of
+    `python -m`, signals, what a new interpreter imports)."""
+    if nproc == 1 and env is None and not fresh_process:
+        from titan_mem import train
+
+        return in_process(lambda: train.main(args), [train.__file__, *args])
     return launch(["-m", "titan_mem.train", *args], nproc, env, timeout)
+
+
+def in_process(main: Callable[[], int | None], argv: list[str]) -> subprocess.CompletedProcess:
+    """Call a command's `main` here as a one-rank launch of `python ARGV` would run it, and return what the
+    launch returns: exit code, stdout, stderr. A fresh interpreter costs about 5 s of imports; the command
+    itself, a tenth of that at test sizes. sys.argv is `argv` while it runs.
+
+    The state a command changes in its process is put back afterwards: the working directory (REPO, as for a
+    launch), torch's deterministic mode, thread count (1, as OMP_NUM_THREADS=1 gives a launch) and RNGs,
+    sys.argv, os.environ and the signal handlers. Output the command writes below Python (C++ warnings) is
+    not captured."""
+    import contextlib
+    import gc
+    import io
+    import random
+    import signal
+
+    import numpy as np
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    # A forked DataLoader worker that garbage-collects an earlier run's process group or FSDP state crashes
+    # (SIGSEGV): that garbage is freed here, in this process, before and after each command.
+    gc.collect()
+    os.chdir(REPO)
+    torch.set_num_threads(1)
+    sys.argv = list(argv)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main()
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+    finally:
+        os.chdir(cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rngs[0])
+        random.setstate(rngs[1])
+        np.random.set_state(rngs[2])
+        gc.collect()
+    return subprocess.CompletedProcess([sys.executable, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -192,10 +257,34 @@ def load_model_tensors(step_dir: Path) -> dict:
 
 
 def run_tool(
-    script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300
+    script: str,
+    args: list[str],
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    fresh_process: bool = False,
 ):
-    """Run tools/<script> on `nproc` ranks."""
-    return launch([str(REPO / "tools" / script), *args], nproc, env, timeout)
+    """Run tools/<script> on `nproc` ranks; one rank in this process as `run_trainer` does (the tools are thin
+    CLIs whose `main()` reads sys.argv and returns the exit code)."""
+    path = REPO / "tools" / script
+    if nproc == 1 and env is None and not fresh_process:
+        return in_process(_tool_module(path).main, [str(path), *args])
+    return launch([str(path), *args], nproc, env, timeout)
+
+
+_TOOLS: dict[Path, object] = {}
+
+
+def _tool_module(path: Path):
+    """tools/<script> imported once as a module (its `__main__` block, which ends the process, not run)."""
+    if path not in _TOOLS:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"tools_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOOLS[path] = module
+    return _TOOLS[path]
 
 
 def _one_rank_worker(rank: int, fn, args: tuple, init_file: str, out: str) -> None:

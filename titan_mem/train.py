@@ -69,6 +69,15 @@ class Trainer:
         self.lock = RunLock(self.run_dir)
         if self.rank0:
             self.lock.acquire()  # one live run per dump folder
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()  # a run that fails to start leaves the folder free in a process that lives on
+            raise
+
+    def _build(self) -> None:
+        """Everything a run holds besides its process group and folder lock, in the order it depends on."""
+        cfg = self.cfg
         self.stop = StopSignals()
         self.grad_accum, self.mode = check_launch(cfg, self.dist.world_size)
 
