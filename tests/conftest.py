@@ -1,13 +1,10 @@
-"""Shared helpers: launch the real trainer (python -m / torchrun / run_train.sh) on tiny settings."""
+"""Shared helpers: run the real trainer and tools on tiny settings (how: launchers.py), read their output."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,9 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import launchers  # noqa: E402
+from launchers import REPO, _env, free_port, launch, run_one_rank  # noqa: E402, F401  (the tests' imports)
+
 from titan_mem.components.bench import TINY_MODEL  # noqa: E402  (after TRITON_INTERPRET is set)
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A model and batch small enough for a few steps a second on 2 CPU cores.
@@ -56,105 +55,21 @@ def sparse_finetune_args(base: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONFAULTHANDLER"] = "1"  # a crash in a child prints every thread's Python stack
-    env.update(extra or {})
-    return env
-
-
-def launch(target: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run `target` (`["-m", module, ...]` or `[script, ...]`) in fresh processes: plain python for one rank,
-    torchrun over gloo with a free c10d port for more."""
-    if nproc == 1:
-        cmd = [sys.executable, *target]
-    else:
-        rdzv = [
-            f"--nproc_per_node={nproc}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        ]
-        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, *target]
-    return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
-
-
 def run_trainer(
     args: list[str],
     nproc: int = 1,
     env: dict[str, str] | None = None,
     timeout: int = 300,
     fresh_process: bool = False,
-):
-    """Run `python -m titan_mem.train ARGS` on `nproc` ranks. One rank with no extra environment runs inside
-    this process (`in_process`), unless `fresh_process`: for what only a process boundary shows (the exit of
-    `python -m`, signals, what a new interpreter imports)."""
-    if nproc == 1 and env is None and not fresh_process:
+) -> subprocess.CompletedProcess:
+    """`python -m titan_mem.train ARGS` on `nproc` ranks: here (one rank) or forked from here (more), see
+    launchers.py; in fresh interpreters (python, torchrun) when `env` adds variables or `fresh_process` asks
+    for what only a process boundary shows."""
+    if env is None and not fresh_process:
         from titan_mem import train
 
-        return in_process(lambda: train.main(args), [train.__file__, *args])
+        return launchers.run(lambda: train.main(args), [train.__file__, *args], nproc, timeout)
     return launch(["-m", "titan_mem.train", *args], nproc, env, timeout)
-
-
-def in_process(main: Callable[[], int | None], argv: list[str]) -> subprocess.CompletedProcess:
-    """Call a command's `main` here as a one-rank launch of `python ARGV` would run it, and return what the
-    launch returns: exit code, stdout, stderr. A fresh interpreter costs about 5 s of imports; the command
-    itself, a tenth of that at test sizes. sys.argv is `argv` while it runs.
-
-    The state a command changes in its process is put back afterwards: the working directory (REPO, as for a
-    launch), torch's deterministic mode, thread count (1, as OMP_NUM_THREADS=1 gives a launch) and RNGs,
-    sys.argv, os.environ and the signal handlers. Output the command writes below Python (C++ warnings) is
-    not captured."""
-    import contextlib
-    import gc
-    import io
-    import random
-    import signal
-
-    import numpy as np
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_env, saved_argv, cwd = dict(os.environ), sys.argv, os.getcwd()
-    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    # A forked DataLoader worker that garbage-collects an earlier run's process group or FSDP state crashes
-    # (SIGSEGV): that garbage is freed here, in this process, before and after each command.
-    gc.collect()
-    os.chdir(REPO)
-    torch.set_num_threads(1)
-    sys.argv = list(argv)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main()
-            except SystemExit as e:  # argparse's usage errors and --help
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-                if not isinstance(e.code, int | None):
-                    print(e.code, file=sys.stderr)
-    finally:
-        os.chdir(cwd)
-        sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for s, handler in saved_signals.items():
-            signal.signal(s, handler)
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
-        torch.set_rng_state(rngs[0])
-        random.setstate(rngs[1])
-        np.random.set_state(rngs[2])
-        gc.collect()
-    return subprocess.CompletedProcess([sys.executable, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -263,49 +178,22 @@ def run_tool(
     env: dict[str, str] | None = None,
     timeout: int = 300,
     fresh_process: bool = False,
-):
-    """Run tools/<script> on `nproc` ranks; one rank in this process as `run_trainer` does (the tools are thin
-    CLIs whose `main()` reads sys.argv and returns the exit code)."""
+) -> subprocess.CompletedProcess:
+    """tools/<script> on `nproc` ranks, launched as `run_trainer` launches the trainer."""
     path = REPO / "tools" / script
-    if nproc == 1 and env is None and not fresh_process:
-        return in_process(_tool_module(path).main, [str(path), *args])
+    if env is None and not fresh_process:
+        return launchers.run(launchers.script_main(path), [str(path), *args], nproc, timeout)
     return launch([str(path), *args], nproc, env, timeout)
 
 
-_TOOLS: dict[Path, object] = {}
+def run_dist_script(script: str, nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    """tests/dist_scripts/<script> (a test body that needs its own ranks) on `nproc` ranks, as `run_tool`."""
+    path = REPO / "tests" / "dist_scripts" / script
+    return launchers.run(launchers.script_main(path), [str(path), *args], nproc, timeout=300)
 
 
-def _tool_module(path: Path):
-    """tools/<script> imported once as a module (its `__main__` block, which ends the process, not run)."""
-    if path not in _TOOLS:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(f"tools_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _TOOLS[path] = module
-    return _TOOLS[path]
-
-
-def _one_rank_worker(rank: int, fn, args: tuple, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from titan_mem.distributed import exit_process
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        torch.save(fn(*args), out)
-    finally:
-        dist.destroy_process_group()
-    exit_process(0)  # skip interpreter teardown, which can abort after gloo use (see exit_process)
-
-
-def run_one_rank(fn, tmp_path: Path, *args):
-    """fn(*args) in a fresh spawned process holding a 1-rank gloo group (FSDP2 needs one), returning its
-    result: the test process never holds a process group, and a gloo teardown abort cannot end pytest."""
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "one_rank_result.pt"
-    mp.spawn(_one_rank_worker, args=(fn, args, str(tmp_path / "init"), str(out)), nprocs=1, join=True)
-    return torch.load(out, weights_only=False)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `heavy` (a minute or more on 2 cores) run first: pytest-xdist hands tests out in this
+    order, so the longest start while the rest fill in around them instead of one finishing alone at the
+    end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: the rest keep order

@@ -142,6 +142,7 @@ def test_help_lists_every_option():
     assert (REPO / "run_train.sh").stat().st_mode & 0o111
 
 
+@pytest.mark.heavy
 def test_multi_rank_launch_refuses_before_starting_workers(tiny, tmp_path):
     """run_train.sh checks the config for the whole job first: one line, exit 2, no torchrun report."""
 

@@ -1,17 +1,14 @@
-"""Multi-rank behaviour with real torchrun + gloo on CPU: FSDP2 equivalence, exact resume, two-node launch."""
+"""Multi-rank behaviour over gloo on CPU: FSDP2 equivalence, exact resume (ranks forked from pytest, see
+launchers.py), and real torchrun launches: two nodes meeting at one rendezvous."""
 
 import json
 import subprocess
 
 import pytest
-from conftest import REPO, _env, free_port, launch, losses, run_tool, run_trainer
+from conftest import REPO, _env, free_port, losses, run_dist_script, run_tool, run_trainer
 from conftest import ok as _ok
 
 from titan_mem.checkpoint import step_dirs
-
-
-def _torchrun_script(script, nproc, args):
-    return launch([str(REPO / "tests" / "dist_scripts" / script), *args], nproc)
 
 
 def _equivalence_curves(tiny, tmp_path, steps: int, per_nproc: dict[int, list[str]]) -> dict[int, list[dict]]:
@@ -27,7 +24,7 @@ def _equivalence_curves(tiny, tmp_path, steps: int, per_nproc: dict[int, list[st
             "--checkpoint.enable=false",
             *extra,
         ]
-        _ok(_torchrun_script("fsdp_equivalence.py", nproc, [str(out), *args]))
+        _ok(run_dist_script("fsdp_equivalence.py", nproc, [str(out), *args]))
         curves[nproc] = json.loads(out.read_text())
         assert len(curves[nproc]) == steps
     return curves
@@ -69,7 +66,7 @@ def test_fsdp_two_ranks_match_one_rank(tiny, tmp_path, values, two_rank_values):
 
 
 def test_query_batchnorm_two_ranks_match_one_process():
-    _ok(_torchrun_script("query_batchnorm.py", 2, []))
+    _ok(run_dist_script("query_batchnorm.py", 2, []))
 
 
 def test_fsdp_two_ranks_match_one_rank_with_query_batchnorm(tiny, tmp_path):
@@ -87,6 +84,7 @@ def test_fsdp_two_ranks_match_one_rank_with_query_batchnorm(tiny, tmp_path):
     _assert_curves_match(curves[1], curves[2])
 
 
+@pytest.mark.heavy
 def test_resume_is_exact_two_ranks_and_a_resize_continues(tiny, tmp_path):
     """3+3 steps on 2 ranks equal 6 straight, bit for bit. Saved on 2 ranks, resumed on 1, then on 2 again:
     every step reads the same documents as the straight run (data.streams), the optimizer and schedule are

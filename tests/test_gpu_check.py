@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO
 
 STEPS = [
@@ -32,6 +33,7 @@ def _runner():
     return mod
 
 
+@pytest.mark.heavy
 def test_dry_run_runs_every_step_and_keeps_a_summary_line_for_each(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(out), "GPU_CHECK_TMP": str(tmp_path / "tmp")}

@@ -5,10 +5,9 @@ import json
 
 import torch
 from conftest import (
-    REPO,
-    launch,
     load_model_tensors,
     read_metrics,
+    run_dist_script,
     run_tool,
     run_trainer,
     sparse_finetune_args,
@@ -17,7 +16,7 @@ from conftest import ok as _ok
 
 
 def _script(nproc: int, *args: str):
-    return launch([str(REPO / "tests" / "dist_scripts" / "memory_parallel.py"), *args], nproc)
+    return run_dist_script("memory_parallel.py", nproc, list(args))
 
 
 def test_two_ranks_equal_one_whole_table_outputs_and_gradients():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ok, run_tool, run_trainer
 from safetensors import safe_open
@@ -18,6 +19,7 @@ PRETRAIN_STEPS = 50
 FINETUNE = "train_configs/debug_sparse_finetune.toml"
 
 
+@pytest.mark.heavy
 def test_documented_pipeline_selects_few_idf0_rows(tmp_path):
     base_run = tmp_path / "debug_model"
     pretrain = ["train_configs/debug_model.toml", f"--job.dump_folder={base_run}"]

@@ -91,6 +91,7 @@ def _run(study: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.heavy
 def test_micro_study_end_to_end_then_resume(tmp_path):
     study = _study(tmp_path)
     first = _run(study)

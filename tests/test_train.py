@@ -13,6 +13,7 @@ from conftest import ok as _ok
 from titan_mem.checkpoint import step_dirs
 
 
+@pytest.mark.heavy
 def test_run_train_sh_debug_default_learns_and_checkpoints(tmp_path):
     """./run_train.sh with the default config (shortened): loss falls clearly, checkpoints land."""
     run = tmp_path / "debug"
@@ -197,6 +198,7 @@ def test_initial_load_full_state_continues_another_run(tiny, tmp_path):
     assert sorted(b) == [3, 4] and [a[3], a[4]] == [b[3], b[4]]
 
 
+@pytest.mark.heavy
 def test_run_train_sh_on_a_fresh_machine_installs_into_venv(tmp_path):
     """The README's first command where `python3` lacks the project's packages: run_train.sh makes .venv."""
     clone = tmp_path / "clone"

@@ -134,7 +134,7 @@ def load(folder: str, degree: int, ref_file: str) -> None:
     dcp.save(_states(values, opt), checkpoint_id=folder + ".re")
 
 
-if __name__ == "__main__":
+def main() -> None:
     init_distributed("cpu")  # torchrun's group, or a one-rank group for a plain launch
     verb = sys.argv[1]
     if verb == "equivalence":
@@ -145,4 +145,8 @@ if __name__ == "__main__":
         load(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     dist.barrier()
     dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
     exit_process(0)
