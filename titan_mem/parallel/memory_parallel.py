@@ -277,8 +277,8 @@ class ColumnShardedValues(nn.Module):
     (`weight`, `backend`, `lookup`). Its lookup is `memory_parallel_lookup`; its state dict shows the global
     table (a DTensor sharded on dim 1) and loads any layout of it, so DCP reshards when the group changes.
     The shard also sits on `weight.column_shard` (`column_shard_of`): `parallel.value_grads` reads it once to
-    choose the table's gradient path, and checkpoints and the row optimizer's state files to gather and
-    split whole rows.
+    choose the table's gradient path (the row optimizer takes it from there), and checkpoint I/O reads it to
+    gather and split whole rows.
     """
 
     def __init__(self, whole: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None):
@@ -307,9 +307,7 @@ class ColumnShardedValues(nn.Module):
         )
 
 
-def shard_columns(
-    root: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None
-) -> list[ColumnShardedValues]:
+def shard_columns(root: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype | None = None) -> None:
     """Swap every materialised `MemoryValues` under `root` for its `ColumnShardedValues` and re-point the
     memory layers under `root` that read it (a shared pool: call it on the model, which owns the pool). The
     whole table is initialised first (seeded), so the numbers never depend on the group size."""
@@ -322,7 +320,6 @@ def shard_columns(
     for mod in root.modules():
         if isinstance(mod, MemoryLayer) and id(mod.value_table) in from_to:
             mod.use_value_table(from_to[id(mod.value_table)])
-    return list(from_to.values())
 
 
 def column_sharded_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, ColumnShard]]:

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from titan_mem.parallel.memory_parallel import column_shard_of
 from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.masked_optim import MaskedGradientAdamW, MaskedGradientSGD
 from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
@@ -116,13 +115,13 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def _whole_rows(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Per-row tensors [R, D/P] of a column-sharded table as whole rows [R, D] (a collective)."""
-        shard = column_shard_of(self.tables[name])
+        shard = self.value_grads[name].shard
         if shard is None or t.dim() != 2 or t.shape[1] != shard.width:
             return t
         return shard.gather_columns(t)
 
     def _own_columns(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        shard = column_shard_of(self.tables[name])
+        shard = self.value_grads[name].shard
         return t if shard is None else shard.columns_of(t)
 
     def changed_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
