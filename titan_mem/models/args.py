@@ -48,12 +48,19 @@ class ModelArgs:
     max_seq_len: int = _arg(2048, "maximum sequence length (RoPE table size)")
     norm_eps: float = _arg(1e-5, "RMSNorm epsilon")
     rope_theta: float = _arg(10000.0, "RoPE base (Su et al. 2021)")
+    rope_scaling_factor: float = _arg(1.0, "llama3 RoPE scaling: long wavelengths divided by this (1 = none)")
+    rope_low_freq_factor: float = _arg(1.0, "llama3 RoPE scaling: wavelengths above L/this are scaled")
+    rope_high_freq_factor: float = _arg(4.0, "llama3 RoPE scaling: wavelengths below L/this are kept")
+    rope_original_max_seq_len: int = _arg(8192, "llama3 RoPE scaling: L, the pretraining context length")
     tie_embeddings: bool = _arg(False, "share the input embedding and the output projection")
+    attn_head_dim: int | None = _arg(None, "size of one attention head (None = dim / n_heads; Qwen3 sets it)")
+    qkv_bias: bool = _arg(False, "biases on the query/key/value projections (Qwen2)")
+    qk_norm: bool = _arg(False, "RMSNorm of each query and key head before RoPE (Qwen3)")
     memory: MemoryArgs = _arg(None, "the memory layers", factory=MemoryArgs, override=False)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -62,9 +69,20 @@ class ModelArgs:
     def validate(self) -> None:
         m = self.memory
         checks = [
-            (self.dim % self.n_heads == 0, f"model.dim {self.dim} not divisible by n_heads {self.n_heads}"),
+            (
+                self.attn_head_dim is not None or self.dim % self.n_heads == 0,
+                f"model.dim {self.dim} not divisible by n_heads {self.n_heads}",
+            ),
             (self.n_heads % self.kv_heads == 0, f"model.n_heads {self.n_heads} not divisible by n_kv_heads"),
             (self.head_dim % 2 == 0, "model head dim must be even for RoPE"),
+            (
+                self.rope_scaling_factor > 0,
+                f"model.rope_scaling_factor {self.rope_scaling_factor}: must be > 0",
+            ),
+            (
+                self.rope_scaling_factor == 1.0 or self.rope_high_freq_factor > self.rope_low_freq_factor,
+                "model.rope_high_freq_factor must exceed model.rope_low_freq_factor",
+            ),
             (self.vocab_size > 0, f"model.vocab_size must be set (got {self.vocab_size})"),
             (all(0 <= i < self.n_layers for i in m.layers), f"model.memory_layers {m.layers} out of range"),
             (len(set(m.layers)) == len(m.layers), f"model.memory_layers {m.layers} has duplicates"),

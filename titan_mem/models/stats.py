@@ -38,6 +38,8 @@ def param_counts(args: ModelArgs) -> ParamCounts:
         d * args.n_heads * args.head_dim
         + 2 * d * args.kv_heads * args.head_dim
         + args.n_heads * args.head_dim * d
+        + (args.n_heads + 2 * args.kv_heads) * args.head_dim * args.qkv_bias
+        + 2 * args.head_dim * args.qk_norm
     )
     ffn = 3 * d * args.ffn_hidden_dim
     mem_dense, mem_values = _memory_layer_params(args)

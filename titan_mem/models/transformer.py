@@ -9,6 +9,7 @@ per-row positions and a padding mask for left-padded batches.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -21,15 +22,31 @@ from titan_mem.models.kv_cache import KVCache
 from titan_mem.models.memory import MemoryLayer, MemoryValues, recompute_context
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """[head_dim // 2] angular frequencies theta^(-2j/d) (Su et al. 2021, eq. 15), with Llama 3's scaling
+    when `rope_scaling_factor` != 1 (Meta's Llama 3.1 reference, `apply_scaling`): wavelengths longer than
+    L / low_freq_factor are divided by the factor, shorter than L / high_freq_factor kept, and the band
+    between blended linearly in L / wavelength (L = rope_original_max_seq_len)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    factor = args.rope_scaling_factor
+    if factor == 1.0:
+        return inv_freq
+    low, high, context = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cache(args: ModelArgs, device=None) -> torch.Tensor:
     """[max_seq_len, head_dim // 2] complex64 table e^(i m theta_j) (Su et al. 2021, eq. 34).
 
     Complex, as torchtitan's `freqs_cis`: FSDP2 mixed precision casts floating-point forward inputs of each
     block to bf16, and bf16 cos/sin are off by up to 2^-9, i.e. a wrong angle; a complex tensor is not
     floating point, so the table reaches every block in fp32 whatever wraps the blocks.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    inv_freq = rope_frequencies(args, device)
+    t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     return torch.complex(freqs.cos(), freqs.sin())
 
@@ -59,15 +76,24 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = args.qkv_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3: each query and key head RMS-normalised before RoPE, one weight over head_dim shared by heads
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
 
     def init_weights(self, init_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.trunc_normal_(self.wo.weight, std=init_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     def forward(
         self,
@@ -83,6 +109,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if cache is not None:
@@ -230,9 +258,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent (checkpoints hold no RoPE); passed to every block as a forward input (complex64,
         # so FSDP2's cast of floating-point inputs to param_dtype leaves it fp32: see `rope_cache`).
-        self.register_buffer(
-            "rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
-        )
+        self.register_buffer("rope", rope_cache(args), persistent=False)
 
     def memory_layers(self) -> dict[str, MemoryLayer]:
         """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""
@@ -258,7 +284,7 @@ class Transformer(nn.Module):
         device = buffer_device or self.tok_embeddings.weight.device
         if self.args.tie_embeddings:  # to_empty replaces each module's parameter separately: re-tie
             self.output.weight = self.tok_embeddings.weight
-        self.rope = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        self.rope = rope_cache(self.args, device)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0 if not self.args.tie_embeddings else 0.02)
         if self.shared_memory_values is not None:
             self.shared_memory_values.init_weights()
