@@ -172,24 +172,22 @@ def load_model_tensors(step_dir: Path) -> dict:
 
 
 def run_tool(
-    script: str,
-    args: list[str],
-    nproc: int = 1,
-    env: dict[str, str] | None = None,
-    timeout: int = 300,
-    fresh_process: bool = False,
+    script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """tools/<script> on `nproc` ranks, launched as `run_trainer` launches the trainer."""
-    path = REPO / "tools" / script
-    if env is None and not fresh_process:
-        return launchers.run(launchers.script_main(path), [str(path), *args], nproc, timeout)
-    return launch([str(path), *args], nproc, env, timeout)
+    return _run_script(REPO / "tools" / script, args, nproc, env, timeout)
 
 
 def run_dist_script(script: str, nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     """tests/dist_scripts/<script> (a test body that needs its own ranks) on `nproc` ranks, as `run_tool`."""
-    path = REPO / "tests" / "dist_scripts" / script
-    return launchers.run(launchers.script_main(path), [str(path), *args], nproc, timeout=300)
+    return _run_script(REPO / "tests" / "dist_scripts" / script, args, nproc, None, 300)
+
+
+def _run_script(path: Path, args: list[str], nproc: int, env: dict[str, str] | None, timeout: int):
+    """A script's `main()` here or in forked ranks; in fresh interpreters when `env` adds variables."""
+    if env is None:
+        return launchers.run(launchers.script_main(path), [str(path), *args], nproc, timeout)
+    return launch([str(path), *args], nproc, env, timeout)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,22 +16,21 @@ def _args(run) -> list[str]:
     return [*TINY, f"--job.dump_folder={run}", "--training.steps=3", "--checkpoint.enable=false"]
 
 
+def _process_state() -> tuple:
+    """What a command may change in its process: cwd, threads, deterministic mode, SIGTERM handler, RNG."""
+    return (
+        os.getcwd(),
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        signal.getsignal(signal.SIGTERM),
+        torch.get_rng_state(),
+    )
+
+
 def test_in_process_run_equals_a_fresh_interpreter_and_restores_the_process(tmp_path):
-    state = (
-        os.getcwd(),
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        signal.getsignal(signal.SIGTERM),
-        torch.get_rng_state(),
-    )
+    state = _process_state()
     here = ok(run_trainer(_args(tmp_path / "here")))
-    after = (
-        os.getcwd(),
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        signal.getsignal(signal.SIGTERM),
-        torch.get_rng_state(),
-    )
+    after = _process_state()
     assert after[:4] == state[:4] and torch.equal(after[4], state[4])
     assert not dist.is_initialized()
     fresh = ok(run_trainer(_args(tmp_path / "fresh"), fresh_process=True))
