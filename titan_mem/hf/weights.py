@@ -40,8 +40,11 @@ _IN_LAYER = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-_TOP["lm_head.weight"] = "output.weight"
+_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 # query/key tensors whose per-head rows follow the RoPE pairing (see the module docstring)
 _ROPE_ROWS = ("attention.wq.", "attention.wk.", "attention.q_norm.", "attention.k_norm.")
 
