@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from titan_mem.config_sections import ConfigError, EvalConfig, FinetuneConfig, choice, help_field
+from titan_mem.config_sections import (
+    ConfigError,
+    EvalConfig,
+    FinetuneConfig,
+    RetrofitConfig,
+    choice,
+    help_field,
+)
 from titan_mem.data.config import DataConfig, TokenizerConfig
 from titan_mem.kernels import LOOKUP_BACKENDS
 from titan_mem.models.args import FLAVORS, model_overrides
@@ -58,7 +65,11 @@ ModelConfig = _model_config()
 
 @dataclass
 class TrainingConfig:
-    mode: str = help_field("pretrain", "pretrain | sparse_finetune | full_finetune | lora_finetune.")
+    mode: str = help_field(
+        "pretrain",
+        "pretrain | heal (memory-layer parameters only: a retrofit's recovery) | sparse_finetune | "
+        "full_finetune | lora_finetune.",
+    )
     seq_len: int = help_field(256, "Tokens per sequence.")
     global_batch_size: int = help_field(16, "Sequences per optimizer step, over all data-parallel ranks.")
     micro_batch_size: int = help_field(
@@ -188,12 +199,14 @@ class Config:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-MODES = ("pretrain", "sparse_finetune", "full_finetune", "lora_finetune")
+# heal: only memory-layer parameters train (Goyal et al. 2026, sec. 3.3 stage 2: a retrofit's recovery)
+MODES = ("pretrain", "heal", "sparse_finetune", "full_finetune", "lora_finetune")
 
 
 def resolve_defaults(cfg: Config) -> None:
@@ -254,7 +267,7 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers; got {cfg.optimizer.betas}")
-    for section in (cfg.tokenizer, cfg.data, cfg.finetune, cfg.eval):
+    for section in (cfg.tokenizer, cfg.data, cfg.finetune, cfg.eval, cfg.retrofit):
         try:
             section.validate()
         except ValueError as e:

@@ -141,3 +141,34 @@ class EvalConfig:
             raise ConfigError(f"eval.limit: must be >= 0; got {self.limit}")
         if self.batch_size <= 0:
             raise ConfigError(f"eval.batch_size: must be positive; got {self.batch_size}")
+
+
+# retrofit.mode: how a memory layer enters a pretrained block (Goyal et al. 2026, sec. 3.3: replace)
+RETROFIT_MODES = ("replace", "add")
+
+
+@dataclass
+class RetrofitConfig:
+    base: str = help_field(
+        "",
+        "A pretrained HF model (a local folder with config.json and safetensors, or a hub name where a "
+        "network exists) whose architecture the run builds (it replaces model.flavor; [model] memory_* keys "
+        "set the memory geometry) and whose weights a new run starts from when checkpoint.initial_load_path "
+        "is unset. Empty = no retrofit.",
+    )
+    layers: list[int] = help_field(
+        None, "Blocks that get a memory layer (Goyal et al.: 8, 12, 16 of Qwen2.5-0.5B).", factory=list
+    )
+    mode: str = help_field(
+        "replace",
+        "replace: the block's FFN is discarded and a fresh memory layer computes in its place (Goyal et al.) "
+        "| add: the FFN stays and the memory's output is added behind a per-channel gate initialised to 0, "
+        "so step 0 reproduces the base model exactly.",
+    )
+
+    def validate(self) -> None:
+        choice("retrofit.mode", self.mode, RETROFIT_MODES)
+        if self.layers and not self.base:
+            raise ConfigError("retrofit.layers: needs retrofit.base (the pretrained model to retrofit)")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ConfigError(f"retrofit.layers: expected distinct block indices >= 0; got {self.layers}")

@@ -36,7 +36,7 @@ from titan_mem.data.hf_source import resolve_hf_files
 from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.sources import build_source
 from titan_mem.data.streams import merge_positions
-from titan_mem.data.tokenizer import padded_vocab_size, vocab_words
+from titan_mem.data.tokenizer import vocab_words
 from titan_mem.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -47,7 +47,7 @@ from titan_mem.distributed import (
 )
 from titan_mem.errors import UNEXPECTED_EXIT, TrainingError, is_user_error, report_unexpected
 from titan_mem.eval.in_loop import build_in_loop_evaluator
-from titan_mem.models.args import build_model_args
+from titan_mem.hf.retrofit import load_base_weights, model_args_for, resolve_base
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
 from titan_mem.models.transformer import Transformer
 from titan_mem.parallel.value_grads import value_table_grads
@@ -118,6 +118,13 @@ class Trainer:
         if base_first and initial is not None and cfg.checkpoint.initial_load_model_only:
             load_model_weights(self.ckpt, initial, self.model, allow_missing=self.mode.new_tensor_names())
             self._log(f"loaded model weights from {initial}")
+        elif base_first and initial is None and cfg.retrofit.base:  # a retrofit's start: the HF weights
+            folder = resolve_base(cfg.retrofit.base)
+            n = load_base_weights(self.model, folder, self.model_args, self.mode.new_tensor_names())
+            layers = self.model_args.memory.layers
+            self._log(
+                f"loaded {n} tensors of {folder}; memory layers {layers} ({cfg.retrofit.mode}) start fresh"
+            )
         trainable = self.mode.policy.apply(self.model)
         # How each value table's gradient is summed, clipped and stepped (the table in parallel/value_grads)
         self.value_grads = value_table_grads(self.model.value_tables())
@@ -152,9 +159,9 @@ class Trainer:
             config_mod.dump(cfg, self.run_dir / "config.json")
             counts = param_counts(self.model_args)
             self._log(
-                f"model {cfg.model.flavor}: {counts.total:,} params ({counts.memory_values:,} memory "
-                f"values), {self.dist.world_size} rank(s) on {self.device.type}, "
-                f"grad accumulation {self.grad_accum}"
+                f"model {cfg.retrofit.base or cfg.model.flavor}: {counts.total:,} params "
+                f"({counts.memory_values:,} memory values), {self.dist.world_size} rank(s) on "
+                f"{self.device.type}, grad accumulation {self.grad_accum}"
             )
 
     # ------------------------------------------------------------------ pieces
@@ -342,8 +349,13 @@ class Trainer:
 
 def dry_run(cfg: Config) -> None:
     """Print parameter counts and a per-GPU memory estimate from the meta-device model; allocate nothing."""
-    n_words = vocab_words(cfg.tokenizer)
-    args = build_model_args(cfg.model, padded_vocab_size(n_words))
+    try:
+        n_words = vocab_words(cfg.tokenizer)
+    except FileNotFoundError:  # a retrofit sizes its model from config.json; its tokenizer may be elsewhere
+        if not cfg.retrofit.base:
+            raise
+        n_words = 0
+    args = model_args_for(cfg, n_words)
     with torch.device("meta"):
         Transformer(args)  # builds the real module tree: a shape error here is a real error
     counts = param_counts(args)
@@ -361,7 +373,9 @@ def dry_run(cfg: Config) -> None:
         memory_parallel=par.memory_parallel_degree != 0,
         memory_parallel_degree=world if par.memory_parallel_degree == -1 else par.memory_parallel_degree,
     )
-    print(f"model flavor {cfg.model.flavor}: vocab {args.vocab_size} (tokenizer {n_words})")
+    model = f"retrofit of {cfg.retrofit.base}" if cfg.retrofit.base else f"flavor {cfg.model.flavor}"
+    tokens = f"tokenizer {n_words}" if n_words else "tokenizer not found, not checked"
+    print(f"model {model}: vocab {args.vocab_size} ({tokens})")
     for key, value in counts.as_dict().items():
         print(f"  params {key:<18} {value:>16,}")
     print(f"  training FLOPs/token   {flops_per_token(args, cfg.training.seq_len):>16,.0f}")

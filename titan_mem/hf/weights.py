@@ -18,12 +18,11 @@ from safetensors import SafetensorError, safe_open
 from titan_mem.errors import ConvertError
 from titan_mem.hf.config import model_args_from_hf
 from titan_mem.models.args import ModelArgs
-from titan_mem.models.transformer import Transformer
+from titan_mem.models.transformer import Transformer, rope_cache
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IN_LAYER = {
     "self_attn.q_proj.weight": "attention.wq.weight",
     "self_attn.k_proj.weight": "attention.wk.weight",
@@ -49,14 +48,34 @@ _TOP = {
 _ROPE_ROWS = ("attention.wq.", "attention.wk.", "attention.q_norm.", "attention.k_norm.")
 
 
-def titan_name(hf_name: str) -> str | None:
-    """Our parameter name for an HF one (None: not a parameter of ours, e.g. a rotary `inv_freq` buffer)."""
-    if hf_name in _TOP:
-        return _TOP[hf_name]
-    m = _LAYER.match(hf_name)
-    if m and m.group(2) in _IN_LAYER:
-        return f"layers.{m.group(1)}.{_IN_LAYER[m.group(2)]}"
-    return None
+_FFN = {"w1.weight", "w2.weight", "w3.weight"}  # SwiGLU weights, whatever the block's module holds them
+_FROM_OURS = {ours: hf for hf, ours in _IN_LAYER.items()}
+_FROM_OURS_TOP = {ours: hf for hf, ours in _TOP.items()} | {
+    "shared_memory_values.weight": "model.shared_memory_values.weight"
+}
+_OURS_IN_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def hf_name(ours: str) -> str:
+    """The HF tensor name of one of our state-dict names. Memory layers (ours only) keep their own names
+    under `model.layers.N.memory.`; a retrofit's kept FFN (`dense_ffn`) is the block's HF `mlp`."""
+    if ours in _FROM_OURS_TOP:
+        return _FROM_OURS_TOP[ours]
+    m = _OURS_IN_LAYER.match(ours)
+    if m is None:
+        raise KeyError(ours)
+    layer, rest = m.groups()
+    module, _, leaf = rest.partition(".")
+    if module == "dense_ffn":
+        rest = f"feed_forward.{leaf}"
+    elif module == "feed_forward" and leaf not in _FFN:
+        return f"model.layers.{layer}.memory.{leaf}"
+    return f"model.layers.{layer}.{_FROM_OURS[rest]}"
+
+
+def is_rope_row_tensor(ours: str) -> bool:
+    """Whether a tensor's rows follow the RoPE pairing (query/key projections, biases and norms)."""
+    return re.sub(r"^layers\.\d+\.", "", ours).startswith(_ROPE_ROWS)
 
 
 def interleave_rope_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -65,6 +84,13 @@ def interleave_rope_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     heads = t.shape[0] // head_dim
     rest = t.shape[1:]
     return t.reshape(heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def split_rope_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `interleave_rope_rows`: our interleaved pairs back to HF's half-split order."""
+    heads = t.shape[0] // head_dim
+    rest = t.shape[1:]
+    return t.reshape(heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
 def shard_files(folder: Path) -> dict[str, Path]:
@@ -97,6 +123,7 @@ def read_state_dict(folder: Path, args: ModelArgs, dtype: torch.dtype = torch.fl
     or wrongly shaped tensor is an error naming the file and tensor."""
     with torch.device("meta"):
         expected = Transformer(args).state_dict()
+    ours_of = {hf_name(k): k for k in expected}
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, path in shard_files(folder).items():
@@ -104,22 +131,22 @@ def read_state_dict(folder: Path, args: ModelArgs, dtype: torch.dtype = torch.fl
     for path, names in sorted(by_file.items()):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for hf_name in names:
-                    ours = titan_name(hf_name)
-                    if ours is None or ours not in expected:
-                        if hf_name.endswith("rotary_emb.inv_freq"):
+                for name in names:
+                    ours = ours_of.get(name)
+                    if ours is None:
+                        if name.endswith("rotary_emb.inv_freq"):
                             continue
-                        raise ConvertError(path, f"tensor {hf_name}: not part of a {_arch(args)} model")
-                    t = f.get_tensor(hf_name)
+                        raise ConvertError(path, f"tensor {name}: not part of a {_arch(args)} model")
+                    t = f.get_tensor(name)
                     if t.shape != expected[ours].shape:
                         raise ConvertError(
                             path,
-                            f"tensor {hf_name}: shape {list(t.shape)}, config.json gives "
+                            f"tensor {name}: shape {list(t.shape)}, config.json gives "
                             f"{list(expected[ours].shape)}",
                         )
-                    if re.sub(r"^layers\.\d+\.", "", ours).startswith(_ROPE_ROWS):
+                    if is_rope_row_tensor(ours):
                         t = interleave_rope_rows(t, args.head_dim)
-                    out[ours] = t.to(dtype)
+                    out[ours] = t.to(dtype) if t.is_floating_point() else t
         except SafetensorError as e:
             raise ConvertError(path, f"not a safetensors file ({e})") from None
     if args.tie_embeddings:
@@ -131,15 +158,18 @@ def read_state_dict(folder: Path, args: ModelArgs, dtype: torch.dtype = torch.fl
 
 
 def _arch(args: ModelArgs) -> str:
-    return "Qwen3" if args.qk_norm else "Qwen2" if args.qkv_bias else "Llama"
+    kind = "Qwen3" if args.qk_norm else "Qwen2" if args.qkv_bias else "Llama"
+    return kind + (" memory" if args.memory.layers else "")
 
 
 def load_hf_model(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, ModelArgs]:
     """(Transformer, ModelArgs) of the HF model folder, weights loaded, in eval mode on the CPU."""
     args = model_args_from_hf(folder)
     state = read_state_dict(folder, args, dtype)
-    model = Transformer(args)
-    for param in model.parameters():  # parameters only: the RoPE table stays complex64 (see rope_cache)
-        param.data = param.data.to(dtype)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope = rope_cache(args)  # the RoPE table stays complex64 whatever `dtype` (see rope_cache)
     return model.eval(), args

@@ -31,6 +31,12 @@ class MemoryArgs:
     plus: bool = _arg(True, "Memory+ gated output: value_proj(lookup * silu(gate_proj(x))) (False = PKM)")
     query_norm: str = _arg("rms", "query normalisation: none | rms | batchnorm (XLM PKM: batch-norm helps)")
     shared_values: bool = _arg(False, "one value pool shared by all memory layers")
+    # Retrofit `add` (Goyal et al. 2026; DESIGN.md, retrofit peers): the block keeps its SwiGLU FFN and adds
+    # the memory's output times a per-channel gate initialised to 0, so the model starts equal to its base.
+    # Set by `[retrofit] mode`, not a [model] key: the base checkpoint decides which FFNs exist.
+    beside_ffn: bool = _arg(
+        False, "memory added beside the block's FFN behind a zero-initialised gate", override=False
+    )
 
     @property
     def n_slots(self) -> int:

@@ -188,6 +188,8 @@ class MemoryLayer(nn.Module):
         if args.plus:
             self.gate_proj = nn.Linear(dim, v_dim, bias=False)
             self.value_proj = nn.Linear(v_dim, dim, bias=False)
+        if args.beside_ffn:  # retrofit `add`: out * gate, gate = 0 at init (step 0 is the base model)
+            self.out_gate = nn.Parameter(torch.empty(dim))
         self.sparse_grad = False  # sparse finetuning: row-sparse table gradient (see kernels.value_lookup)
 
     @property
@@ -215,6 +217,8 @@ class MemoryLayer(nn.Module):
         if self.args.plus:
             nn.init.normal_(self.gate_proj.weight, std=self.dim**-0.5)
             nn.init.trunc_normal_(self.value_proj.weight, std=init_std)
+        if self.args.beside_ffn:
+            nn.init.zeros_(self.out_gate)
 
     def lookup_slots(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [N, H, k] (fp32 softmax weights) and slots [N, H, k] for flattened tokens x: [N, dim]."""
@@ -241,6 +245,8 @@ class MemoryLayer(nn.Module):
             out = self.value_proj(bag * F.silu(self.gate_proj(flat)))
         else:
             out = bag
+        if self.args.beside_ffn:
+            out = out * self.out_gate
         if return_slots:
             return out.view(shape), slots.detach().view(*shape[:-1], self.heads, self.topk)
         return out.view(shape)

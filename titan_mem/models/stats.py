@@ -29,6 +29,8 @@ def _memory_layer_params(args: ModelArgs) -> tuple[int, int]:
         dense += 2 * m.heads * m.k_dim
     if m.plus:
         dense += 2 * args.dim * args.v_dim
+    if m.beside_ffn:  # the kept FFN and the output gate
+        dense += 3 * args.dim * args.ffn_hidden_dim + args.dim
     return dense, m.n_slots * args.v_dim
 
 

@@ -192,6 +192,10 @@ class TransformerBlock(nn.Module):
             self.feed_forward: nn.Module = MemoryLayer(args.dim, args.memory, args.v_dim, shared_values)
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        # retrofit `add`: the base model's FFN stays beside the memory layer (MemoryArgs.beside_ffn)
+        self.dense_ffn = (
+            FeedForward(args.dim, args.ffn_hidden_dim) if self.is_memory and args.memory.beside_ffn else None
+        )
         # Depth-scaled init of output projections (as in torchtitan/Llama: 0.02 / sqrt(2 * (layer + 1))).
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
         self.activation_checkpoint = "none"  # AC_MODES; set by parallel.fsdp
@@ -201,6 +205,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         self.feed_forward.init_weights(self.init_std)
+        if self.dense_ffn is not None:
+            self.dense_ffn.init_weights(self.init_std)
 
     def forward(
         self,
@@ -231,12 +237,14 @@ class TransformerBlock(nn.Module):
         return_slots: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
-        if not return_slots:
-            return h + self.feed_forward(self.ffn_norm(h))
-        if not self.is_memory:
-            return h + self.feed_forward(self.ffn_norm(h)), None
-        out, slots = self.feed_forward(self.ffn_norm(h), return_slots=True)
-        return h + out, slots
+        x = self.ffn_norm(h)
+        if not (return_slots and self.is_memory):
+            out, slots = self.feed_forward(x), None
+        else:
+            out, slots = self.feed_forward(x, return_slots=True)
+        if self.dense_ffn is not None:  # the base FFN's output + gate * memory's (exact while gate == 0)
+            out = self.dense_ffn(x) + out
+        return (h + out, slots) if return_slots else h + out
 
 
 class Transformer(nn.Module):

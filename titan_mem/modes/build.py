@@ -29,6 +29,23 @@ from titan_mem.sparse.selector import SlotSelector
 COUNTS_FILE = "background_counts.safetensors"
 
 
+class OnlyMemoryLayers(TrainablePolicy):
+    """Healing (Goyal et al. 2026, sec. 3.3 stage 2): every memory-layer parameter trains (queries, keys,
+    values, Memory+ projections, a retrofit's output gate), every other one stays as loaded."""
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        layers = model.memory_layers()
+        if not layers:
+            raise ConfigError("training.mode=heal: the model has no memory layer (retrofit.layers)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers.values():
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            layer.value_table.weight.requires_grad_(True)  # a shared pool is registered by the Transformer
+        return [p for p in model.parameters() if p.requires_grad]
+
+
 class OnlyValueTables(TrainablePolicy):
     """Sparse finetuning: only the memory value tables train, kept whole on every rank (outside FSDP) with a
     row-sparse gradient, so selection and update cost follow the rows touched, never the table."""
@@ -107,9 +124,11 @@ def build_mode(cfg: Config) -> TrainingMode:
     name = cfg.training.mode
     if name not in MODES:
         raise ConfigError(f"training.mode: expected one of {', '.join(MODES)}; got {name!r}")
-    if name != "pretrain" and not cfg.checkpoint.initial_load_path:
+    # a retrofit's HF weights can start any mode but sparse finetuning, whose patches need a base checkpoint
+    from_hf = cfg.retrofit.base and name != "sparse_finetune"
+    if name != "pretrain" and not (cfg.checkpoint.initial_load_path or from_hf):
         raise ConfigError(
-            f"checkpoint.initial_load_path: {name} needs the pretrained checkpoint to start from"
+            f"checkpoint.initial_load_path: {name} needs the pretrained (or healed) checkpoint to start from"
         )
 
     def dense_optimizer(
@@ -150,6 +169,13 @@ def build_mode(cfg: Config) -> TrainingMode:
             build_optimizer=dense_optimizer,
             build_checkpoint=FullContent,
             converters=[lora],
+        )
+    if name == "heal":
+        return TrainingMode(
+            name=name,
+            policy=OnlyMemoryLayers(),
+            build_optimizer=dense_optimizer,
+            build_checkpoint=FullContent,
         )
     if cfg.optimizer.memory_update == "lazy":  # config.validate allows it for pretrain and full_finetune
         return TrainingMode(

@@ -28,10 +28,9 @@ from titan_mem.checkpoint.content import load_model_weights
 from titan_mem.components.model import build_model
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
-from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.distributed import all_reduce_sum, init_distributed
 from titan_mem.errors import check_writable
-from titan_mem.models.args import build_model_args
+from titan_mem.hf.retrofit import model_args_for
 from titan_mem.sparse.counts import BackgroundCounts, count_slots, merge_counts, save_background_counts
 
 DEFAULT_NAME = "background_counts.safetensors"
@@ -67,7 +66,7 @@ def micro_batch_size(batch_size: int, micro_batch_size: int) -> int:
 
 def model_max_seq_len(cfg: Config, tokenizer) -> int:
     """The longest sequence the config's model takes (its rotary table), for refusing a longer --seq-len."""
-    return build_model_args(cfg.model, padded_vocab_size(tokenizer.n_words)).max_seq_len
+    return model_args_for(cfg, tokenizer.n_words).max_seq_len
 
 
 def count_background(

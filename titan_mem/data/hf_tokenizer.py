@@ -1,0 +1,153 @@
+"""A Hugging Face model's own tokenizer (`tokenizer.json`, read by the `tokenizers` library) as a titan_mem
+tokenizer beside tiktoken, with the model's chat template for instruction data.
+
+A retrofitted HF model (Goyal et al. 2026) must see the token ids it was pretrained on, so its tokenizer
+comes from its folder. The face is `data.tokenizer.Tokenizer`'s: `encode` treats special-token text as
+plain text (a document cannot inject `<|im_end|>`), BOS/EOS/PAD come from `tokenizer_config.json` (BOS
+falls back to EOS as in our convention; PAD may equal EOS: padding is positional, `token_mask`). The chat
+template is Jinja, rendered in Jinja's immutable sandbox as `transformers` renders it, so a template loaded
+from a model folder cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# what an HF model folder's tokenizer is made of (copied on export)
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "generation_config.json")
+
+
+def hf_tokenizer_folder(name: str) -> Path | None:
+    """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json` or a folder holding
+    one); None when `name` is not one (a tiktoken name or file)."""
+    path = Path(name).expanduser()
+    if path.name == TOKENIZER_JSON:
+        return path.parent
+    if path.is_dir() and (path / TOKENIZER_JSON).is_file():
+        return path
+    return None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken object with `content`."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+    """`tokenizers.Tokenizer` with titan_mem's tokenizer face (see the module docstring)."""
+
+    def __init__(self, folder: Path, *, num_threads: int = 4) -> None:
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise ValueError(f"tokenizer.name: {folder} is an HF tokenizer; the hf extra reads it") from None
+        path = Path(folder) / TOKENIZER_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            self.backend = Backend.from_file(str(path))
+        except Exception as e:  # the Rust core's parse error, as one line
+            raise ValueError(f"{path}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
+        self.backend.encode_special_tokens = True  # special-token text in a document stays text
+        config_path = Path(folder) / TOKENIZER_CONFIG
+        config: dict[str, Any] = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        self.name = str(folder)
+        self.num_threads = num_threads
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self._n_words = max(vocab.values()) + 1
+        eos = _token_text(config.get("eos_token")) or next(
+            (t for t in ("<|endoftext|>", "</s>", "<|end_of_text|>") if t in vocab), None
+        )
+        if eos is None or eos not in vocab:
+            raise ValueError(f"{config_path}: eos_token {eos!r} is not a token of {path}")
+        self._eos_id = vocab[eos]
+        bos, pad = _token_text(config.get("bos_token")), _token_text(config.get("pad_token"))
+        self._bos_id = vocab.get(bos, self._eos_id) if bos else self._eos_id
+        self._pad_id = vocab.get(pad, self._eos_id) if pad else self._eos_id
+        self.special_tokens = {"bos_token": bos or eos, "eos_token": eos, "pad_token": pad or eos}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template if isinstance(template, str) else None
+
+    @property
+    def n_words(self) -> int:
+        return self._n_words
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._wrap(self.backend.encode(text, add_special_tokens=False).ids, bos, eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int | None = None
+    ) -> list[list[int]]:
+        """Encode many texts (the Rust core parallelises the batch itself)."""
+        out = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._wrap(ids, bos, eos) for ids in out] if bos or eos else out
+
+    def encode_special(self, text: str) -> list[int]:
+        """Encode text whose special-token markup is meant (a rendered chat template)."""
+        self.backend.encode_special_tokens = False
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = True
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation rendered by the model's chat template (as `transformers`' apply_chat_template
+        with tokenize=False renders it)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.name}: {TOKENIZER_CONFIG} has no chat_template")
+        return _compiled(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+        )
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        return ([self._bos_id] if bos else []) + list(ids) + ([self._eos_id] if eos else [])
+
+    def __repr__(self) -> str:
+        return (
+            f"HFTokenizer(name={self.name!r}, n_words={self.n_words}, eos={self.eos_id}, pad={self.pad_id})"
+        )
+
+
+def _compiled(template: str) -> Any:
+    """A chat template compiled in Jinja's immutable sandbox, with the helpers HF templates call."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)

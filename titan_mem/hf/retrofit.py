@@ -1,0 +1,130 @@
+"""Retrofitting a pretrained HF model with memory layers (Goyal et al. 2026, sec. 3.3, stage 1).
+
+`[retrofit] base` names the model; its `config.json` gives the architecture (so a dry run needs no weights),
+`[model] memory_*` keys the memory geometry, `retrofit.layers` the blocks that get a memory layer and
+`retrofit.mode` how: `replace` discards the block's FFN (the paper), `add` keeps it and adds the memory's
+output behind a zero-initialised gate, so the retrofitted model starts equal to its base (the retrofit
+peers' lesson, DESIGN.md). A new run starts from the base's weights with freshly initialised memory layers;
+healing (`training.mode=heal`), background counts and the finetuning modes then run as for a native model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from titan_mem.config import Config, ConfigError
+from titan_mem.data.tokenizer import padded_vocab_size
+from titan_mem.errors import ConvertError
+from titan_mem.hf.config import model_args_from_hf
+from titan_mem.hf.weights import read_state_dict
+from titan_mem.models.args import ModelArgs, build_model_args, model_overrides
+
+# [model] keys a retrofit may set besides the memory geometry (everything else is the base's config.json)
+_RETROFIT_MODEL_KEYS = {"max_seq_len"}
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer; never pickles
+
+
+def resolve_base(base: str) -> Path:
+    """The local folder of `retrofit.base`: the path itself, or a hub snapshot (`org/name`, downloaded
+    once into the HF cache; weights as safetensors only)."""
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"retrofit.base: {base} is a file; expected an HF model folder or hub name")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", base):
+        raise ConfigError(f"retrofit.base: {base}: no such folder (and not a hub name org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(
+            f"retrofit.base: {base} is a hub name; install the hf extra to download it"
+        ) from None
+    try:
+        return Path(snapshot_download(base, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown repository, gated model: one line, the hub's own reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"retrofit.base: {base}: could not fetch from the hub ({first})") from None
+
+
+def retrofit_model_args(cfg: Config, n_words: int) -> ModelArgs:
+    """The base's architecture with memory layers at `retrofit.layers` (geometry from [model] memory_*)."""
+    folder = resolve_base(cfg.retrofit.base)
+    try:
+        args = model_args_from_hf(folder)
+    except ConvertError as e:
+        raise ConfigError(f"retrofit.base: {e}") from None
+    memory = dataclasses.replace(args.memory)
+    for o in model_overrides():
+        value = getattr(cfg.model, o.key)
+        if value is None:
+            continue
+        if o.key == "memory_layers":
+            raise ConfigError("model.memory_layers: a retrofit's memory blocks are retrofit.layers")
+        if not o.in_memory and o.key not in _RETROFIT_MODEL_KEYS:
+            raise ConfigError(f"model.{o.key}: set by retrofit.base's config.json; remove the override")
+        setattr(memory if o.in_memory else args, o.attr, value)
+    if args.memory.layers and cfg.retrofit.layers:
+        raise ConfigError(f"retrofit.layers: {cfg.retrofit.base} already has memory layers")
+    if not args.memory.layers:  # a dense base: the retrofit's layers and mode
+        memory.layers = list(cfg.retrofit.layers)
+        memory.beside_ffn = cfg.retrofit.mode == "add"
+    args.memory = memory
+    if n_words > args.vocab_size:
+        raise ConfigError(
+            f"tokenizer.name: {n_words} tokens, more than retrofit.base's vocab_size {args.vocab_size}"
+        )
+    try:
+        args.validate()
+    except ValueError as e:
+        raise ConfigError(str(e).replace("model.memory_layers", "retrofit.layers")) from None
+    return args
+
+
+def model_args_for(cfg: Config, n_words: int) -> ModelArgs:
+    """The ModelArgs a job builds: a retrofit's (`[retrofit] base`), else the flavor with [model] overrides
+    and the tokenizer's padded vocabulary. Every model builder and dry run goes through here."""
+    if cfg.retrofit.base:
+        return retrofit_model_args(cfg, n_words)
+    return build_model_args(cfg.model, padded_vocab_size(n_words))
+
+
+def base_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The base model's weights under the retrofitted model's names: `replace` drops the FFNs of the memory
+    blocks, `add` keeps them as `dense_ffn`; memory-layer tensors are absent (they start fresh)."""
+    dense = dataclasses.replace(args, memory=dataclasses.replace(args.memory, layers=[], beside_ffn=False))
+    state = read_state_dict(folder, dense)
+    out = {}
+    for name, t in state.items():
+        m = re.match(r"^layers\.(\d+)\.feed_forward\.(.+)$", name)
+        if m and int(m.group(1)) in args.memory.layers:
+            if not args.memory.beside_ffn:
+                continue
+            name = f"layers.{m.group(1)}.dense_ffn.{m.group(2)}"
+        out[name] = t
+    return out
+
+
+def load_base_weights(
+    model: nn.Module, folder: Path, args: ModelArgs, new_tensors: set[str] = frozenset()
+) -> int:
+    """Put the base's weights into the (sharded, initialised) retrofitted model; checks that what stays as
+    initialised is exactly the memory layers and the mode's `new_tensors` (LoRA adapters). Returns the
+    number of tensors loaded."""
+    state = base_state_dict(folder, args)
+    memory = tuple(f"{name}." for name in model.memory_layers()) + ("shared_memory_values.",)
+    fresh = sorted(
+        n
+        for n, _ in model.named_parameters()
+        if n not in state and n not in new_tensors and not n.startswith(memory)
+    )
+    if fresh:
+        raise ConvertError(folder, f"the base lacks {fresh[0]} ({len(fresh)} non-memory tensors)")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    return len(state)
