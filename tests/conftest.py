@@ -138,6 +138,23 @@ def pretrained(tmp_path_factory) -> Path:
     return step
 
 
+# The tiny model without memory layers: the dense model the HF tests export and the retrofit tests retrofit.
+TINY_DENSE = [
+    "--model.flavor=debug_dense",
+    *[a for a in TINY if not a.startswith(("--model.memory", "--model.flavor"))],
+]
+
+
+@pytest.fixture(scope="session")
+def dense_hf(tmp_path_factory) -> tuple[Path, Path]:
+    """A dense model titan_mem pretrained itself (3 steps): its checkpoint and its HF export (to-hf)."""
+    root = tmp_path_factory.mktemp("dense")
+    ok(run_trainer([*TINY_DENSE, f"--job.dump_folder={root / 'run'}", "--training.steps=3"]))
+    step = root / "run" / "checkpoints" / "step-3"
+    ok(run_tool("convert_checkpoint.py", ["to-hf", str(step), str(root / "hf")]))
+    return step, root / "hf"
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Overrides for a tiny run writing into tmp_path/run."""

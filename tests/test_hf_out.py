@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import TINY_MODEL, load_model_tensors, ok, run_tool, run_trainer
+from conftest import load_model_tensors, run_tool
 from test_hf_in import CASES, SMALL, _hf_model
 
 from titan_mem.errors import ConvertError
@@ -90,25 +90,8 @@ def test_export_refuses_what_no_hf_architecture_computes(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-DENSE = ["--model.flavor=debug_dense", *[a for a in TINY_MODEL if not a.startswith("--model.memory")]]
-
-
-@pytest.fixture(scope="module")
-def self_pretrained(tmp_path_factory):
-    """A dense model titan_mem pretrained itself (3 steps), its checkpoint and its HF export."""
-    root = tmp_path_factory.mktemp("dense")
-    ok(
-        run_trainer(
-            [*DENSE, "--job.deterministic=true", f"--job.dump_folder={root / 'run'}", "--training.steps=3"]
-        )
-    )
-    step = root / "run" / "checkpoints" / "step-3"
-    ok(run_tool("convert_checkpoint.py", ["to-hf", str(step), str(root / "hf")]))
-    return step, root / "hf"
-
-
-def test_self_pretrained_dense_model_round_trips_through_transformers(self_pretrained, tmp_path):
-    step, folder = self_pretrained
+def test_self_pretrained_dense_model_round_trips_through_transformers(dense_hf):
+    step, folder = dense_hf
     _no_pickles(folder)
     state = load_model_tensors(step)
     ours, args = load_hf_model(folder)  # read back: the checkpoint's tensors exactly

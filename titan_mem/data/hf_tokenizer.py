@@ -23,12 +23,16 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", 
 
 
 def hf_tokenizer_folder(name: str) -> Path | None:
-    """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json` or a folder holding
-    one); None when `name` is not one (a tiktoken name or file)."""
+    """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json` or a folder, which must
+    hold one); None when `name` is not one (a tiktoken name or file)."""
     path = Path(name).expanduser()
     if path.name == TOKENIZER_JSON:
         return path.parent
-    if path.is_dir() and (path / TOKENIZER_JSON).is_file():
+    if path.is_dir():
+        if not (path / TOKENIZER_JSON).is_file():
+            raise FileNotFoundError(
+                f"tokenizer file not found: {path / TOKENIZER_JSON} (tokenizer.name is a folder)"
+            )
         return path
     return None
 

@@ -1,0 +1,184 @@
+"""Retrofitting an HF model with memory layers in the Trainer (titan_mem/hf/retrofit.py; Goyal et al. 2026):
+`add` starts equal to its base, healing trains only the memory layers, and the retrofitted model then goes
+through background counts, sparse finetuning (checkpoint, exact resume), evaluation and HF export as a
+native memory model does. The base is a dense model titan_mem pretrained itself and exported (`dense_hf`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, error_line, load_model_tensors, losses, ok, run_tool, run_trainer
+
+from titan_mem.config import parse_args
+from titan_mem.data import build_tokenizer
+from titan_mem.hf.retrofit import base_state_dict, model_args_for
+from titan_mem.hf.weights import load_hf_model
+from titan_mem.models.transformer import Transformer
+
+GEOMETRY = [a for a in TINY if a.startswith("--model.memory_") and not a.startswith("--model.memory_layers")]
+RUN = [a for a in TINY if not a.startswith("--model.")]
+
+
+def retro(folder, *extra: str) -> list[str]:
+    """A retrofit of `folder` with a memory layer at block 1 (tiny geometry) on the tests' tiny batch."""
+    return [*RUN, *GEOMETRY, f"--retrofit.base={folder}", "--retrofit.layers=1", *extra]
+
+
+def _retrofitted(folder, mode: str) -> tuple[Transformer, object]:
+    cfg = parse_args(retro(folder, f"--retrofit.mode={mode}"))
+    args = model_args_for(cfg, build_tokenizer(cfg.tokenizer).n_words)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    missing, unexpected = model.load_state_dict(base_state_dict(folder, args), strict=False)
+    assert not unexpected and all(".feed_forward." in k for k in missing) and missing
+    return model.eval(), args
+
+
+def test_add_reproduces_the_base_and_replace_does_not(dense_hf, tmp_path):
+    _, folder = dense_hf
+    base, _ = load_hf_model(folder)
+    tokens = torch.randint(0, 3000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = base(tokens)
+        added, args = _retrofitted(folder, "add")
+        replaced, _ = _retrofitted(folder, "replace")
+        assert torch.equal(added(tokens), want)  # gate 0: bit for bit the base
+        assert (replaced(tokens) - want).abs().max() > 1e-3  # the FFN is gone
+    assert args.memory.layers == [1] and args.memory.beside_ffn
+    # in the Trainer: the first step's loss (computed before any update) is the base's own
+    common = ["--training.steps=1", "--data.regime=chat", "--optimizer.lr=0"]
+    ok(
+        run_trainer(
+            [
+                *retro(folder, "--retrofit.layers="),
+                *common,
+                "--training.mode=full_finetune",
+                f"--job.dump_folder={tmp_path / 'base'}",
+            ]
+        )
+    )
+    ok(
+        run_trainer(
+            [
+                *retro(folder, "--retrofit.mode=add"),
+                *common,
+                "--training.mode=heal",
+                f"--job.dump_folder={tmp_path / 'add'}",
+            ]
+        )
+    )
+    assert losses(tmp_path / "add")[1] == losses(tmp_path / "base")[1]
+
+
+@pytest.fixture(scope="module")
+def healed(dense_hf, tmp_path_factory):
+    """The dense base retrofitted (`add`) and healed for 4 steps on chat data, with background counts."""
+    _, folder = dense_hf
+    root = tmp_path_factory.mktemp("healed")
+    args = retro(folder, "--retrofit.mode=add", f"--job.dump_folder={root / 'run'}")
+    heal = ["--training.mode=heal", "--data.regime=chat", "--training.steps=4", "--optimizer.lr=1e-2"]
+    ok(run_trainer([*args, *heal]))
+    step = root / "run" / "checkpoints" / "step-4"
+    shape = ["--batch-size", "4", "--seq-len", "32", "--batches", "8"]
+    ok(
+        run_tool(
+            "background_counts.py", ["train_configs/debug_model.toml", *args, *shape, f"--checkpoint={step}"]
+        )
+    )
+    return folder, step, args
+
+
+def test_heal_trains_only_the_memory_layers(healed):
+    folder, step, args = healed
+    cfg = parse_args(args)
+    state = load_model_tensors(step)
+    base = base_state_dict(folder, model_args_for(cfg, build_tokenizer(cfg.tokenizer).n_words))
+    memory = {k for k in state if k.startswith("layers.1.feed_forward.")}
+    assert memory and set(state) - memory == set(base)
+    for name, tensor in base.items():
+        assert torch.equal(state[name], tensor), name  # attention, kept FFN, norms, embeddings: untouched
+    assert state["layers.1.feed_forward.out_gate"].abs().max() > 0  # the gate opened
+    assert (state["layers.1.feed_forward.values.weight"] != 0).any()
+
+
+def _sparse(healed, run, steps: int) -> list[str]:
+    folder, step, args = healed
+    return [
+        *args,
+        f"--job.dump_folder={run}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={step}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        f"--training.steps={steps}",
+        "--checkpoint.interval=2",
+        "--optimizer.lr=2",
+        "--finetune.top_t=10",
+        "--lr_scheduler.warmup_steps=0",
+        "--lr_scheduler.decay_type=constant",
+    ]
+
+
+def test_retrofitted_model_sparse_finetunes_resumes_evaluates_and_exports(healed, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    ok(run_trainer(_sparse(healed, whole, 4)))
+    ok(run_trainer(_sparse(healed, parts, 2)))
+    ok(run_trainer(_sparse(healed, parts, 4)))  # resumes from its step 2
+    assert losses(parts) == losses(whole) and len(losses(whole)) == 4
+    final = whole / "checkpoints" / "step-4"
+    assert (final / "patch.safetensors").is_file()  # a knowledge patch on the healed base
+    tuned, resumed = load_model_tensors(final), load_model_tensors(parts / "checkpoints" / "step-4")
+    assert all(torch.equal(tuned[k], resumed[k]) for k in tuned)
+    base = load_model_tensors(healed[1])
+    moved = (tuned["layers.1.feed_forward.values.weight"] != base["layers.1.feed_forward.values.weight"]).any(
+        1
+    )
+    assert 0 < int(moved.sum()) <= 4 * 10  # rows moved, at most top_t per step
+    assert all(torch.equal(tuned[k], base[k]) for k in base if "values" not in k)
+    out = tmp_path / "eval.json"
+    ok(
+        run_tool(
+            "evaluate.py",
+            [
+                "--checkpoint",
+                str(final),
+                "--tasks",
+                "synthetic_qa",
+                "--limit",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        )
+    )
+    results = json.loads(out.read_text())["results"]
+    assert {r["task"] for r in results} >= {"synthetic_qa/new_taught", "synthetic_qa/known_val"}
+    assert all(r["n"] > 0 for r in results)
+    ok(run_tool("convert_checkpoint.py", ["to-hf", str(final), str(tmp_path / "hf")]))
+    back, args = load_hf_model(tmp_path / "hf")
+    assert args.memory.layers == [1] and args.memory.beside_ffn
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in tuned.items())
+
+
+def test_retrofit_bad_inputs_get_one_line(dense_hf, tmp_path):
+    _, folder = dense_hf
+    run = [f"--job.dump_folder={tmp_path / 'run'}", "--training.steps=1"]
+    cases = [
+        (retro(folder, "--retrofit.layers=5"), "retrofit.layers"),
+        (retro(folder, "--model.dim=32"), "model.dim: set by retrofit.base"),
+        (retro(tmp_path / "nowhere"), "retrofit.base"),
+        (retro(folder, "--training.mode=sparse_finetune"), "checkpoint.initial_load_path"),
+        (retro(folder, "--retrofit.layers=", "--training.mode=heal"), "no memory layer"),
+        ([*RUN, "--retrofit.layers=1"], "retrofit.layers: needs retrofit.base"),
+    ]
+    for args, needle in cases:
+        error_line(run_trainer([*args, *run]), needle)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    error_line(run_trainer([*retro(tmp_path / "broken"), *run]), "GPT2LMHeadModel", "not supported")
+    offline = run_trainer([*retro("nobody/no-such-model"), *run], env={"HF_HUB_OFFLINE": "1"})
+    error_line(offline, "retrofit.base: nobody/no-such-model", "hub")
