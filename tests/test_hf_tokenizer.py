@@ -14,7 +14,7 @@ from test_retrofit import retro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from titan_mem.data import build_tokenizer
-from titan_mem.data.chat import chat_row
+from titan_mem.data.chat import chat_row, load_conversations
 from titan_mem.data.config import DataConfig, TokenizerConfig
 from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.qa import build_finetune_dataset
@@ -146,3 +146,23 @@ def test_bad_tokenizer_and_chat_files_get_one_line(dense_hf, hf_tokenizer, tmp_p
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     tok = [f"--tokenizer.name={hf_tokenizer}", f"--data.source={bad}"]
     error_line(run_trainer([*retro(folder, *tok), *run]), "bad.jsonl: record 1", "assistant")
+
+
+def test_oasst_message_trees_become_one_conversation_per_top_reply(tmp_path):
+    """OpenAssistant/oasst1 rows (message trees) read as conversations: root to each rank-0 reply."""
+    rows = [
+        {"message_id": "a", "parent_id": None, "role": "prompter", "text": "Hi?", "rank": None},
+        {"message_id": "b", "parent_id": "a", "role": "assistant", "text": "Hello.", "rank": 0},
+        {"message_id": "c", "parent_id": "a", "role": "assistant", "text": "Meh.", "rank": 1},
+        {"message_id": "d", "parent_id": "b", "role": "prompter", "text": "And?", "rank": None},
+        {"message_id": "e", "parent_id": "d", "role": "assistant", "text": "Bye.", "rank": 0},
+    ]
+    path = tmp_path / "oasst1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    threads = load_conversations(DataConfig(source=str(path), regime="chat"))
+    assert [[m["content"] for m in t] for t in threads] == [
+        ["Hi?", "Hello."],
+        ["Hi?", "Hello.", "And?", "Bye."],
+    ]
+    assert [m["role"] for m in threads[1]] == ["user", "assistant", "user", "assistant"]
+    assert load_conversations(DataConfig(source=str(path), regime="chat", max_examples=1)) == threads[:1]

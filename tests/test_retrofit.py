@@ -182,3 +182,22 @@ def test_retrofit_bad_inputs_get_one_line(dense_hf, tmp_path):
     error_line(run_trainer([*retro(tmp_path / "broken"), *run]), "GPT2LMHeadModel", "not supported")
     offline = run_trainer([*retro("nobody/no-such-model"), *run], env={"HF_HUB_OFFLINE": "1"})
     error_line(offline, "retrofit.base: nobody/no-such-model", "hub")
+
+
+# Qwen2.5-0.5B-Instruct's config.json (the values the hub serves), without weights or tokenizer
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 896,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False, "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645,
+}  # fmt: skip
+
+
+def test_paper_config_dry_runs_from_config_json_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
+    base = ["train_configs/retrofit_qwen2.5_0.5b.toml", "--job.dry_run", f"--retrofit.base={tmp_path}"]
+    dense = ok(run_trainer([*base, "--retrofit.layers="])).stdout
+    assert "params total                   494,032,768" in dense  # Qwen2.5-0.5B's published 0.49B
+    retro = ok(run_trainer(base)).stdout  # layers 8/12/16 replaced: 3 x (65,536 x 896) value parameters
+    assert "params memory_values           176,160,768" in retro and "retrofit of" in retro

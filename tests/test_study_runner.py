@@ -180,3 +180,53 @@ def test_a_failed_job_skips_its_dependents_and_not_the_others(tmp_path):
     assert (tmp_path / "other.log").read_text().splitlines()[-1] == "other"
     assert not (tmp_path / "arm.log").exists()
     assert any("counts: FAILED (exit 2): counts" in line for line in lines)
+
+
+RETROFIT = """
+[[geometry]]
+name = "add"
+overrides = ["--model.flavor=debug_dense"]
+retrofit = ["--retrofit.mode=add", "--retrofit.layers=2", "--model.memory_n_keys=16",
+  "--model.memory_heads=2", "--model.memory_topk=4", "--model.memory_k_dim=16", "--model.memory_v_dim=32"]
+heal_config = "train_configs/debug_heal.toml"
+heal_overrides = ["--training.steps=2", "--training.global_batch_size=4", "--training.micro_batch_size=4"]
+
+[[geometry]]
+name = "replace"
+overrides = ["--model.flavor=debug_dense"]
+retrofit = ["--retrofit.mode=replace", "--retrofit.layers=2", "--model.memory_n_keys=16",
+  "--model.memory_heads=2", "--model.memory_topk=4", "--model.memory_k_dim=16", "--model.memory_v_dim=32"]
+heal_config = "train_configs/debug_heal.toml"
+heal_overrides = ["--training.steps=2", "--training.global_batch_size=4", "--training.micro_batch_size=4"]
+"""
+
+
+@pytest.mark.heavy
+def test_micro_retrofit_study_shares_one_dense_base_and_heals_each_retrofit(tmp_path):
+    """Two retrofit geometries of one dense recipe: one pretraining run, then per geometry an HF export, a
+    heal, counts, base evaluation and arms that all read the retrofitted model (Goyal et al. 2026)."""
+    text = MICRO.split("[[arm]]  # the background")[0].replace("[method.lora]", RETROFIT + "\n[method.lora]")
+    study = _study(tmp_path, text.replace('\n[[arm]]\nmethod = "lora"\nlr = 1e-2\nrank = 2\n', "\n"))
+    spec = load_study(study)
+    names = [j.name for j in plan(spec)]
+    assert names[:4] == [
+        "pretrain base add/b0",
+        "export base add/b0",
+        "heal base add/b0",
+        "evaluate base add/b0",
+    ]
+    assert sum(n.startswith("pretrain") for n in names) == 1  # shared by both retrofits
+    run = _run(study)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["geometry"], r["arm"] == "base") for r in records} == {
+        (g, b) for g in ("add", "replace") for b in (True, False)
+    }
+    for geometry, mode in (("add", "add"), ("replace", "replace")):
+        hf = out / geometry / "base-b0-files" / "hf"
+        assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        arm = next((out / geometry / "arms" / "headline").glob("sparse-*")) / "config.json"
+        cfg = json.loads(arm.read_text())["retrofit"]
+        assert cfg == {"base": str(hf), "layers": [2], "mode": mode}
+    assert not (out / "replace" / "base-b0").exists()  # the dense base ran once, under the first geometry

@@ -213,7 +213,9 @@ def _counts_of(jobs) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", ["synthetic_facts", "ablations", "triviaqa_1b"])
+@pytest.mark.parametrize(
+    "name", ["synthetic_facts", "ablations", "triviaqa_1b", "retrofit_synthetic", "retrofit_qwen2.5_0.5b"]
+)
 def test_shipped_studies_plan(name, monkeypatch):
     """The shipped study files load and every arm's trainer config passes its checks (--dry-run)."""
     monkeypatch.chdir(REPO)
@@ -248,3 +250,48 @@ def test_shipped_studies_plan(name, monkeypatch):
                 2500,
             )
             assert any("counts-pretrain-1x128" in a for a in docs[0].cmd.argv)  # its own batch shape
+
+
+HF_BASE = """
+[[geometry]]
+name = "replace"
+retrofit = ["--retrofit.mode=replace", "--retrofit.layers=1", "--model.memory_n_keys=16"]
+heal_config = "train_configs/debug_heal.toml"
+"""
+
+
+def test_retrofit_geometries_of_a_given_hf_model(tmp_path):
+    """[base] hf_model: every geometry retrofits it; the plan heals first (no pretraining, no export), and
+    every later command reads the retrofitted model; the pieces that must go together are checked."""
+    text = GOOD.replace('checkpoint = "{base}"', 'hf_model = "org/model"').replace(
+        "[method.sparse]", HF_BASE + "\n[method.sparse]"
+    )
+    spec = load_study(_write(tmp_path, text))
+    jobs = plan(spec)
+    assert jobs[0].name == "heal base replace/b0" and not any(
+        j.name.startswith(("pretrain", "export")) for j in jobs
+    )
+    assert "--retrofit.base=org/model" in jobs[0].cmd.argv
+    assert all(
+        "--retrofit.base=org/model" in j.cmd.argv and "--retrofit.layers=1" in j.cmd.argv for j in jobs
+    )
+    bad = {
+        "every [[geometry]] must retrofit it": text.replace(
+            "[[geometry]]", '[[geometry]]\nname = "plain"\n\n[[geometry]]', 1
+        ),
+        "retrofit and heal_config go together": text.replace(
+            'heal_config = "train_configs/debug_heal.toml"', ""
+        ),
+        "only --retrofit.* and --model.memory_* keys": text.replace(
+            '"--retrofit.layers=1"', '"--model.dim=8"'
+        ),
+        "heal_config: 'nope.toml' is not a file": text.replace("train_configs/debug_heal.toml", "nope.toml"),
+        "needs base.pretrain_config or base.hf_model": text.replace(
+            'hf_model = "org/model"', 'checkpoint = "{base}"'
+        ),
+    }
+    for needle, study in bad.items():
+        with pytest.raises(
+            StudyError, match=needle.replace("*", r"\*").replace("[", r"\[").replace("]", r"\]")
+        ):
+            load_study(_write(tmp_path, study))

@@ -3,9 +3,10 @@
 Goyal et al. 2026 (sec. 3.3, stage 2) heal a retrofitted model on OpenAssistant conversations; the retrofit
 peers found the answer-only loss to matter (DESIGN.md). A record is OASST-style: `{"messages": [{"role":
 "system" | "user" | "assistant", "content": str}, ...]}` (a local JSONL file or a hub dataset with that
-column). An HF tokenizer with a chat template renders the conversation as the model was tuned to read it;
-each assistant turn's text after the template's generation prompt (its content and end-of-turn markup) is
-the target. Other tokenizers use `User: ...` / `Assistant: ...` lines, each answer ending with EOS.
+column), or OpenAssistant's own message-tree rows (`OpenAssistant/oasst1`: `oasst_threads`). An HF
+tokenizer with a chat template renders the conversation as the model was tuned to read it; each assistant
+turn's text after the template's generation prompt (its content and end-of-turn markup) is the target.
+Other tokenizers use `User: ...` / `Assistant: ...` lines, each answer ending with EOS.
 """
 
 from __future__ import annotations
@@ -96,9 +97,40 @@ def load_conversations(cfg: DataConfig, world: Any = None) -> list[list[dict[str
             [{"role": "user", "content": e.question}, {"role": "assistant", "content": e.answers[0]}]
             for e in qa
         ]
+    records = list(load_records(cfg.source, config=cfg.hf_config, split=cfg.split))  # small: in memory
+    if records and isinstance(records[0], dict) and "message_id" in records[0]:
+        return oasst_threads(records, cfg.source)[:first]
     out = []
-    for i, record in enumerate(load_records(cfg.source, config=cfg.hf_config, split=cfg.split)):
+    for i, record in enumerate(records):
         out.append(conversation(record, f"{cfg.source}: record {i + 1}"))
         if first is not None and len(out) == first:
             break
+    return out
+
+
+def oasst_threads(messages: Sequence[dict[str, Any]], where: str) -> list[list[dict[str, str]]]:
+    """OpenAssistant's message trees (`OpenAssistant/oasst1` rows: message_id, parent_id, role prompter |
+    assistant, text, rank) as conversations: one per top-ranked assistant reply (rank 0, or a reply no one
+    ranked), the path from the tree's root to it; in the rows' order."""
+    by_id = {}
+    for i, m in enumerate(messages):
+        if not {"message_id", "parent_id", "role", "text"} <= set(m) or m["role"] not in (
+            "prompter",
+            "assistant",
+        ):
+            raise ValueError(
+                f"{where}: row {i + 1}: not an OASST message (message_id, parent_id, role, text)"
+            )
+        by_id[m["message_id"]] = m
+    out = []
+    for m in messages:
+        if m["role"] != "assistant" or m.get("rank") not in (0, None):
+            continue
+        path, node = [], m
+        while node is not None:
+            path.append(
+                {"role": "user" if node["role"] == "prompter" else "assistant", "content": node["text"]}
+            )
+            node = by_id.get(node["parent_id"]) if node["parent_id"] is not None else None
+        out.append(path[::-1])
     return out

@@ -11,7 +11,8 @@ class StudyError(ValueError):
 SECTIONS: dict[str, set[str]] = {
     "study": {"name", "out", "seeds", "base_seeds", "pair_seeds"},
     "base": {
-        "checkpoint", "pretrain_config", "study", "pretrain_overrides", "background_batches", "background",
+        "checkpoint", "pretrain_config", "study", "hf_model", "pretrain_overrides", "background_batches",
+        "background",
     },
     "method": set(),  # [method.X] tables, checked on their own
     "finetune": {"overrides"},

@@ -1,5 +1,5 @@
-"""Run a study: per base (geometry x base seed) pretrain -> background counts -> base evaluation, and every
-arm once its base's counts exist; then results + report.
+"""Run a study: per base (geometry x base seed) pretrain (-> HF export -> heal, for a retrofit) -> background
+counts -> base evaluation, and every arm once its base's counts exist; then results + report.
 
 Jobs run `--jobs` at a time as soon as what they need is done, so arms of one base run while the next base
 pretrains. Each job is skipped when its output exists, so an interrupted or crashed study resumes where it
@@ -42,6 +42,7 @@ from titan_mem.study.stages import (
     layout_of,
     method_argv,
     pretrain_command,
+    retrofit_commands,
     run_command,
 )
 
@@ -91,17 +92,22 @@ def plan(spec: StudySpec) -> list[Job]:
         base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
         deps: list[str] = []
         if spec.pretrain_config is not None:
-            pre = Job(pretrain_command(spec, layout, key), lambda k=key: base_is_trained(spec, layout, k))
-            jobs.append(pre)
-            deps = [pre.name]
-        ev = base_eval_command(spec, layout, key, base, method_argv(spec, first_method, key, cfg))
+            cmd = pretrain_command(spec, layout, key)
+            if cmd.name not in (j.name for j in jobs):  # retrofits of one dense base share its run
+                jobs.append(Job(cmd, lambda k=key: base_is_trained(spec, layout, k)))
+            deps = [cmd.name]
+        if spec.geometry(key.geometry).retrofit:  # export -> heal, each after the one before
+            for cmd, done in retrofit_commands(spec, layout, key):
+                jobs.append(Job(cmd, done, deps))
+                deps = [cmd.name]
+        ev = base_eval_command(spec, layout, key, base, method_argv(spec, layout, first_method, key, cfg))
         jobs.append(Job(ev, lambda k=key: layout.base_eval(k).is_file() and layout.base_items(k).is_file(),
                         deps, base=key))  # fmt: skip
         base_names[key] = deps
     for arm in spec.arms:
         key = BaseKey(arm.geometry, arm.base_seed)
         base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
-        ft = method_argv(spec, spec.methods[arm.method], key, cfg)
+        ft = method_argv(spec, layout, spec.methods[arm.method], key, cfg)
         try:
             config_mod.parse_args(arm_argv(spec, arm, ft))  # the trainer's own checks, before anything runs
         except config_mod.ConfigError as e:

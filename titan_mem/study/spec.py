@@ -7,10 +7,12 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
                  with different seeds), pair_seeds = true (run sets zip the two lists instead of crossing)
     [base]       checkpoint = "RUN/checkpoints/step-N"  | pretrain_config = "train_configs/x.toml"
                  | study = "studies/other.toml" (that study's bases: its recipe, folders and geometries)
+                 | hf_model = "folder or org/name" (a pretrained HF model; every geometry retrofits it)
                  pretrain_overrides = [...], background_batches = 1000,
                  background = "pretrain" | "finetune" | "heldout" (the data the background counts read)
     [[geometry]] name = "1M", overrides = ["--model.memory_n_keys=1024", ...] (model keys: every run),
-                 arm_overrides = ["--finetune.top_t=500"] (finetuning runs only; a sweep key wins)
+                 arm_overrides = ["--finetune.top_t=500"] (finetuning runs only; a sweep key wins);
+                 a retrofit: retrofit = [...], heal_config, heal_overrides (Geometry says how)
     [method.X]   config = "train_configs/debug_full_finetune.toml", overrides = [...]: method X's own
                  optimizer, schedule, clipping; its training.mode decides the sweep keys
     [finetune]   overrides = [...] (the stream, shared by every method: data, steps)
@@ -73,11 +75,17 @@ class MetricRef:
 
 @dataclass(frozen=True)
 class Geometry:
-    """One memory size: model overrides every run of it gets, and finetuning-only overrides (e.g. t)."""
+    """One memory size: model overrides every run of it gets, and finetuning-only overrides (e.g. t). A
+    retrofit (Goyal et al. 2026) pretrains a dense base with `overrides` (or takes [base] hf_model), exports
+    it to HF format, retrofits it (`retrofit`: --retrofit.*, --model.memory_* keys), heals it with
+    `heal_config`; later runs (counts, evaluation, arms) read the healed model."""
 
     name: str
     overrides: tuple[str, ...] = ()
     arm_overrides: tuple[str, ...] = ()
+    retrofit: tuple[str, ...] = ()
+    heal_config: Path | None = None
+    heal_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class StudySpec:
     pair_seeds: bool
     base_checkpoint: Path | None
     pretrain_config: Path | None
+    hf_model: str | None
     pretrain_overrides: list[str]
     background_batches: int
     background: str
@@ -199,9 +208,8 @@ def _check_sections(where: str, data: dict[str, Any]) -> None:
         if name in ("arm", "geometry"):
             continue
         if name not in SECTIONS:
-            raise StudyError(
-                f"{where}: unknown section [{name}] (known: {', '.join([*SECTIONS, 'geometry', 'arm'])})"
-            )
+            known = ", ".join([*SECTIONS, "geometry", "arm"])
+            raise StudyError(f"{where}: unknown section [{name}] (known: {known})")
         if not isinstance(table, dict):
             raise StudyError(f"{where}: '{name}' must be a [section]")
         if name == "method":
@@ -240,8 +248,9 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     if study.get("pair_seeds") and len(seeds) != len(base_seeds):
         raise StudyError(f"{where}: study.pair_seeds: seeds and base_seeds must have the same length")
     checkpoint, recipe, other = base.get("checkpoint"), base.get("pretrain_config"), base.get("study")
-    if sum(x is not None for x in (checkpoint, recipe, other)) != 1:
-        raise StudyError(f"{where}: [base] needs exactly one of checkpoint, pretrain_config or study")
+    hf_model = base.get("hf_model")
+    if sum(x is not None for x in (checkpoint, recipe, other, hf_model)) != 1:
+        raise StudyError(f"{where}: [base] needs one of checkpoint, pretrain_config, study or hf_model")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise StudyError(f"{where}: base.checkpoint {checkpoint} is not a checkpoint folder")
     if checkpoint is not None and len(base_seeds) > 1:
@@ -263,6 +272,10 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
             raise StudyError(f"{where}: study.base_seeds {base_seeds}: {other} has bases {shared.base_seeds}")
     if recipe is not None and not Path(recipe).is_file():
         raise StudyError(f"{where}: base.pretrain_config {recipe} not found")
+    if recipe is None and hf_model is None and any(g.retrofit for g in geometries):
+        raise StudyError(f"{where}: a retrofit geometry needs base.pretrain_config or base.hf_model")
+    if hf_model is not None and not all(g.retrofit for g in geometries):
+        raise StudyError(f"{where}: base.hf_model: every [[geometry]] must retrofit it (retrofit keys)")
     background = base.get("background", "pretrain")
     if background not in BACKGROUNDS:
         raise StudyError(
@@ -277,6 +290,7 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         pair_seeds=bool(study.get("pair_seeds", False)),
         base_checkpoint=Path(checkpoint) if checkpoint else None,
         pretrain_config=Path(recipe) if recipe else None,
+        hf_model=str(hf_model) if hf_model is not None else None,
         pretrain_overrides=_str_list(where, "base.pretrain_overrides", base.get("pretrain_overrides", [])),
         background_batches=_positive(where, "base.background_batches", base.get("background_batches", 1000)),
         background=background,
@@ -338,7 +352,7 @@ def _geometries(where: str, tables: Any) -> list[Geometry]:
         return [Geometry("default")]
     out = []
     for i, t in enumerate(tables):
-        unknown = set(t) - {"name", "overrides", "arm_overrides"}
+        unknown = set(t) - {"name", "overrides", "arm_overrides", "retrofit", "heal_config", "heal_overrides"}
         if unknown:
             raise StudyError(f"{where}: geometry {i}: unknown key {sorted(unknown)[0]!r}")
         if not isinstance(t.get("name"), str) or not t["name"].replace("_", "").isalnum():
@@ -349,10 +363,24 @@ def _geometries(where: str, tables: Any) -> list[Geometry]:
                 f"{where}: geometry {t['name']}.overrides: only --model.* keys (the memory size)"
             )
         arm_over = _str_list(where, f"geometry {t['name']}.arm_overrides", t.get("arm_overrides", []))
-        out.append(Geometry(t["name"], tuple(over), tuple(arm_over)))
+        out.append(Geometry(t["name"], tuple(over), tuple(arm_over), *_retrofit(where, t)))
     if len({g.name for g in out}) != len(out):
         raise StudyError(f"{where}: geometry names repeat")
     return out
+
+
+def _retrofit(where: str, t: dict) -> tuple[tuple[str, ...], Path | None, tuple[str, ...]]:
+    """A geometry's `retrofit` overrides and heal recipe (both or none)."""
+    name, heal = t["name"], t.get("heal_config")
+    retrofit = _str_list(where, f"geometry {name}.retrofit", t.get("retrofit", []))
+    heal_over = _str_list(where, f"geometry {name}.heal_overrides", t.get("heal_overrides", []))
+    if bool(retrofit) != (heal is not None) or (heal_over and not retrofit):
+        raise StudyError(f"{where}: geometry {name}: retrofit and heal_config go together")
+    if any(not o.startswith(("--retrofit.", "--model.memory_")) for o in retrofit):
+        raise StudyError(f"{where}: geometry {name}.retrofit: only --retrofit.* and --model.memory_* keys")
+    if heal is not None and not (isinstance(heal, str) and Path(heal).is_file()):
+        raise StudyError(f"{where}: geometry {name}.heal_config: {heal!r} is not a file")
+    return tuple(retrofit), Path(heal) if heal is not None else None, tuple(heal_over)
 
 
 def _methods(where: str, tables: Any) -> dict[str, Method]:

@@ -1,5 +1,6 @@
 """The commands a study runs, one subprocess per stage: per geometry and base seed, pretrain the base (if the
-study gives a recipe), count background slot usage (one file per background corpus and batch shape),
+study gives a recipe; a retrofit geometry then exports it to HF format and heals its retrofit), count
+background slot usage (one file per background corpus and batch shape),
 evaluate the base once; then one finetuning run per arm.
 
 Subprocesses keep a crashed arm from taking the study down, let arms run side by side (`--jobs`, one
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,15 +41,27 @@ class Layout:
 
     root: Path
     base_root: Path | None = None
+    # geometry -> the geometry whose pretraining run it shares (retrofits of one dense base)
+    pretrain_of: dict[str, str] = field(default_factory=dict)
+
+    def pretrain_name(self, key: BaseKey) -> str:
+        return self.pretrain_of.get(key.geometry, key.geometry)
 
     def base_run(self, key: BaseKey) -> Path:
-        return (self.base_root or self.root) / key.geometry / f"base-b{key.seed}"
+        return (self.base_root or self.root) / self.pretrain_name(key) / f"base-b{key.seed}"
 
     def base_files(self, key: BaseKey) -> Path:
         return self.root / key.geometry / f"base-b{key.seed}-files"
 
     def counts(self, key: BaseKey, background: str, batch: int, seq_len: int) -> Path:
         return self.base_files(key) / f"counts-{background}-{batch}x{seq_len}.safetensors"
+
+    def hf_export(self, key: BaseKey) -> Path:
+        """A retrofit geometry's dense base in HF format (what `retrofit.base` names)."""
+        return self.base_files(key) / "hf"
+
+    def heal_run(self, key: BaseKey) -> Path:
+        return (self.base_root or self.root) / key.geometry / f"heal-b{key.seed}"
 
     def base_eval(self, key: BaseKey) -> Path:
         return self.base_files(key) / "eval.json"
@@ -67,9 +81,12 @@ class Layout:
 
 
 def layout_of(spec: StudySpec) -> Layout:
+    # retrofit geometries with the same dense recipe share one pretraining run (the first one's folder)
+    shared = {g.name: next(h.name for h in spec.geometries if h.retrofit and h.overrides == g.overrides)
+              for g in spec.geometries if g.retrofit}  # fmt: skip
     if spec.base_study is None:
-        return Layout(spec.out)
-    return Layout(spec.out, load_study(spec.base_study).out)
+        return Layout(spec.out, pretrain_of=shared)
+    return Layout(spec.out, load_study(spec.base_study).out, shared)
 
 
 @dataclass
@@ -116,12 +133,65 @@ def pretrain_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
     return config_mod.parse_args(pretrain_argv(spec, layout, key))
 
 
-def base_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
-    """The checkpoint a base's arms start from: the given one, or the recipe's last step."""
+def pretrained_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
+    """The given base checkpoint, or the recipe's last step."""
     if spec.base_checkpoint is not None:
         return spec.base_checkpoint
     cfg = pretrain_config(spec, layout, key)
     return layout.base_run(key) / cfg.checkpoint.folder / f"step-{cfg.training.steps}"
+
+
+def base_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
+    """The checkpoint a base's arms start from: the pretrained one, or a retrofit geometry's healed one."""
+    if not spec.geometry(key.geometry).retrofit:
+        return pretrained_checkpoint(spec, layout, key)
+    cfg = config_mod.parse_args(heal_argv(spec, layout, key))
+    return layout.heal_run(key) / cfg.checkpoint.folder / f"step-{cfg.training.steps}"
+
+
+def retrofit_overrides(spec: StudySpec, layout: Layout, key: BaseKey) -> list[str]:
+    """What makes every run of a retrofit geometry read the retrofitted model (nothing for the others)."""
+    g = spec.geometry(key.geometry)
+    hf = spec.hf_model or layout.hf_export(key)  # a given HF model, or the study's dense base exported
+    return [f"--retrofit.base={hf}", *g.retrofit] if g.retrofit else []
+
+
+def heal_argv(spec: StudySpec, layout: Layout, key: BaseKey) -> list[str]:
+    """A retrofit geometry's healing run (Goyal et al. 2026, stage 2): its heal config on the recipe's
+    world, the retrofit of the exported dense base, the base seed."""
+    g = spec.geometry(key.geometry)
+    assert g.heal_config is not None
+    return [
+        str(g.heal_config), *(_recipe_world(spec) if spec.pretrain_config else []), *g.heal_overrides,
+        *retrofit_overrides(spec, layout, key),
+        f"--job.seed={key.seed}", f"--data.seed={key.seed}", f"--job.dump_folder={layout.heal_run(key)}",
+    ]  # fmt: skip
+
+
+def is_trained(ckpt: Path) -> bool:
+    return ckpt.is_dir() and int(ckpt.name.split("-")[1]) in step_dirs(ckpt.parent)
+
+
+def retrofit_commands(
+    spec: StudySpec, layout: Layout, key: BaseKey
+) -> list[tuple[Command, Callable[[], bool]]]:
+    """A retrofit geometry's stages before counts and evaluation: HF export of the study's dense base (none
+    for a given [base] hf_model), then healing; each with its test of being done."""
+    log = (layout.base_root or layout.root) / key.geometry / "logs"
+    heal = [sys.executable, "-m", "titan_mem.train", *heal_argv(spec, layout, key)]
+    healed = base_checkpoint(spec, layout, key)
+    jobs = [(Command(f"heal base {key.geometry}/b{key.seed}", heal, log / f"heal-b{key.seed}.log"),
+             lambda: is_trained(healed))]  # fmt: skip
+    if spec.hf_model:
+        return jobs
+    hf = layout.hf_export(key)
+    export = [sys.executable, "-m", "titan_mem.study.worker", "to-hf",
+              "--base", str(pretrained_checkpoint(spec, layout, key)), "--out", str(hf)]  # fmt: skip
+    name = f"export base {key.geometry}/b{key.seed}"
+    return [
+        (Command(name, export, log / f"export-b{key.seed}.log"), lambda: (hf / "config.json").is_file()),
+        *jobs,
+    ]
 
 
 def base_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
@@ -130,18 +200,20 @@ def base_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
         from titan_mem.eval.runner import load_checkpoint_config
 
         return load_checkpoint_config(spec.base_checkpoint)
+    if spec.hf_model:
+        return config_mod.parse_args(heal_argv(spec, layout, key))
     return pretrain_config(spec, layout, key)
 
 
 def base_is_trained(spec: StudySpec, layout: Layout, key: BaseKey) -> bool:
-    ckpt = base_checkpoint(spec, layout, key)
-    return ckpt.is_dir() and int(ckpt.name.split("-")[1]) in step_dirs(ckpt.parent)
+    return is_trained(pretrained_checkpoint(spec, layout, key))
 
 
 def pretrain_command(spec: StudySpec, layout: Layout, key: BaseKey) -> Command:
     argv = [sys.executable, "-m", "titan_mem.train", *pretrain_argv(spec, layout, key)]
-    log = (layout.base_root or layout.root) / key.geometry / "logs" / f"pretrain-b{key.seed}.log"
-    return Command(f"pretrain base {key.geometry}/b{key.seed}", argv, log)
+    name = layout.pretrain_name(key)
+    log = (layout.base_root or layout.root) / name / "logs" / f"pretrain-b{key.seed}.log"
+    return Command(f"pretrain base {name}/b{key.seed}", argv, log)
 
 
 def world_overrides(base_cfg: Config) -> list[str]:
@@ -153,13 +225,15 @@ def world_overrides(base_cfg: Config) -> list[str]:
     return [*pins, f"--data.synthetic_seed={d.world_seed()}"]
 
 
-def method_argv(spec: StudySpec, method: Method, key: BaseKey, base_cfg: Config) -> list[str]:
+def method_argv(spec: StudySpec, layout: Layout, method: Method, key: BaseKey, base_cfg: Config) -> list[str]:
     """A method's finetuning config as every command of that method reads it: its own config, the base's
-    world, the study's stream, the geometry (model and finetuning keys), then the method's own overrides
-    (which win over the study-wide ones: a method may have its own regime or t)."""
+    world, the study's stream, the geometry (model and finetuning keys; a retrofit geometry's retrofit
+    instead of its dense base's model keys), then the method's own overrides (which win over the
+    study-wide ones: a method may have its own regime or t)."""
     g = spec.geometry(key.geometry)
+    model = retrofit_overrides(spec, layout, key) if g.retrofit else list(g.overrides)
     return [
-        str(method.config), *world_overrides(base_cfg), *spec.finetune_overrides, *g.overrides,
+        str(method.config), *world_overrides(base_cfg), *spec.finetune_overrides, *model,
         *g.arm_overrides, *method.overrides,
     ]  # fmt: skip
 

@@ -16,7 +16,7 @@ def with_base(spec: StudySpec, checkpoint: str | Path) -> StudySpec:
     if len(spec.geometries) > 1 or len(spec.base_seeds) > 1:
         raise StudyError("--base: one checkpoint cannot stand for several geometries or base seeds")
     spec.base_checkpoint, spec.pretrain_config, spec.pretrain_overrides = Path(checkpoint), None, []
-    spec.base_study = None
+    spec.base_study, spec.hf_model = None, None
     return spec
 
 

@@ -4,6 +4,7 @@
                                             --out F  FT.toml [--k=v ...]
     python -m titan_mem.study.worker eval   --base STEP --tasks T --limit N --out F --items-out F
                                             [--data-dir D]  FT.toml [--k=v ...]
+    python -m titan_mem.study.worker to-hf  --base STEP --out FOLDER   (a retrofit geometry's dense base)
 
 `counts` counts slot usage in the finetuning config's batch shape over the background corpus:
 `pretrain` the base's own pretraining data (its run's config.json), `finetune` the finetuning stream itself,
@@ -24,6 +25,7 @@ from titan_mem.config import Config, ConfigError
 from titan_mem.distributed import exit_process
 from titan_mem.eval.runner import evaluate_checkpoint, load_checkpoint_config
 from titan_mem.eval.tasks import parse_task_list
+from titan_mem.hf.export import export_checkpoint
 from titan_mem.sparse.background import count_background
 from titan_mem.study.keys import BACKGROUNDS
 from titan_mem.train import run_cli
@@ -46,7 +48,7 @@ def background_config(kind: str, base: Path, ft: Config) -> Config:
 
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="titan_mem study stage")
-    parser.add_argument("stage", choices=("counts", "eval"))
+    parser.add_argument("stage", choices=("counts", "eval", "to-hf"))
     parser.add_argument("--base", required=True, help="the base checkpoint step folder")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--background", choices=BACKGROUNDS, default="pretrain", help="counts: corpus")
@@ -55,6 +57,10 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, help="eval: examples per task")
     parser.add_argument("--data-dir", help="eval: local evaluation data folder")
     parser.add_argument("--items-out", help="eval: per-item scores (eval_items.jsonl format)")
+    if argv[:1] == ["to-hf"]:  # a retrofit geometry's dense base, read with its run's own config
+        args = parser.parse_args(argv)
+        print(export_checkpoint(Path(args.base), args.out, overwrite=True))
+        return
     parser.add_argument("config", help="the finetuning config (TOML), then --section.key=value overrides")
     args, overrides = parser.parse_known_args(argv)
     base = Path(args.base)
