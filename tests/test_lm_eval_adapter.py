@@ -189,3 +189,21 @@ def test_command_line_writes_results(cli_run, own):
     )
     nll = results["titan_mem_gsm8k_nll_local"]["nll,none"]
     assert nll == pytest.approx(metric(outputs["gsm8k"], "nll"), rel=1e-6, abs=0)
+
+
+def test_registering_titan_mem_keeps_the_harness_models_and_declares_the_plugin():
+    """lm-eval 0.4.13 imports its own models only while its registry is empty: our registration must not
+    hide `hf` / `vllm`. The `lm_eval.models` entry point (lm-eval's plugin mechanism) names the adapter."""
+    code = (
+        "import titan_mem.eval.lm_eval_adapter\n"
+        "from importlib.metadata import entry_points\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "print(sorted(model_registry.keys()))\n"
+        "print(get_model('titan_mem').__name__)\n"
+        "print([e.load().__name__ for e in entry_points(group='lm_eval.models') if e.name == 'titan_mem'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    keys, registered, plugin = out.stdout.strip().splitlines()[-3:]
+    assert {"'hf'", "'vllm'", "'titan_mem'"} <= {k.strip() for k in keys.strip("[]").split(",")}
+    assert registered == "TitanMemLM" and plugin == "['TitanMemLM']"

@@ -4,7 +4,10 @@
     lm_eval.simple_evaluate(model="titan_mem", model_args="checkpoint=RUN/checkpoints/step-N", tasks=[...])
 
 or from the shell `python -m titan_mem.eval.lm_eval_cli --model titan_mem --model_args checkpoint=...`
-(lm-eval 0.4.13 has no plugin discovery, so its own `lm_eval` command cannot see this model).
+(lm-eval 0.4.13 has no plugin discovery, so its own `lm_eval` command cannot see this model; releases with
+lm-eval's plugin mechanism find it through the `lm_eval.models` entry point in pyproject.toml). lm-eval's
+own models are imported before ours registers: 0.4.13 imports them only while its registry is empty, so a
+registry holding just "titan_mem" would hide `hf` and `vllm`.
 
 The three request kinds go to `EvalModel`, the scorer the project's own tasks use, so a harness number and
 `tools/evaluate.py`'s number for the same prompt are the same computation: BOS-prefixed context, HFLM's
@@ -28,6 +31,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (first: 0.4.13 fills its registry from it only while the registry is empty)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
