@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from titan_mem.data.special_ids import SpecialIds
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # what an HF model folder's tokenizer is made of (copied on export)
@@ -44,7 +46,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialIds):
     """`tokenizers.Tokenizer` with titan_mem's tokenizer face (see the module docstring)."""
 
     def __init__(self, folder: Path, *, num_threads: int = 4) -> None:
@@ -90,18 +92,6 @@ class HFTokenizer:
     def n_words(self) -> int:
         return self._n_words
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self._wrap(self.backend.encode(text, add_special_tokens=False).ids, bos, eos)
 
@@ -131,9 +121,6 @@ class HFTokenizer:
         return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
-
-    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        return ([self._bos_id] if bos else []) + list(ids) + ([self._eos_id] if eos else [])
 
     def __repr__(self) -> str:
         return (

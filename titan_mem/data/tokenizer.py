@@ -29,6 +29,7 @@ import tiktoken
 
 from titan_mem.data.config import TokenizerConfig
 from titan_mem.data.hf_tokenizer import HFTokenizer, hf_tokenizer_folder
+from titan_mem.data.special_ids import SpecialIds
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -128,7 +129,7 @@ def load_bpe_file(path: str | Path, expected_sha256: str | None = None) -> dict[
     return ranks
 
 
-class Tokenizer:
+class Tokenizer(SpecialIds):
     """A tiktoken Encoding plus the project's BOS/EOS/PAD convention (see the module docstring)."""
 
     def __init__(self, encoding: tiktoken.Encoding, *, name: str, num_threads: int = 4) -> None:
@@ -136,6 +137,7 @@ class Tokenizer:
         self.name = name
         self.num_threads = num_threads
         self._eos_id = encoding.encode_single_token(EOS)
+        self._bos_id = self._eos_id  # EOS doubles as BOS
         self._pad_id = encoding.encode_single_token(PAD)
 
     @property
@@ -146,18 +148,6 @@ class Tokenizer:
     @property
     def padded_vocab_size(self) -> int:
         return padded_vocab_size(self.n_words)
-
-    @property
-    def bos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.encoding.encode_ordinary(text)
@@ -178,13 +168,6 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])
-
-    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        if bos:
-            ids = [self._eos_id, *ids]
-        if eos:
-            ids.append(self._eos_id)
-        return ids
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, n_words={self.n_words}, eos={self.eos_id}, pad={self.pad_id})"
