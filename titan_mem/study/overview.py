@@ -28,16 +28,17 @@ def analysis_spec(spec: StudySpec) -> AnalysisSpec:
     )
 
 
-def _model_memory(layout: Layout, key: BaseKey) -> tuple[int, int] | None:
-    """(reads per token, slots) of a base's memory layer, from its run's resolved config."""
-    path = layout.base_run(key) / "config.json"
+def _model_memory(spec: StudySpec, layout: Layout, key: BaseKey) -> tuple[int, int] | None:
+    """(reads per token, slots) of a base's memory layer, from its run's resolved config (a retrofit's:
+    the healing run's, whose memory is the retrofit's)."""
+    retrofit = bool(spec.geometry(key.geometry).retrofit)
+    path = (layout.heal_run(key) if retrofit else layout.base_run(key)) / "config.json"
     if not path.is_file():
         return None
     from titan_mem import config as config_mod
-    from titan_mem.models.args import build_model_args
+    from titan_mem.hf.retrofit import model_args_for
 
-    cfg = config_mod.load_run_config(path)
-    mem = build_model_args(cfg.model, vocab_size=1).memory
+    mem = model_args_for(config_mod.load_run_config(path), 1).memory
     return mem.heads * mem.topk, mem.n_keys**2
 
 
@@ -52,7 +53,7 @@ def geometry_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]
     for key in base_keys(spec):
         if key.seed != spec.base_seeds[0]:
             continue
-        mem = _model_memory(layout, key)
+        mem = _model_memory(spec, layout, key)
         for counts in sorted(layout.base_files(key).glob("counts-*.safetensors")):
             st = counts_stats(counts)
             hist = st["df_histogram"]
