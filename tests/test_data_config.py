@@ -43,7 +43,8 @@ def test_data_validate_names_the_key(changes, key):
 
 def test_regime_error_lists_choices():
     with pytest.raises(
-        ValueError, match=r"data.regime: expected one of 'pretrain', 'facts', 'qa', 'chat', 'documents', got 'x'"
+        ValueError,
+        match=r"data.regime: expected one of 'pretrain', 'facts', 'qa', 'chat', 'documents', got 'x'",
     ):
         DataConfig(regime="x").validate()
 
