@@ -201,3 +201,19 @@ def test_paper_config_dry_runs_from_config_json_alone(tmp_path):
     assert "params total                   494,032,768" in dense  # Qwen2.5-0.5B's published 0.49B
     retro = ok(run_trainer(base)).stdout  # layers 8/12/16 replaced: 3 x (65,536 x 896) value parameters
     assert "params memory_values           176,160,768" in retro and "retrofit of" in retro
+
+
+def test_retrofit_heals_on_two_ranks_as_on_one(dense_hf, tmp_path):
+    """The base's weights reach FSDP shards and column-split value tables alike: two ranks (gloo) follow
+    one rank's heal curve, and their checkpoint keeps every non-memory tensor of the base."""
+    _, folder = dense_hf
+    heal = ["--retrofit.mode=add", "--training.mode=heal", "--data.regime=chat", "--training.steps=3"]
+    for nproc in (1, 2):
+        ok(run_trainer([*retro(folder, *heal), f"--job.dump_folder={tmp_path / str(nproc)}"], nproc=nproc))
+    one, two = losses(tmp_path / "1"), losses(tmp_path / "2")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (one, two)
+    cfg = parse_args(retro(folder, *heal))
+    base = base_state_dict(folder, model_args_for(cfg, build_tokenizer(cfg.tokenizer).n_words))
+    state = load_model_tensors(tmp_path / "2" / "checkpoints" / "step-3")
+    assert all(torch.equal(state[k], v) for k, v in base.items())
