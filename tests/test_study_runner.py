@@ -182,23 +182,16 @@ def test_a_failed_job_skips_its_dependents_and_not_the_others(tmp_path):
     assert any("counts: FAILED (exit 2): counts" in line for line in lines)
 
 
-RETROFIT = """
+RETROFIT_GEOMETRY = """
 [[geometry]]
-name = "add"
+name = "{mode}"
 overrides = ["--model.flavor=debug_dense"]
-retrofit = ["--retrofit.mode=add", "--retrofit.layers=2", "--model.memory_n_keys=16",
-  "--model.memory_heads=2", "--model.memory_topk=4", "--model.memory_k_dim=16", "--model.memory_v_dim=32"]
-heal_config = "train_configs/debug_heal.toml"
-heal_overrides = ["--training.steps=2", "--training.global_batch_size=4", "--training.micro_batch_size=4"]
-
-[[geometry]]
-name = "replace"
-overrides = ["--model.flavor=debug_dense"]
-retrofit = ["--retrofit.mode=replace", "--retrofit.layers=2", "--model.memory_n_keys=16",
+retrofit = ["--retrofit.mode={mode}", "--retrofit.layers=2", "--model.memory_n_keys=16",
   "--model.memory_heads=2", "--model.memory_topk=4", "--model.memory_k_dim=16", "--model.memory_v_dim=32"]
 heal_config = "train_configs/debug_heal.toml"
 heal_overrides = ["--training.steps=2", "--training.global_batch_size=4", "--training.micro_batch_size=4"]
 """
+RETROFIT = "".join(RETROFIT_GEOMETRY.replace("{mode}", mode) for mode in ("add", "replace"))
 
 
 @pytest.mark.heavy
