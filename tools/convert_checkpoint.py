@@ -7,6 +7,7 @@
     python tools/convert_checkpoint.py export-model DCP_DIR OUT_DIR [--merge-lora --lora-alpha A]
     python tools/convert_checkpoint.py export-model SPARSE_STEP_DIR OUT_DIR [--base BASE_DCP]  # base + patch
     python tools/convert_checkpoint.py to-hf STEP_DIR OUT_DIR [--config RUN.json] [--dtype bfloat16]
+    python tools/convert_checkpoint.py from-gguf MODEL.gguf OUT_DIR     # llama.cpp file -> HF folder
     python tools/convert_checkpoint.py delta FINETUNED_DCP BASE_DCP OUT.safetensors [--allow-dense]
     python tools/convert_checkpoint.py apply-delta BASE_DCP DELTA OUT_DIR
     python tools/convert_checkpoint.py apply-delta FINETUNED_DCP DELTA OUT_DIR --remove
@@ -89,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
 
     sp = add(
+        "from-gguf",
+        "GGUF file (llama.cpp; Llama/Qwen2/Qwen3; F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/K-quants) -> HF "
+        "folder (config.json, fp32 model.safetensors, tokenizer.json, tokenizer_config.json, "
+        "chat_template.jinja): what retrofit.base, tokenizer.name and the HF reader take.",
+    )
+    sp.add_argument("src", type=Path, help="MODEL.gguf")
+    sp.add_argument("out_dir", type=Path)
+
+    sp = add(
         "delta",
         "Sparse delta of a finetuned checkpoint against its base: per memory value table the changed rows "
         "(ids, finetuned and base values) plus sha256 of "
@@ -141,6 +151,10 @@ def run(argv: list[str]) -> str:
         return export_checkpoint(
             args.dcp_dir, args.out_dir, config=args.config, dtype=args.dtype, overwrite=args.overwrite
         )
+    if args.cmd == "from-gguf":
+        from titan_mem.hf.gguf import gguf_to_hf  # needs the optional gguf extra
+
+        return gguf_to_hf(args.src, args.out_dir, overwrite=args.overwrite)
     if args.cmd == "delta":
         summary = make_delta(
             args.finetuned, args.base, args.out, allow_dense=args.allow_dense, overwrite=args.overwrite

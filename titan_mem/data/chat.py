@@ -69,7 +69,8 @@ def chat_row(messages: list[dict[str, str]], tokenizer: Any) -> Row:
             tokens += ids
             targets += [target] * len(ids)
         return Row(tuple(tokens), tuple(targets))
-    tokens, targets = [tokenizer.bos_id], [False]
+    tokens = tokenizer.prefix_ids()
+    targets = [False] * len(tokens)
     for m in messages:
         if m["role"] == "assistant":
             prompt = tokenizer.encode("Assistant:")

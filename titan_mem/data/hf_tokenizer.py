@@ -20,8 +20,11 @@ from titan_mem.data.special_ids import SpecialIds
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # where transformers 5 writes the chat template
 # what an HF model folder's tokenizer is made of (copied on export)
-TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE, "special_tokens_map.json", "generation_config.json",
+)  # fmt: skip
 
 
 HUB_PREFIX = "hf:"  # tokenizer.name = "hf:org/name": that hub model's tokenizer files
@@ -93,10 +96,8 @@ class HFTokenizer(SpecialIds):
         self._bos_id = vocab.get(bos, self._eos_id) if bos else self._eos_id
         self._pad_id = vocab.get(pad, self._eos_id) if pad else self._eos_id
         self.special_tokens = {"bos_token": bos or eos, "eos_token": eos, "pad_token": pad or eos}
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.add_bos = _adds_bos(self.backend, config, self._bos_id)
+        self.chat_template: str | None = _chat_template(Path(folder), config)
 
     @property
     def n_words(self) -> int:
@@ -127,7 +128,7 @@ class HFTokenizer(SpecialIds):
         """The conversation rendered by the model's chat template (as `transformers`' apply_chat_template
         with tokenize=False renders it)."""
         if self.chat_template is None:
-            raise ValueError(f"{self.name}: {TOKENIZER_CONFIG} has no chat_template")
+            raise ValueError(f"{self.name}: no chat template ({CHAT_TEMPLATE} or {TOKENIZER_CONFIG})")
         return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
@@ -136,6 +137,27 @@ class HFTokenizer(SpecialIds):
         return (
             f"HFTokenizer(name={self.name!r}, n_words={self.n_words}, eos={self.eos_id}, pad={self.pad_id})"
         )
+
+
+def _adds_bos(backend: Any, config: dict[str, Any], bos_id: int) -> bool:
+    """Whether the model reads a BOS first: `add_bos_token` where tokenizer_config.json says, else whether
+    tokenizer.json's post-processor puts one in (as `transformers` encodes with add_special_tokens)."""
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    ids = backend.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos_id and ids != backend.encode("a", add_special_tokens=False).ids
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The chat template: `chat_template.jinja` (transformers 5 writes it there), else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates whose `default` is the one)."""
+    path = folder / CHAT_TEMPLATE
+    if path.is_file():
+        return path.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _compiled(template: str) -> Any:

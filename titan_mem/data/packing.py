@@ -113,10 +113,11 @@ class Row:
     targets: tuple[bool, ...]
 
 
-def make_row(prompt: Sequence[int], completion: Sequence[int], bos_id: int, eos_id: int) -> Row:
-    """`[BOS] + prompt + completion + [EOS]`, with loss on completion and EOS only."""
-    tokens = (bos_id, *prompt, *completion, eos_id)
-    targets = (False,) + (False,) * len(prompt) + (True,) * (len(completion) + 1)
+def make_row(prompt: Sequence[int], completion: Sequence[int], prefix: Sequence[int], eos_id: int) -> Row:
+    """`prefix + prompt + completion + [EOS]` (prefix: the tokenizer's `prefix_ids()`, [BOS] or nothing),
+    with loss on completion and EOS only."""
+    tokens = (*prefix, *prompt, *completion, eos_id)
+    targets = (False,) * (len(prefix) + len(prompt)) + (True,) * (len(completion) + 1)
     return Row(tokens, targets)
 
 

@@ -108,20 +108,21 @@ class _EpochOrder:
 
 
 def fact_rows(facts: Sequence[FactExample], tokenizer: Tokenizer) -> list[list[Row]]:
-    """Each paraphrase as `[BOS] text [EOS]` with loss on every token after BOS."""
+    """Each paraphrase as `[BOS] text [EOS]` (BOS where the model adds one) with loss on every token after
+    the first."""
     out = []
     for fact in facts:
         if not fact.paraphrases:
             raise ValueError(f"fact {fact.fact_id!r} has no paraphrases")
         ids = tokenizer.encode_batch(fact.paraphrases)
-        out.append([make_row([], x, tokenizer.bos_id, tokenizer.eos_id) for x in ids])
+        out.append([make_row([], x, tokenizer.prefix_ids(), tokenizer.eos_id) for x in ids])
     return out
 
 
 def qa_rows(examples: Sequence[QAExample], tokenizer: Tokenizer) -> list[Row]:
     prompts = tokenizer.encode_batch([qa_prompt(e.question) for e in examples])
     answers = tokenizer.encode_batch([" " + e.answers[0].strip() for e in examples])
-    return [make_row(p, a, tokenizer.bos_id, tokenizer.eos_id) for p, a in zip(prompts, answers)]
+    return [make_row(p, a, tokenizer.prefix_ids(), tokenizer.eos_id) for p, a in zip(prompts, answers)]
 
 
 def document_rows(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int) -> list[Row]:

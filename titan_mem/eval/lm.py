@@ -65,13 +65,15 @@ class EvalModel:
 
     # ---- tokenization ----------------------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(BOS + context tokens, continuation tokens) as lm-eval's HFLM._encode_pair makes them."""
+        """(prefix + context tokens, continuation tokens) as lm-eval's HFLM._encode_pair makes them; the
+        prefix is the model's BOS where it adds one, and an empty context falls back to BOS (lm-eval's
+        prefix token) so the first continuation token is scored."""
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.tokenizer.encode(context + continuation)
         ctx = self.tokenizer.encode(context)
-        return [self.tokenizer.bos_id, *ctx], whole[len(ctx) :]
+        return [*self.tokenizer.prefix_ids(), *ctx] or [self.tokenizer.bos_id], whole[len(ctx) :]
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[Score]:
@@ -84,7 +86,7 @@ class EvalModel:
         pieces: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
-            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+            ids = [*(self.tokenizer.prefix_ids() or [self.tokenizer.bos_id]), *self.tokenizer.encode(text)]
             for start in range(0, max(len(ids) - 1, 1), self.max_seq_len):
                 window = ids[start : start + self.max_seq_len + 1]
                 pieces.append((window[:1], window[1:]))
@@ -136,7 +138,10 @@ class EvalModel:
         """Greedy continuation of each prompt (after BOS), cut before the first stop string; EOS and
         `max_new_tokens` also stop it."""
         until = [u for u in until if u]
-        encoded = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in prompts]
+        encoded = [
+            [*self.tokenizer.prefix_ids(), *self.tokenizer.encode(p)] or [self.tokenizer.bos_id]
+            for p in prompts
+        ]
         keep = self.max_seq_len - max_new_tokens
         if keep < 1:
             raise ValueError(
