@@ -5,6 +5,7 @@ native memory model does. The base is a dense model titan_mem pretrained itself 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,8 @@ from titan_mem.config import parse_args
 from titan_mem.data import build_tokenizer
 from titan_mem.hf.retrofit import base_state_dict, model_args_for
 from titan_mem.hf.weights import load_hf_model
+from titan_mem.models.args import MemoryArgs
+from titan_mem.models.memory import MemoryLayer
 from titan_mem.models.transformer import Transformer
 
 GEOMETRY = [a for a in TINY if a.startswith("--model.memory_") and not a.startswith("--model.memory_layers")]
@@ -45,7 +48,7 @@ def test_add_reproduces_the_base_and_replace_does_not(dense_hf, tmp_path):
         want = base(tokens)
         added, args = _retrofitted(folder, "add")
         replaced, _ = _retrofitted(folder, "replace")
-        assert torch.equal(added(tokens), want)  # gate 0: bit for bit the base
+        assert torch.equal(added(tokens), want)  # values 0: bit for bit the base
         assert (replaced(tokens) - want).abs().max() > 1e-3  # the FFN is gone
     assert args.memory.layers == [1] and args.memory.beside_ffn
     # in the Trainer: the first step's loss (computed before any update) is the base's own
@@ -71,6 +74,83 @@ def test_add_reproduces_the_base_and_replace_does_not(dense_hf, tmp_path):
         )
     )
     assert losses(tmp_path / "add")[1] == losses(tmp_path / "base")[1]
+
+
+@pytest.mark.parametrize("plus", [True, False])
+def test_add_memory_outputs_exactly_zero_yet_its_values_get_a_gradient(plus):
+    """An `add` memory starts with zero values and an open gate (1): its output is exactly 0 and its value
+    rows get a gradient at step 0 (a zero gate gave them none: docs/results.md, "Retrofit")."""
+    dim = 16
+    args = MemoryArgs(layers=[0], n_keys=8, heads=2, topk=3, k_dim=8, v_dim=dim, plus=plus, beside_ffn=True)
+    layer = MemoryLayer(dim, args, dim)
+    torch.manual_seed(0)
+    layer.init_weights()
+    assert torch.equal(layer.out_gate, torch.ones(dim)) and not layer.values.weight.any()
+    x = torch.randn(2, 5, dim)
+    out = layer(x)
+    assert torch.equal(out, torch.zeros_like(out))
+    (out * torch.randn_like(out)).sum().backward()
+    assert layer.values.weight.grad.abs().sum(1).gt(0).sum() > 0  # the rows read get a gradient
+    assert not layer.query_proj.weight.grad.any()  # the output does not depend on the query while values = 0
+
+
+def test_add_starts_at_its_base_and_its_values_learn_from_step_0(dense_hf):
+    """The retrofitted model's logits are the base's bit for bit, and the LM loss's gradient reaches the
+    value table at step 0; a shared pool starts at zero too."""
+    _, folder = dense_hf
+    base, _ = load_hf_model(folder)
+    tokens = torch.randint(0, 3000, (2, 32), generator=torch.Generator().manual_seed(1))
+    added, args = _retrofitted(folder, "add")
+    logits = added(tokens)
+    with torch.no_grad():
+        assert torch.equal(logits, base(tokens))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    grad = added.layers["1"].feed_forward.values.weight.grad
+    assert grad is not None and grad.abs().sum(1).gt(0).sum() > 0
+    shared = dataclasses.replace(
+        args, memory=dataclasses.replace(args.memory, layers=[0, 1], shared_values=True)
+    )
+    model = Transformer(shared)
+    model.init_weights()
+    assert not model.shared_memory_values.weight.any()
+    assert all(
+        torch.equal(b.feed_forward.out_gate, torch.ones(shared.dim))
+        for b in model.layers.values()
+        if b.is_memory
+    )
+
+
+def test_add_sparse_finetunes_from_its_unhealed_start(dense_hf, tmp_path):
+    """From a checkpoint of the `add` retrofit as it starts (healed at lr 0: the FSDP-initialised,
+    column-split shared pool, all zeros), sparse finetuning's first step moves the rows it selects: their
+    gradient is not 0."""
+    _, folder = dense_hf
+    args = retro(folder, "--retrofit.mode=add", "--retrofit.layers=0,1", "--model.memory_shared_values=true")
+    start = tmp_path / "start"
+    heal = ["--training.mode=heal", "--data.regime=chat", "--training.steps=1", "--optimizer.lr=0"]
+    ok(run_trainer([*args, *heal, f"--job.dump_folder={start}"]))
+    step = start / "checkpoints" / "step-1"
+    pool = "shared_memory_values.weight"
+    start_pool = load_model_tensors(step)[pool]
+    assert not start_pool.any()  # zero on the Trainer's init path as well
+    sparse = [
+        *args,
+        f"--job.dump_folder={tmp_path / 'sparse'}",
+        "--training.mode=sparse_finetune",
+        f"--checkpoint.initial_load_path={step}",
+        "--data.regime=facts",
+        "--training.micro_batch_size=4",
+        "--training.steps=1",
+        "--optimizer.lr=2",
+        "--finetune.ranking=tf",
+        "--finetune.top_t=10",
+        "--lr_scheduler.warmup_steps=0",
+        "--lr_scheduler.decay_type=constant",
+    ]
+    ok(run_trainer(sparse))
+    moved = load_model_tensors(tmp_path / "sparse" / "checkpoints" / "step-1")[pool].ne(start_pool).any(1)
+    assert 0 < int(moved.sum()) <= 2 * 10  # rows moved, at most top_t per memory layer
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +180,9 @@ def test_heal_trains_only_the_memory_layers(healed):
     assert memory and set(state) - memory == set(base)
     for name, tensor in base.items():
         assert torch.equal(state[name], tensor), name  # attention, kept FFN, norms, embeddings: untouched
-    assert state["layers.1.feed_forward.out_gate"].abs().max() > 0  # the gate opened
-    assert (state["layers.1.feed_forward.values.weight"] != 0).any()
+    gate = state["layers.1.feed_forward.out_gate"]
+    assert not torch.equal(gate, torch.ones_like(gate))  # the gate learned (it starts at 1)
+    assert (state["layers.1.feed_forward.values.weight"] != 0).any()  # and the values (they start at 0)
 
 
 def _sparse(healed, run, steps: int) -> list[str]:

@@ -162,8 +162,9 @@ class RetrofitConfig:
     mode: str = help_field(
         "replace",
         "replace: the block's FFN is discarded and a fresh memory layer computes in its place (Goyal et al.) "
-        "| add: the FFN stays and the memory's output is added behind a per-channel gate initialised to 0, "
-        "so step 0 reproduces the base model exactly.",
+        "| add: the FFN stays and the memory's output is added behind a learned per-channel gate (init 1) "
+        "from value rows initialised to 0, so step 0 reproduces the base model exactly while the values "
+        "get a gradient from the first step.",
     )
 
     def validate(self) -> None:

@@ -3,8 +3,8 @@
 `[retrofit] base` names the model; its `config.json` gives the architecture (so a dry run needs no weights),
 `[model] memory_*` keys the memory geometry, `retrofit.layers` the blocks that get a memory layer and
 `retrofit.mode` how: `replace` discards the block's FFN (the paper), `add` keeps it and adds the memory's
-output behind a zero-initialised gate, so the retrofitted model starts equal to its base (the retrofit
-peers' lesson, DESIGN.md). A new run starts from the base's weights with freshly initialised memory layers;
+output (values initialised to 0 behind a learned per-channel gate, so the retrofitted model starts equal to
+its base bit for bit while the values get a gradient: models.memory.MemoryLayer). A new run starts from the base's weights with freshly initialised memory layers;
 healing (`training.mode=heal`), background counts and the finetuning modes then run as for a native model.
 """
 

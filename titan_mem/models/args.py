@@ -32,10 +32,11 @@ class MemoryArgs:
     query_norm: str = _arg("rms", "query normalisation: none | rms | batchnorm (XLM PKM: batch-norm helps)")
     shared_values: bool = _arg(False, "one value pool shared by all memory layers")
     # Retrofit `add` (Goyal et al. 2026; DESIGN.md, retrofit peers): the block keeps its SwiGLU FFN and adds
-    # the memory's output times a per-channel gate initialised to 0, so the model starts equal to its base.
+    # the memory's output times a learned per-channel gate (init 1) from value rows initialised to 0, so the
+    # model starts equal to its base while the values get a gradient (models.memory.MemoryLayer says why).
     # Set by `[retrofit] mode`, not a [model] key: the base checkpoint decides which FFNs exist.
     beside_ffn: bool = _arg(
-        False, "memory added beside the block's FFN behind a zero-initialised gate", override=False
+        False, "memory added beside the block's FFN (zero-initialised values, gated output)", override=False
     )
 
     @property

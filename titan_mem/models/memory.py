@@ -41,12 +41,19 @@ class MemoryValues(nn.Module):
     ColumnShardedValues` (this rank's column slice), which has the same `weight`/`backend`/`lookup` face.
     """
 
-    def __init__(self, n_slots: int, v_dim: int):
+    def __init__(self, n_slots: int, v_dim: int, zero_init: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
         self.backend = "auto"  # lookup kernel: kernels.LOOKUP_BACKENDS
+        self.zero_init = zero_init  # a retrofit `add` memory (MemoryArgs.beside_ffn): MemoryLayer says why
 
     def init_weights(self) -> None:
+        """The one place a table gets its initial rows, on every path (an owned table from its layer's
+        `init_weights`, a shared pool from the Transformer's root init, FSDP's seeded materialisation; the
+        memory-parallel column shards are cut from the initialised whole)."""
+        if self.zero_init:
+            nn.init.zeros_(self.weight)
+            return
         # XLM PKM: values ~ N(0, v_dim^-1/2).
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
@@ -164,7 +171,19 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
 
 class MemoryLayer(nn.Module):
     """PKM / Memory+ layer. `forward(x, return_slots=True)` also returns the slots each token read: what the
-    slot selector and the background counter count (Lin et al. 2025, sec. 3)."""
+    slot selector and the background counter count (Lin et al. 2025, sec. 3).
+
+    Beside a kept FFN (retrofit `add`, `MemoryArgs.beside_ffn`) the output is `out * out_gate` and must be
+    exactly 0 at step 0, so the retrofitted model starts as its base bit for bit. The zero comes from the
+    *values* (all rows 0, so every bag is 0 and so is value_proj(0 * silu(.))), not from the gate (ones):
+    d loss / d values = value_proj^T (dL/dout * gate) * silu(gate_proj(x)) is then non-zero from the first
+    step, which sparse finetuning needs (it updates value rows only). A zero gate instead zeroes that
+    gradient at step 0 and keeps it proportional to the gate after a short heal: value rows moved by ~1e-6
+    and a sparse finetune learned next to nothing (docs/results.md, "Retrofit"). The gate stays a learned
+    per-channel scale, so healing can still close channels whose memory output hurts the base (the retrofit
+    peers' lesson, DESIGN.md). Queries, keys and the Memory+ projections get no gradient while the values
+    are 0 (the output does not depend on them); the first value update gives them one.
+    """
 
     def __init__(self, dim: int, args: MemoryArgs, v_dim: int, shared_values: MemoryValues | None = None):
         super().__init__()
@@ -180,7 +199,7 @@ class MemoryLayer(nn.Module):
             self.query_norm = nn.Identity()
         self.keys = nn.Parameter(torch.empty(args.heads, 2, args.n_keys, self.half))
         if shared_values is None:
-            self.values = MemoryValues(args.n_slots, v_dim)
+            self.values = MemoryValues(args.n_slots, v_dim, zero_init=args.beside_ffn)
             self._shared: list[ValueTable] = []
         else:
             # Held in a list so the shared pool is registered once, by its owner (the Transformer).
@@ -188,7 +207,7 @@ class MemoryLayer(nn.Module):
         if args.plus:
             self.gate_proj = nn.Linear(dim, v_dim, bias=False)
             self.value_proj = nn.Linear(v_dim, dim, bias=False)
-        if args.beside_ffn:  # retrofit `add`: out * gate, gate = 0 at init (step 0 is the base model)
+        if args.beside_ffn:  # retrofit `add`: out * gate, gate = 1 and values = 0 at init (see the class)
             self.out_gate = nn.Parameter(torch.empty(dim))
         self.sparse_grad = False  # sparse finetuning: row-sparse table gradient (see kernels.value_lookup)
 
@@ -218,7 +237,7 @@ class MemoryLayer(nn.Module):
             nn.init.normal_(self.gate_proj.weight, std=self.dim**-0.5)
             nn.init.trunc_normal_(self.value_proj.weight, std=init_std)
         if self.args.beside_ffn:
-            nn.init.zeros_(self.out_gate)
+            nn.init.ones_(self.out_gate)
 
     def lookup_slots(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [N, H, k] (fp32 softmax weights) and slots [N, H, k] for flattened tokens x: [N, dim]."""

@@ -242,7 +242,7 @@ class TransformerBlock(nn.Module):
             out, slots = self.feed_forward(x), None
         else:
             out, slots = self.feed_forward(x, return_slots=True)
-        if self.dense_ffn is not None:  # the base FFN's output + gate * memory's (exact while gate == 0)
+        if self.dense_ffn is not None:  # the base FFN's output + the memory's (exact while values == 0)
             out = self.dense_ffn(x) + out
         return (h + out, slots) if return_slots else h + out
 
@@ -254,7 +254,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         mem = args.memory
         self.shared_memory_values = (
-            MemoryValues(mem.n_slots, args.v_dim) if mem.shared_values and mem.layers else None
+            MemoryValues(mem.n_slots, args.v_dim, zero_init=mem.beside_ffn)
+            if mem.shared_values and mem.layers
+            else None
         )
         # ModuleDict keyed by str(index), as torchtitan does, so FSDP/AC wrap blocks by name.
         self.layers = nn.ModuleDict(
