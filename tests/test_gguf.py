@@ -262,3 +262,26 @@ def test_bad_gguf_files_get_one_line_and_leave_nothing(tmp_path, bpe, llama):
     w.write_tensors_to_file()
     w.close()
     _refused(tmp_path, iq, "iq.gguf", "IQ4_NL", "not supported")
+
+
+def test_an_hf_folder_evaluates_as_the_model_it_holds(tmp_path, bpe, llama):
+    """tools/evaluate.py --checkpoint HF_FOLDER: a pretrained model's baseline needs no training run."""
+    from titan_mem.distributed import shutdown
+    from titan_mem.eval.runner import load_eval_model
+
+    assert _convert(write_gguf(tmp_path / "m.gguf", llama, bpe), tmp_path / "hf").returncode == 0
+    try:
+        lm, cfg = load_eval_model(tmp_path / "hf")
+    finally:
+        shutdown()  # loading makes a one-rank process group in this pytest process
+    assert cfg.retrofit.base == str((tmp_path / "hf").resolve()) and not cfg.retrofit.layers
+    ids = torch.tensor([bpe.encode(CORPUS[0]).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), llama(ids).logits, atol=1e-4, rtol=0)
+    context, continuation = "Question: Where was Anna Berg born?\nAnswer:", " Oslo"
+    (score,) = lm.loglikelihood([(context, continuation)])
+    ctx, cont = lm.encode_pair(context, continuation)
+    with torch.no_grad():
+        logp = llama(torch.tensor([ctx + cont])).logits.log_softmax(-1)[0]
+    want = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert abs(score.logprob - want) < 1e-3 and ctx[0] != bpe.token_to_id("<|im_start|>")  # no BOS added

@@ -4,6 +4,8 @@ and the Trainer's in-loop evaluation share.
 Any checkpoint a run wrote evaluates: the model is rebuilt from the run's `config.json` (two folders up
 from `step-N`; `--config` names another), with the training mode's converters (LoRA adapters) so its
 tensors load, and sparse checkpoints resolve as base + patch (`checkpoint.content.load_model_weights`).
+An HF model folder (config.json + safetensors, e.g. from `convert_checkpoint.py from-gguf`) evaluates too,
+as the dense run `retrofit.base = folder` starts from: a pretrained model's baseline before any training.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from titan_mem.distributed import init_distributed
 from titan_mem.eval.items import write_items
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.tasks import TaskContext, TaskOutput, build_tasks
+from titan_mem.hf.config import model_args_from_hf
+from titan_mem.hf.retrofit import load_base_weights
 from titan_mem.modes.build import model_converters
 
 CONFIG_NAME = "config.json"
@@ -44,12 +48,28 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(name.split("-", 1)[1]) if name.startswith("step-") and name[5:].isdigit() else -1
 
 
+def is_hf_folder(path: Path) -> bool:
+    """An HF model folder (config.json and safetensors weights), not a DCP checkpoint."""
+    return (
+        (path / CONFIG_NAME).is_file()
+        and not (path / ".metadata").exists()
+        and any(path.glob("*.safetensors"))
+    )
+
+
 def load_checkpoint_config(
     checkpoint: Path, config: Path | None = None, overrides: Sequence[str] = ()
 ) -> Config:
-    """The run's resolved config (or a TOML/JSON `config`), with `--section.key=value` overrides."""
+    """The run's resolved config (or a TOML/JSON `config`), with `--section.key=value` overrides; an HF
+    folder's is the dense retrofit of it (its architecture, weights and tokenizer)."""
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
+    if config is None and is_hf_folder(checkpoint):
+        hf, longest = str(checkpoint.resolve()), model_args_from_hf(checkpoint).max_seq_len
+        seq = min(Config().training.seq_len, longest)  # nothing trains; only the model's limit matters
+        return config_mod.parse_args(
+            [f"--retrofit.base={hf}", f"--tokenizer.name={hf}", f"--training.seq_len={seq}", *overrides]
+        )
     path = config or run_config_path(checkpoint)
     if path.suffix == ".toml":
         return config_mod.parse_args([str(path), *overrides])
@@ -73,10 +93,13 @@ def load_eval_model(
     dist_info = init_distributed(cfg.training.device)
     tokenizer = build_tokenizer(cfg.tokenizer)
     model, model_args = build_model(cfg, dist_info, tokenizer, model_converters(cfg))
-    manager = CheckpointManager(
-        checkpoint.parent, rank=dist_info.rank, dp_world_size=dist_info.world_size, keep_latest_k=0
-    )
-    load_model_weights(manager, checkpoint, model)
+    if is_hf_folder(checkpoint):
+        load_base_weights(model, checkpoint, model_args)
+    else:
+        manager = CheckpointManager(
+            checkpoint.parent, rank=dist_info.rank, dp_world_size=dist_info.world_size, keep_latest_k=0
+        )
+        load_model_weights(manager, checkpoint, model)
     model.eval()
     lm = EvalModel(
         model,
