@@ -145,6 +145,8 @@ class EvalConfig:
 
 # retrofit.mode: how a memory layer enters a pretrained block (Goyal et al. 2026, sec. 3.3: replace)
 RETROFIT_MODES = ("replace", "add")
+# retrofit.heal_objective: what training.mode=heal minimises (hf/distill.py for distill)
+HEAL_OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -167,8 +169,27 @@ class RetrofitConfig:
         "get a gradient from the first step.",
     )
 
+    heal_objective: str = help_field(
+        "lm",
+        "What training.mode=heal minimises: lm (the next-token loss on the data, Goyal et al. 2026) | "
+        "distill (replace only: each memory layer learns to output what its block's dropped FFN output on "
+        "the same normalised input; squared error over the FFN output's square, per sequence; the base's "
+        "FFNs are frozen teachers read from retrofit.base, never trained or saved; hf/distill.py).",
+    )
+
     def validate(self) -> None:
         choice("retrofit.mode", self.mode, RETROFIT_MODES)
+        choice("retrofit.heal_objective", self.heal_objective, HEAL_OBJECTIVES)
+        if self.heal_objective == "distill" and not self.layers:
+            raise ConfigError(
+                "retrofit.heal_objective: distill needs retrofit.base and retrofit.layers (the blocks whose "
+                "FFN a memory layer replaces)"
+            )
+        if self.heal_objective == "distill" and self.mode != "replace":
+            raise ConfigError(
+                f"retrofit.heal_objective: distill teaches a memory layer the FFN it replaces; retrofit.mode="
+                f"{self.mode} keeps the FFN (heal it with lm)"
+            )
         if self.layers and not self.base:
             raise ConfigError("retrofit.layers: needs retrofit.base (the pretrained model to retrofit)")
         if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):

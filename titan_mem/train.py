@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import (
@@ -33,7 +32,6 @@ from titan_mem.components.run_control import FolderLockedError, RunLock, StopSig
 from titan_mem.config import Config, ConfigError
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.hf_source import resolve_hf_files
-from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.data.sources import build_source
 from titan_mem.data.streams import merge_positions
 from titan_mem.data.tokenizer import vocab_words
@@ -134,6 +132,7 @@ class Trainer:
         self.content = self.mode.build_checkpoint(self.model, self.optimizer)
         self.hooks = self.mode.build_hooks(self.model, self.optimizer, self.device, self.value_grads)
         self.hooks_read_slots = any(hook.reads_slots for hook in self.hooks)
+        self.objective = self.mode.build_objective(self.model, self.device)
         if resume is None and initial is not None and not cfg.checkpoint.initial_load_model_only:
             resume = initial  # continue another run's full state (optimizer, schedule, data position) here
         if resume is not None:
@@ -205,28 +204,17 @@ class Trainer:
 
         Loss = sum of token losses / number of loss tokens in the *global* batch (all-reduced first), and
         FSDP sums gradients (divide factor 1): every token weighs the same whatever the rank or micro-batch.
+        The mode's objective says what is summed and counted (modes.base.Objective: next-token loss over loss
+        tokens, or a distillation heal's per-sequence error).
         """
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        global_tokens = int(all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64)).item())
-        if global_tokens == 0:
+        local_units = sum(self.objective.count(b) for b in batches)
+        global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64)).item())
+        if global_units == 0:
             raise TrainingError(f"step {self.step + 1}: the global batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             self._set_gradient_sync(i == len(batches) - 1)
-            slots: dict[str, torch.Tensor] = {}
-            if self.hooks_read_slots:
-                logits, slots = self.model(batch["input_ids"], return_slots=True)
-            else:
-                logits = self.model(batch["input_ids"])
-            loss = (
-                F.cross_entropy(
-                    logits.flatten(0, 1).float(),
-                    batch["labels"].flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-                / global_tokens
-            )
+            loss, slots = self.objective(self.model, batch, global_units, self.hooks_read_slots)
             loss.backward()
             for hook in self.hooks:
                 hook.on_micro_batch(self.model, batch, slots)

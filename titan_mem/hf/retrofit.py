@@ -4,8 +4,10 @@
 `[model] memory_*` keys the memory geometry, `retrofit.layers` the blocks that get a memory layer and
 `retrofit.mode` how: `replace` discards the block's FFN (the paper), `add` keeps it and adds the memory's
 output (values initialised to 0 behind a learned per-channel gate, so the retrofitted model starts equal to
-its base bit for bit while the values get a gradient: models.memory.MemoryLayer). A new run starts from the base's weights with freshly initialised memory layers;
-healing (`training.mode=heal`), background counts and the finetuning modes then run as for a native model.
+its base bit for bit while the values get a gradient: models.memory.MemoryLayer). A new run starts from the
+base's weights with freshly initialised memory layers; healing (`training.mode=heal`, on the LM loss or, for
+`replace`, by distilling each dropped FFN into its memory layer: hf/distill.py), background counts and the
+finetuning modes then run as for a native model.
 """
 
 from __future__ import annotations
@@ -88,20 +90,34 @@ def model_args_for(cfg: Config, n_words: int) -> ModelArgs:
     return build_model_args(cfg.model, padded_vocab_size(n_words))
 
 
-def base_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """The base model's weights under the retrofitted model's names: `replace` drops the FFNs of the memory
-    blocks, `add` keeps them as `dense_ffn`; memory-layer tensors are absent (they start fresh)."""
+def _split_base(folder: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[int, dict]]:
+    """The base's weights under the retrofitted model's names, and the FFNs `replace` drops from them:
+    {block: {"w1.weight": ..., "w2.weight": ..., "w3.weight": ...}} (empty for `add`, which keeps them)."""
     dense = dataclasses.replace(args, memory=dataclasses.replace(args.memory, layers=[], beside_ffn=False))
     state = read_state_dict(folder, dense)
-    out = {}
+    kept: dict[str, torch.Tensor] = {}
+    dropped: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
         m = re.match(r"^layers\.(\d+)\.feed_forward\.(.+)$", name)
         if m and int(m.group(1)) in args.memory.layers:
             if not args.memory.beside_ffn:
+                dropped.setdefault(int(m.group(1)), {})[m.group(2)] = t
                 continue
             name = f"layers.{m.group(1)}.dense_ffn.{m.group(2)}"
-        out[name] = t
-    return out
+        kept[name] = t
+    return kept, dropped
+
+
+def base_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The base model's weights under the retrofitted model's names: `replace` drops the FFNs of the memory
+    blocks, `add` keeps them as `dense_ffn`; memory-layer tensors are absent (they start fresh)."""
+    return _split_base(folder, args)[0]
+
+
+def replaced_ffns(folder: Path, args: ModelArgs) -> dict[int, dict[str, torch.Tensor]]:
+    """The base's FFN weights at the blocks a `replace` retrofit gives a memory layer, by block index: the
+    teachers of a distillation heal (hf/distill.py)."""
+    return _split_base(folder, args)[1]
 
 
 def load_base_weights(

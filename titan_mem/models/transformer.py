@@ -278,6 +278,22 @@ class Transformer(nn.Module):
         """The value table each memory layer reads, by layer name (a shared pool appears under each)."""
         return {name: layer.value_table.weight for name, layer in self.memory_layers().items()}
 
+    def layer_outputs(self, tokens: torch.Tensor, n_blocks: int) -> list[torch.Tensor]:
+        """The residual stream after each of the first `n_blocks` blocks of the training path (causal,
+        positions 0..T-1), each block fed its predecessor's output *detached*: for objectives local to a layer
+        (hf/distill.py: a retrofitted memory layer learns the FFN it replaced), whose gradient must stay in
+        the block it comes from, with no later block and no output layer run. A sharded model runs it as a
+        forward (`parallel.fsdp` registers it with FSDP), so each block's output is where FSDP's backward
+        hooks sit."""
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
+        h, rope, outs = self.tok_embeddings(tokens), self.rope[:t], []
+        for block in list(self.layers.values())[:n_blocks]:
+            h = block(h.detach(), rope)
+            outs.append(h)
+        return outs
+
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Blocks in order, then the root's own weights: `parallel.fsdp` materialises in the same order, so a
         model sharded over any number of ranks starts from the same numbers as an unsharded one."""

@@ -8,7 +8,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.models.lora import add_lora, lora_parameter_names
 from titan_mem.parallel.value_grads import ValueTableGrad
 
@@ -128,6 +130,46 @@ class SumRowsReadOverReplicas(StepHook):
         return {"value_rows_read": read / total} if total else {}
 
 
+class Objective(Protocol):
+    """What a step minimises. The loss of a global batch is a sum over units (loss tokens, sequences) divided
+    by their count over every rank and micro-batch, so it and its gradient do not depend on how the batch is
+    split (DESIGN invariant 2)."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """The units this micro-batch contributes to the global count."""
+        ...
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], total: int, return_slots: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(this micro-batch's share of the loss, to backward; the memory slots read when `return_slots`)."""
+        ...
+
+
+class NextTokenLoss:
+    """Cross-entropy of each loss token's next-token prediction, summed and divided by the global batch's
+    loss-token count (the Trainer's objective for every mode but a distillation heal)."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], total: int, return_slots: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        slots: dict[str, torch.Tensor] = {}
+        if return_slots:
+            logits, slots = model(batch["input_ids"], return_slots=True)
+        else:
+            logits = model(batch["input_ids"])
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            batch["labels"].flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return loss / total, slots
+
+
 @dataclass
 class TrainingMode:
     name: str
@@ -138,6 +180,8 @@ class TrainingMode:
     converters: list[ModelConverter] = field(default_factory=list)
     # (model, optimizer, device, value-table gradient paths) -> step hooks
     build_hooks: Callable[..., list[StepHook]] = lambda model, optimizer, device, value_grads: []
+    # (model, device) -> what a step minimises
+    build_objective: Callable[[nn.Module, torch.device], Objective] = lambda model, device: NextTokenLoss()
 
     def new_tensor_names(self) -> set[str]:
         """Tensors a checkpoint from pretraining lacks (fresh adapters)."""

@@ -10,6 +10,8 @@ import torch.nn as nn
 from titan_mem.checkpoint.content import FullContent, SparseContent
 from titan_mem.components.optim import build_optimizer
 from titan_mem.config import MODES, Config, ConfigError
+from titan_mem.hf.distill import FFNDistillation
+from titan_mem.hf.retrofit import resolve_base
 from titan_mem.modes.base import (
     LazyValueRows,
     LoRAConverter,
@@ -119,11 +121,28 @@ def model_converters(cfg: Config) -> list[ModelConverter]:
     return []
 
 
+def _check_distill(cfg: Config) -> None:
+    """What a distillation heal cannot run with: its memory-layer hooks fire once per forward, so neither a
+    recomputing backward (activation checkpointing) nor a compiled block (untested) takes part."""
+    if cfg.training.activation_checkpoint != "none":
+        raise ConfigError(
+            "training.activation_checkpoint: retrofit.heal_objective=distill keeps only the memory layers' "
+            f"activations and needs none; got {cfg.training.activation_checkpoint}"
+        )
+    if cfg.training.compile:
+        raise ConfigError("training.compile: not supported with retrofit.heal_objective=distill")
+
+
 def build_mode(cfg: Config) -> TrainingMode:
     """The mode `training.mode` names; refuses what it cannot run (a finetune without its base)."""
     name = cfg.training.mode
     if name not in MODES:
         raise ConfigError(f"training.mode: expected one of {', '.join(MODES)}; got {name!r}")
+    if cfg.retrofit.heal_objective != "lm" and name != "heal":
+        raise ConfigError(
+            f"retrofit.heal_objective: {cfg.retrofit.heal_objective} is a healing objective "
+            f"(training.mode=heal); got training.mode={name}"
+        )
     # a retrofit's HF weights can start any mode but sparse finetuning, whose patches need a base checkpoint
     from_hf = cfg.retrofit.base and name != "sparse_finetune"
     if name != "pretrain" and not (cfg.checkpoint.initial_load_path or from_hf):
@@ -171,12 +190,18 @@ def build_mode(cfg: Config) -> TrainingMode:
             converters=[lora],
         )
     if name == "heal":
-        return TrainingMode(
+        mode = TrainingMode(
             name=name,
             policy=OnlyMemoryLayers(),
             build_optimizer=dense_optimizer,
             build_checkpoint=FullContent,
         )
+        if cfg.retrofit.heal_objective == "distill":
+            _check_distill(cfg)
+            mode.build_objective = lambda model, device: FFNDistillation.from_retrofit(
+                model, resolve_base(cfg.retrofit.base), device
+            )
+        return mode
     if cfg.optimizer.memory_update == "lazy":  # config.validate allows it for pretrain and full_finetune
         return TrainingMode(
             name=name,

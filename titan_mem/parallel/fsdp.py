@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from titan_mem.models.lora import LoRALinear
 from titan_mem.models.memory import is_value_table
@@ -98,6 +98,7 @@ def parallelize_and_init(
         reshard_after_forward=False,
         ignored_params=ignored(),
     )
+    register_fsdp_forward_method(model, "layer_outputs")  # layer-local objectives (hf/distill.py)
     # The loss is already divided by the global token count, so gradients must be summed, not averaged.
     for module in model.modules():
         if isinstance(module, FSDPModule):
