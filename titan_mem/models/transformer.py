@@ -9,6 +9,7 @@ per-row positions and a padding mask for left-padded batches.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -274,6 +275,19 @@ class Transformer(nn.Module):
         """Memory layers by their parameter-path prefix, e.g. {'layers.12.feed_forward': layer}."""
         return {memory_layer_name(k): b.feed_forward for k, b in self.layers.items() if b.is_memory}
 
+    def memory_slots(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{memory layer name: slots [B, T, heads, topk]} that tokens [B, T] read on the training path
+        (causal, positions 0..T-1), as `forward(tokens, return_slots=True)` gives them, running the blocks
+        only up to the last memory layer: background counting (Lin et al. 2025, sec. 3: df over N batches)
+        needs neither the later blocks nor the output layer, on a 49K vocabulary the largest matmul of a small
+        model. A sharded model runs it as a forward (`parallel.fsdp` registers it with FSDP)."""
+        self._check_len(tokens.shape[1])
+        slots: dict[str, torch.Tensor] = {}
+        last = max((int(k) for k, b in self.layers.items() if b.is_memory), default=-1)
+        rope = self.rope[: tokens.shape[1]]
+        self._blocks(self.tok_embeddings(tokens), rope, {}, slots, n_blocks=last + 1)
+        return slots
+
     def value_tables(self) -> dict[str, nn.Parameter]:
         """The value table each memory layer reads, by layer name (a shared pool appears under each)."""
         return {name: layer.value_table.weight for name, layer in self.memory_layers().items()}
@@ -342,8 +356,7 @@ class Transformer(nn.Module):
         """
         if cache is None and positions is None and pad_mask is None:
             t = tokens.shape[1]
-            if t > self.args.max_seq_len:
-                raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
+            self._check_len(t)
             slots: dict[str, torch.Tensor] | None = {} if return_slots else None
             h = self._blocks(self.tok_embeddings(tokens), self.rope[:t], {}, slots)
         else:
@@ -353,11 +366,21 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         return (logits, slots) if slots is not None else logits
 
+    def _check_len(self, t: int) -> None:
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model max_seq_len {self.args.max_seq_len}")
+
     def _blocks(
-        self, h: torch.Tensor, rope: torch.Tensor, kwargs: dict, slots: dict[str, torch.Tensor] | None
+        self,
+        h: torch.Tensor,
+        rope: torch.Tensor,
+        kwargs: dict,
+        slots: dict[str, torch.Tensor] | None,
+        n_blocks: int | None = None,
     ) -> torch.Tensor:
-        """Run every block; `slots` (when not None) receives each memory layer's slots by layer name."""
-        for k, block in self.layers.items():
+        """Run the first `n_blocks` blocks (default all); `slots` (when not None) receives each memory layer's
+        slots by layer name."""
+        for k, block in itertools.islice(self.layers.items(), n_blocks):
             if slots is None:
                 h = block(h, rope, **kwargs)
                 continue

@@ -98,6 +98,9 @@ def parallelize_and_init(
         reshard_after_forward=False,
         ignored_params=ignored(),
     )
+    # Background counting's forward (blocks up to the last memory layer): the root's parameters are gathered
+    # around it as around forward; the blocks it skips stay sharded on every rank alike.
+    register_fsdp_forward_method(model, "memory_slots")
     register_fsdp_forward_method(model, "layer_outputs")  # layer-local objectives (hf/distill.py)
     # The loss is already divided by the global token count, so gradients must be summed, not averaged.
     for module in model.modules():

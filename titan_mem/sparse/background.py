@@ -150,7 +150,7 @@ def count_background(
             parts: dict[str, list] = {name: [] for name in layers}
             for batch in own:
                 mask = batch["token_mask"].to(dist_info.device)
-                _, slots = model(batch["input_ids"].to(dist_info.device), return_slots=True)
+                slots = model.memory_slots(batch["input_ids"].to(dist_info.device))
                 if counted:
                     tokens_local += int(mask.sum())
                     for name in layers:
