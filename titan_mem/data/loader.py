@@ -56,6 +56,7 @@ def build_dataloader(
         "data.regime": cfg.regime,
         "data.seed": cfg.seed,
         "data.shuffle_buffer": cfg.shuffle_buffer,
+        "data.bucket_batches": cfg.bucket_batches,
         "tokenizer.name": tokenizer.name,
     }
     if cfg.source == "synthetic" or cfg.source_type == "synthetic":

@@ -6,12 +6,13 @@ loader state is one counter and any worker count or restart reproduces the same 
 * facts (SMF): step s trains one fact. Its paraphrases, cycled, fill the global batch (dp_world_size x
   micro_batch_size rows); rank r takes rows [r*B, (r+1)*B). Loss on every real token, none on padding.
 * qa: rows `[BOS] Question: q\\nAnswer: a [EOS]`, loss on ` a [EOS]` only; consecutive examples fill the
-  global batch, rank r takes its slice.
+  global batch, rank r takes its slice (or, with `data.bucket_batches`, rows of like length: data/buckets.py).
 * documents: each document `[BOS] text [EOS]` is cut into seq_len chunks in order (one chunk per row,
   micro_batch_size=1 gives one step per chunk, as in SMF's SimpleQA-document setting).
 
 Finetune sets are small, so they are held in memory; per-epoch order is shuffled with (seed, epoch) when
-`data.shuffle_buffer > 0` (documents always keep their order).
+`data.shuffle_buffer > 0` (documents always keep their order). A batch is padded to seq_len, or with
+`data.pad_multiple` only to its optimizer step's longest row.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from titan_mem.data.buckets import BucketPlan, empty_row, padded_length
 from titan_mem.data.chat import chat_rows, load_conversations
 from titan_mem.data.config import DataConfig
 from titan_mem.data.documents import BadDoc, DocStats
@@ -49,26 +51,37 @@ def qa_prompt(question: str) -> str:
 class StepDataset(IterableDataset):
     """Yields batch(step) for step = 0, 1, 2, ...; with W DataLoader workers worker w yields w, w+W, ...
 
-    The state is how many batches this iterator has yielded; StatefulDataLoader keeps one per worker and
-    replays its round-robin order, so the batch sequence does not depend on the worker count.
+    `step_rows(opt_step)` gives an optimizer step's global batch in slot order; micro-step m of this rank
+    takes slot (m % accum) * dp_world_size + dp_rank of optimizer step m // accum, padded to the length
+    `padded_length` gives the whole step. The state is how many batches this iterator has yielded;
+    StatefulDataLoader keeps one per worker and replays its round-robin order, so the batch sequence does
+    not depend on the worker count.
     """
 
     def __init__(
         self,
-        make_rows: Callable[[int], list[Row]],
+        step_rows: Callable[[int], list[Row]],
         *,
+        micro_batch_size: int,
+        accum: int,
+        dp_rank: int,
+        dp_world_size: int,
         steps_per_epoch: int,
         seq_len: int,
         pad_id: int,
+        pad_multiple: int,
         repeat: bool,
         description: str,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"{description}: no examples (empty finetuning set)")
-        self.make_rows, self.steps_per_epoch = make_rows, steps_per_epoch
-        self.seq_len, self.pad_id, self.repeat = seq_len, pad_id, repeat
+        self.step_rows, self.steps_per_epoch = step_rows, steps_per_epoch
+        self.micro, self.accum = micro_batch_size, accum
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.seq_len, self.pad_id, self.pad_multiple, self.repeat = seq_len, pad_id, pad_multiple, repeat
         self.description = description
         self._yielded = 0
+        self._last: tuple[int, list[Row]] | None = None  # the last optimizer step's rows (accum reads them)
 
     def state_dict(self) -> dict[str, Any]:
         return {"yielded": self._yielded}
@@ -79,7 +92,14 @@ class StepDataset(IterableDataset):
         self._yielded = int(state["yielded"])
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return rows_to_batch(self.make_rows(step), self.seq_len, self.pad_id)
+        """Micro-step `step`'s batch for this rank."""
+        opt_step, a = divmod(step, self.accum)
+        if self._last is None or self._last[0] != opt_step:
+            self._last = (opt_step, self.step_rows(opt_step))
+        rows = self._last[1]
+        k = a * self.dp_world_size + self.dp_rank
+        length = padded_length(rows, self.seq_len, self.pad_multiple)
+        return rows_to_batch(rows[k * self.micro : (k + 1) * self.micro], length, self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -166,16 +186,21 @@ def build_finetune_dataset(
         )
     accum = global_batch_size // (b * w)
 
-    def slot(micro_step: int) -> tuple[int, int]:
-        opt_step, a = divmod(micro_step, accum)
-        return opt_step, a * w + dp_rank
-
     world = None
     if cfg.source == "synthetic" or cfg.source_type == "synthetic":
         from titan_mem.data.synthetic import world_of
 
         world = world_of(cfg)
-    common = {"seq_len": seq_len, "pad_id": tokenizer.pad_id, "repeat": cfg.repeat}
+    common = {
+        "micro_batch_size": b,
+        "accum": accum,
+        "dp_rank": dp_rank,
+        "dp_world_size": w,
+        "seq_len": seq_len,
+        "pad_id": tokenizer.pad_id,
+        "pad_multiple": cfg.pad_multiple,
+        "repeat": cfg.repeat,
+    }
 
     first = cfg.max_examples or None
     if cfg.regime == "facts":
@@ -183,11 +208,10 @@ def build_finetune_dataset(
         _truncation_note((r for g in groups for r in g), seq_len, "fact")
         fact_order = fact_epoch_order(cfg, len(groups))
 
-        def fact_batch(micro_step: int) -> list[Row]:
-            opt_step, k = slot(micro_step)
+        def fact_batch(opt_step: int) -> list[Row]:
             epoch, i = divmod(opt_step, len(groups))
             group = groups[int(fact_order(epoch)[i])]
-            return [group[(k * b + j) % len(group)] for j in range(b)]
+            return [group[j % len(group)] for j in range(global_batch_size)]
 
         return StepDataset(
             fact_batch, steps_per_epoch=len(groups) * accum, description=f"facts from {cfg.source}", **common
@@ -220,13 +244,27 @@ def build_finetune_dataset(
         raise ValueError(f"data.source {cfg.source}: no {cfg.regime} examples")
     opt_steps_per_epoch = -(-len(rows) // global_batch_size)
     order = _EpochOrder(len(rows), cfg.seed, shuffle)
+    if cfg.bucket_batches:
+        lengths = np.array([min(len(r.tokens) - 1, seq_len) for r in rows])
+        plan = BucketPlan(
+            order, lengths, global_batch_size, cfg.bucket_batches, cfg.seed if shuffle else None
+        )
+        pad = empty_row(tokenizer.pad_id)
 
-    def row_batch(micro_step: int) -> list[Row]:
-        opt_step, k = slot(micro_step)
-        epoch, within = divmod(opt_step, opt_steps_per_epoch)
-        perm = order(epoch)
-        # a short last batch wraps around to the start of the same epoch's order
-        return [rows[int(perm[(within * global_batch_size + k * b + j) % len(rows)])] for j in range(b)]
+        def row_batch(opt_step: int) -> list[Row]:
+            epoch, within = divmod(opt_step, opt_steps_per_epoch)
+            ids = plan(epoch)[within]
+            return [rows[int(i)] for i in ids] + [pad] * (global_batch_size - len(ids))
+    else:
+
+        def row_batch(opt_step: int) -> list[Row]:
+            epoch, within = divmod(opt_step, opt_steps_per_epoch)
+            perm = order(epoch)
+            # a short last batch wraps around to the start of the same epoch's order
+            return [
+                rows[int(perm[(within * global_batch_size + i) % len(rows)])]
+                for i in range(global_batch_size)
+            ]
 
     return StepDataset(
         row_batch,
