@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import SHARED_DATA
 
 from titan_mem.data import build_tokenizer
 from titan_mem.data.config import TokenizerConfig
 from titan_mem.data.records import MultipleChoiceExample
 from titan_mem.eval.lm import EvalModel, cut_at_stop, plan_batches
-from titan_mem.eval.tasks import AnswerNLLTask, MultipleChoiceTask, TaskContext, build_tasks
+from titan_mem.eval.tasks import AnswerNLLTask, MultipleChoiceTask
 from titan_mem.models.args import MemoryArgs, ModelArgs
 from titan_mem.models.transformer import Transformer
 
@@ -142,12 +141,3 @@ def test_plan_batches_longest_first_within_budgets():
     assert batches == [[1, 3], [4, 0], [2]]
     assert plan_batches([30, 2], max_rows=8, max_tokens=20) == [[0], [1]]  # an over-long row alone
     assert cut_at_stop("abc\ndef.", ["\n", "."]) == "abc"
-
-
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
-def test_few_shot_examples_come_from_the_head_and_are_not_scored():
-    (task,) = build_tasks(["nq_open"], TaskContext(data_dir=SHARED_DATA, limit=3, num_fewshot=2))
-    (zero,) = build_tasks(["nq_open"], TaskContext(data_dir=SHARED_DATA, limit=5))
-    assert [e.id for e in task.examples] == [e.id for e in zero.examples[2:]]
-    shots = zero.examples[:2]
-    assert task.prefix == "".join(f"Question: {e.question}\nAnswer: {e.answers[0]}\n\n" for e in shots)

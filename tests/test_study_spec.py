@@ -159,7 +159,7 @@ def test_geometries_and_paired_base_seeds(tmp_path):
         (('checkpoint = "{base}"', 'checkpoint = "/nonexistent/step-1"'), "base.checkpoint /nonexistent"),
         (("rank = [2, 4]", "rank = []"), "empty sweep for 'rank'"),
         (("top_t = 10", "top_k = 10"), "unknown key 'top_k'"),
-        (("every = 2", "every = 2\nshots = 1"), "unknown key eval.shots"),
+        (("every = 2", "every = 2\nfewshot = 1"), "unknown key eval.fewshot"),
         (("seeds = [0, 1]", "seeds = []"), "study.seeds must be a non-empty list"),
         (('learning = "synthetic_qa/new_taught:answer_nll"', 'learning = "answer_nll"'), "task:metric"),
         (('config = "train_configs/debug_lora_finetune.toml"', 'config = "nope.toml"'), "method.lora.config"),

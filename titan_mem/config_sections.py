@@ -128,6 +128,12 @@ class EvalConfig:
     at_start: bool = help_field(True, "Also evaluate before the first step (the reference for forgetting).")
     limit: int = help_field(100, "Examples per task (per population for synthetic tasks); 0 = all.")
     batch_size: int = help_field(16, "Sequences per evaluation forward.")
+    shots: int = help_field(
+        0,
+        "Few-shot exemplars before every QA and GSM8K item (lm-eval's 'Question: ..\\nAnswer: ..' blocks), "
+        "drawn from the items after the evaluated ones; 0 = zero-shot (titan_mem/eval/fewshot.py).",
+    )
+    shots_seed: int = help_field(0, "Seed of the few-shot exemplars' draw (the same for every item).")
     data_dir: str | None = help_field(
         None, "Folder of local evaluation files (../shared/data layout); None = HF hub names."
     )
@@ -141,6 +147,8 @@ class EvalConfig:
             raise ConfigError(f"eval.limit: must be >= 0; got {self.limit}")
         if self.batch_size <= 0:
             raise ConfigError(f"eval.batch_size: must be positive; got {self.batch_size}")
+        if self.shots < 0:
+            raise ConfigError(f"eval.shots: must be >= 0; got {self.shots}")
 
 
 # retrofit.mode: how a memory layer enters a pretrained block (Goyal et al. 2026, sec. 3.3: replace)

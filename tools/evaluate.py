@@ -3,11 +3,13 @@
     python tools/evaluate.py --checkpoint STEP_DIR --tasks triviaqa,nq_open,gsm8k,hellaswag
                              [--limit N] [--data-dir DIR] [--out results.json] [--predictions preds.jsonl]
                              [--items items.jsonl]
-                             [--num-fewshot K] [--batch-size B] [--config RUN.toml] [--section.key=value ...]
+                             [--shots K] [--shots-seed S] [--batch-size B] [--config RUN.toml]
+                             [--section.key=value ...]
     torchrun --nproc_per_node=8 tools/evaluate.py --checkpoint ...   (each rank a shard, same numbers)
 
 Tasks: triviaqa, nq_open, simpleqa, gsm8k, hellaswag, lambada_openai, synthetic_qa, synthetic_completion,
-synthetic_prose, synthetic_copy, perplexity:SOURCE;
+synthetic_prose, synthetic_copy, perplexity:SOURCE; `--shots K` puts K solved exemplars before every QA
+and GSM8K item, drawn with `--shots-seed` from the items after the evaluated ones (titan_mem/eval/fewshot.py);
 `task:SOURCE` reads another file or HF dataset. The model and synthetic world come from the run's
 config.json; overrides such as `--data.synthetic_taught_people=5` change what the tasks read. The work is
 `titan_mem.eval.runner.evaluate_checkpoint`.
@@ -35,7 +37,10 @@ def run(argv: list[str]) -> None:
     parser.add_argument(
         "--items", help="per-item scores as one eval_items.jsonl line, step 0 (titan_mem/eval/items.py)"
     )
-    parser.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for the QA tasks")
+    parser.add_argument(
+        "--shots", "--num-fewshot", type=int, default=0, help="few-shot exemplars per QA / GSM8K item"
+    )
+    parser.add_argument("--shots-seed", type=int, default=0, help="which exemplars (a seeded draw)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--config", help="the run's config (default: config.json two folders up)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +53,8 @@ def run(argv: list[str]) -> None:
         config=args.config,
         overrides=overrides,
         batch_size=args.batch_size,
-        num_fewshot=args.num_fewshot,
+        shots=args.shots,
+        shots_seed=args.shots_seed,
         out=args.out,
         predictions=args.predictions,
         items_out=args.items,

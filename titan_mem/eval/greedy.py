@@ -2,8 +2,10 @@
 
 Prompts of different lengths share one left-padded batch: every row's last prompt token sits in the last
 column, so one forward gives the next token of every row, and each row's RoPE positions start at 0 at its
-first real token (pads are masked out), which makes a row's output independent of the rest of the batch
-up to floating-point rounding.
+first real token (pads are masked out), which makes a row's output independent of the rest of the batch up to
+floating-point rounding; a row that stops leaves the batch (with the cache). A `prefix` cache (eval/prefix.py)
+holds tokens every prompt starts with, computed once: the rows' own tokens follow it, left-padded, their
+positions counted on from the prefix's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def greedy_generate(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     use_cache: bool = True,
     lockstep: bool = False,
+    prefix: KVCache | None = None,
 ) -> list[list[int]]:
     """The greedy (argmax) continuation of each prompt: its new token ids, prompt and EOS not included.
 
@@ -43,9 +46,13 @@ def greedy_generate(
     its finished rows their own argmax as a dummy token, until every rank's rows are done (one all-reduce
     of a flag per step), because FSDP forwards are collectives that all ranks must call equally often.
     Ranks may pass different prompts and `max_new_tokens` (the step budget is the largest of them).
+    `prefix`: a 1-row cache of tokens that precede every prompt (`prompts` are then what follows them);
+    the result equals that of the whole prompts up to fp32 rounding.
     """
     if max_new_tokens < 0:
         raise ValueError(f"greedy_generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prefix is not None and not use_cache:
+        raise ValueError("greedy_generate: a prefix cache needs use_cache=True")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: empty prompt (nothing to condition on)")
     device = model.rope.device  # a plain buffer also under FSDP2 (parameters may be DTensors)
@@ -55,11 +62,12 @@ def greedy_generate(
         return []
     # A rank with no prompts still takes part in every forward: one dummy row, done from the start.
     rows = prompts or [[pad_id]]
-    keep = model.args.max_seq_len - steps
+    shared = prefix.length if prefix is not None else 0
+    keep = model.args.max_seq_len - steps - shared
     if keep < 1:
         raise ValueError(
             f"greedy_generate: max_new_tokens {steps} leaves no room for a prompt in max_seq_len "
-            f"{model.args.max_seq_len}"
+            f"{model.args.max_seq_len}" + (f" after a {shared}-token prefix" if shared else "")
         )
     tokens, pad_mask = _left_pad([p[-keep:] for p in rows], pad_id, device)
     out: list[list[int]] = [[] for _ in rows]
@@ -68,11 +76,14 @@ def greedy_generate(
     with torch.no_grad(), _eval_mode(model):
         # no_grad, not inference_mode: FSDP2 keeps the root's unsharded parameters after forward, and an
         # inference tensor among them would break the next training step's backward.
-        cache = (
-            KVCache.for_model(model.args, len(rows), tokens.shape[1] + steps, device) if use_cache else None
-        )
+        width = shared + tokens.shape[1] + steps
+        if prefix is not None:
+            cache = prefix.repeat(len(rows), width)
+        else:
+            cache = KVCache.for_model(model.args, len(rows), width, device) if use_cache else None
         seq, seq_pad = tokens, pad_mask
         step_tokens, step_pad = tokens, pad_mask
+        alive = list(range(len(rows)))  # the row of `out` each batch row decodes
         for _ in range(steps):
             if not _any_running(not all(done), device, synced):
                 break
@@ -81,7 +92,7 @@ def greedy_generate(
             else:
                 logits = model(seq, pad_mask=seq_pad, last_only=True)
             nxt = logits[:, -1].argmax(-1)
-            for i, tok in enumerate(nxt.tolist()):
+            for i, tok in zip(alive, nxt.tolist()):
                 if done[i]:
                     continue
                 if eos_id is not None and tok == eos_id:
@@ -93,6 +104,15 @@ def greedy_generate(
             step_tokens, step_pad = nxt[:, None], torch.zeros_like(nxt[:, None], dtype=torch.bool)
             if cache is None:
                 seq, seq_pad = torch.cat([seq, step_tokens], 1), torch.cat([seq_pad, step_pad], 1)
+                continue
+            # finished rows leave the batch (a row's output does not depend on its neighbours), so one
+            # long answer does not make every finished row compute until it ends; one row stays for lockstep
+            keep = [j for j, i in enumerate(alive) if not done[i]] or [0]
+            if len(keep) < len(alive):
+                idx = torch.tensor(keep, device=device)
+                cache.keep_rows(idx)
+                step_tokens, step_pad = step_tokens[idx], step_pad[idx]
+                alive = [alive[j] for j in keep]
     return out[: len(prompts)]
 
 

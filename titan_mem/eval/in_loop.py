@@ -28,7 +28,8 @@ class InLoopEvaluator:
     def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any, max_seq_len: int) -> None:
         ev = cfg.eval
         self.every, self.at_start, self.at_steps = ev.every, ev.at_start, set(ev.at_steps)
-        ctx = TaskContext(Path(ev.data_dir) if ev.data_dir else None, cfg.data, ev.limit or None, 0)
+        data_dir = Path(ev.data_dir) if ev.data_dir else None
+        ctx = TaskContext(data_dir, cfg.data, ev.limit or None, ev.shots, ev.shots_seed)
         try:
             self.tasks = build_tasks(ev.tasks, ctx)
         except TaskError as e:

@@ -10,6 +10,10 @@ runs a discarded stand-in batch until every rank is done (lockstep).
 Conventions follow lm-eval's HF model: the context starts with BOS; the continuation's tokens are those of
 `encode(context + continuation)` after the context's (`_encode_pair`), with trailing context whitespace moved
 to the continuation; a sequence longer than the model keeps its last tokens (left truncation).
+
+Requests that share a long token prefix (few-shot exemplars) compute it once (eval/prefix.py) and each batch
+runs only its rows' own tokens after a copy of its KV cache; `reuse_prefix=False` recomputes it per row, the
+reference the tests hold reuse to.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 from titan_mem.eval.greedy import greedy_generate
+from titan_mem.eval.prefix import PREFIX_MIN_TOKENS, prefill, shared_length
+from titan_mem.models.args import ModelArgs
+from titan_mem.models.kv_cache import KVCache
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,7 +51,12 @@ class Score:
 
 class EvalModel:
     """A model in eval mode with its tokenizer; every method takes the full request list on every rank and
-    returns the full result list on every rank."""
+    returns the full result list on every rank.
+
+    `reuse_prefix`: compute a prefix every request shares once (a `Transformer` only: it needs a KV cache).
+    `inference`: run under torch.inference_mode (a standalone evaluation) where the model is not sharded;
+    FSDP2 (a training run's model, and tools/evaluate.py's) gathers parameters that must track versions, so a
+    sharded model runs under no_grad."""
 
     def __init__(
         self,
@@ -55,8 +67,13 @@ class EvalModel:
         batch_size: int = 16,
         max_batch_tokens: int = 16384,
         progress: Callable[[int, str], Callable[[int], None]] | None = None,
+        reuse_prefix: bool = True,
+        inference: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.reuse_prefix = reuse_prefix and isinstance(getattr(model, "args", None), ModelArgs)
+        self.prefix_min_tokens = PREFIX_MIN_TOKENS
+        self.inference = inference and not any(hasattr(p, "device_mesh") for p in model.parameters())
         self.max_seq_len, self.batch_size, self.max_batch_tokens = max_seq_len, batch_size, max_batch_tokens
         self.device = _model_device(model)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -64,6 +81,15 @@ class EvalModel:
         self.progress = progress
 
     # ---- tokenization ----------------------------------------------------------------------------------
+    def start_ids(self) -> list[int]:
+        """What a text starts with: the model's BOS where its tokenizer adds one (`prefix_ids`), else BOS as
+        lm-eval's prefix token where something must be conditioned on. The one place the convention lives."""
+        return list(self.tokenizer.prefix_ids()) or [self.tokenizer.bos_id]
+
+    def with_start(self, ids: Sequence[int]) -> list[int]:
+        """`ids` after the model's own prefix (none for SmolLM2); an empty result falls back to BOS."""
+        return [*self.tokenizer.prefix_ids(), *ids] or self.start_ids()
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(prefix + context tokens, continuation tokens) as lm-eval's HFLM._encode_pair makes them; the
         prefix is the model's BOS where it adds one, and an empty context falls back to BOS (lm-eval's
@@ -73,7 +99,7 @@ class EvalModel:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.tokenizer.encode(context + continuation)
         ctx = self.tokenizer.encode(context)
-        return [*self.tokenizer.prefix_ids(), *ctx] or [self.tokenizer.bos_id], whole[len(ctx) :]
+        return self.with_start(ctx), whole[len(ctx) :]
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[Score]:
@@ -86,7 +112,7 @@ class EvalModel:
         pieces: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
-            ids = [*(self.tokenizer.prefix_ids() or [self.tokenizer.bos_id]), *self.tokenizer.encode(text)]
+            ids = [*self.start_ids(), *self.tokenizer.encode(text)]
             for start in range(0, max(len(ids) - 1, 1), self.max_seq_len):
                 window = ids[start : start + self.max_seq_len + 1]
                 pieces.append((window[:1], window[1:]))
@@ -107,20 +133,37 @@ class EvalModel:
                 raise ValueError("score_tokens: the context must hold at least one token (BOS)")
             seq = (list(ctx) + list(cont))[-(self.max_seq_len + 1) :]
             seqs.append((seq, min(len(cont), len(seq) - 1)))
-        return self._map(seqs, lambda batch: self._score_batch(batch), key=lambda s: len(s[0]), desc=desc)
+        # a shared prefix ends before each row's last context token (whose logits score the continuation)
+        cap = min((len(s) - 1 - max(n, 1) for s, n in seqs), default=0)
+        with self.no_grad():
+            prefix = self._shared_prefix([s for s, _ in seqs], cap)
+            return self._map(seqs, lambda b: self._score_batch(b, prefix), key=lambda s: len(s[0]), desc=desc)
 
-    @torch.no_grad()
-    def _score_batch(self, batch: list[tuple[list[int], int]]) -> list[Score]:
-        width = max(len(seq) for seq, _ in batch) - 1
+    def no_grad(self) -> Any:
+        """torch.inference_mode for a standalone evaluation, torch.no_grad inside a training run."""
+        return torch.inference_mode() if self.inference else torch.no_grad()
+
+    def _shared_prefix(self, seqs: Sequence[Sequence[int]], cap: int) -> KVCache | None:
+        """The KV cache of the tokens all `seqs` begin with (at most `cap`), or None where reuse is off or
+        the shared part is shorter than `prefix_min_tokens`. Every rank computes it (FSDP: a collective)."""
+        n = shared_length(seqs, cap) if self.reuse_prefix else 0
+        return prefill(self.model, seqs[0][:n]) if n >= max(self.prefix_min_tokens, 1) else None
+
+    def _score_batch(self, batch: list[tuple[list[int], int]], prefix: KVCache | None = None) -> list[Score]:
+        p = prefix.length if prefix is not None else 0  # rows are right-padded after their own tokens
+        width = max(len(seq) for seq, _ in batch) - 1 - p
         inputs = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
         for i, (seq, _) in enumerate(batch):
-            inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-        logits = self.model(inputs.to(self.device))
+            inputs[i, : len(seq) - 1 - p] = torch.tensor(seq[p:-1])
+        if prefix is None:
+            logits = self.model(inputs.to(self.device))
+        else:
+            logits = self.model(inputs.to(self.device), cache=prefix.repeat(len(batch), p + width))
         out = []
         for i, (seq, n_cont) in enumerate(batch):
-            end = len(seq) - 1
+            end = len(seq) - 1 - p
             rows = logits[i, end - n_cont : end].float().log_softmax(-1)
-            target = torch.tensor(seq[end - n_cont + 1 :], device=rows.device)
+            target = torch.tensor(seq[len(seq) - n_cont :], device=rows.device)
             logprob = rows.gather(-1, target[:, None]).sum()
             greedy = bool((rows.argmax(-1) == target).all())
             out.append(Score(float(logprob), n_cont, greedy))
@@ -138,25 +181,25 @@ class EvalModel:
         """Greedy continuation of each prompt (after BOS), cut before the first stop string; EOS and
         `max_new_tokens` also stop it."""
         until = [u for u in until if u]
-        encoded = [
-            [*self.tokenizer.prefix_ids(), *self.tokenizer.encode(p)] or [self.tokenizer.bos_id]
-            for p in prompts
-        ]
+        encoded = [self.with_start(self.tokenizer.encode(p)) for p in prompts]
         keep = self.max_seq_len - max_new_tokens
         if keep < 1:
             raise ValueError(
                 f"max_new_tokens {max_new_tokens} leaves no room in max_seq_len {self.max_seq_len}"
             )
         encoded = [ids[-keep:] for ids in encoded]
+        cap = min((len(e) for e in encoded), default=1) - 1  # every row keeps >= 1 token of its own
 
-        def run(batch: list[list[int]]) -> list[str]:
-            def stop(_row: int, new: list[int]) -> bool:
-                text = self.tokenizer.decode(new)
-                return any(u in text for u in until)
+        def stop(_row: int, new: list[int]) -> bool:
+            text = self.tokenizer.decode(new)
+            return any(u in text for u in until)
 
+        def run(batch: list[list[int]], prefix: KVCache | None) -> list[str]:
+            p = prefix.length if prefix is not None else 0
             ids = greedy_generate(
                 self.model,
-                batch,
+                [b[p:] for b in batch],
+                prefix=prefix,
                 max_new_tokens=max_new_tokens,
                 pad_id=self.tokenizer.pad_id,
                 eos_id=self.tokenizer.eos_id,
@@ -165,7 +208,11 @@ class EvalModel:
             )
             return [cut_at_stop(self.tokenizer.decode(x), until) for x in ids]
 
-        return self._map(encoded, run, key=len, desc=desc, extra_tokens=max_new_tokens)
+        with self.no_grad():
+            prefix = self._shared_prefix(encoded, cap)
+            return self._map(
+                encoded, lambda b: run(b, prefix), key=len, desc=desc, extra_tokens=max_new_tokens
+            )
 
     # ---- planning and gathering ---------------------------------------------------------------------------
     def _map(

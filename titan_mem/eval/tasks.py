@@ -2,15 +2,14 @@
 explicit `task:SOURCE`), states its prompt, and scores an EvalModel into metric records and per-example
 predictions.
 
-Prompt formats (fixed; zero-shot unless `num_fewshot`):
+Prompt formats (fixed; zero-shot unless `shots`, eval/fewshot.py: k exemplars drawn with a seed from the
+items after the evaluated ones, the same prefix before every item, never scored):
 * generative QA (triviaqa, nq_open, simpleqa, synthetic_qa): `Question: {q}\\nAnswer:` -- the format the
   QA finetuning regime trains on -- greedy until a newline, EOS or 32 tokens; EM and token F1 over the gold
   aliases (SQuAD v1.1 normalization; TriviaQA's with `normalization="triviaqa"`), and `answer_nll`, the
-  per-token NLL of ` {first answer}` (a smooth learning signal while EM is still 0). Few-shot examples are
-  the first K records of the source, `Question: ..\\nAnswer: ..` blocks joined by blank lines, and are not
-  scored.
+  per-token NLL of ` {first answer}` (a smooth learning signal while EM is still 0); both after the shots.
 * gsm8k: per-token NLL of ` {worked solution}` after `Question: {q}\\nAnswer:` (the SMF paper's forgetting
-  probe; lm-eval's gsm8k task is generative EM, a different number).
+  probe; lm-eval's gsm8k task is generative EM, a different number); shots show worked solutions.
 * hellaswag: log-likelihood of ` {ending}` after the context; acc = argmax, acc_norm = argmax of the
   log-likelihood divided by the ending's length in characters (lm-eval's convention).
 * synthetic_qa / synthetic_completion: the run's synthetic world, one task per population: known_val and
@@ -21,7 +20,8 @@ Prompt formats (fixed; zero-shot unless `num_fewshot`):
   sample in every run of the world), all six facts of each, cut at `limit`; each question's template is
   drawn per fact the same way. Each item's group is its person id (`SyntheticWorld.person_kind` tells
   QA-trained from biography-only). Completion prompts are a fact's first statement template cut before
-  the value ("Ada Lovelace was born in"), greedy until "." or a newline.
+  the value ("Ada Lovelace was born in"), greedy until "." or a newline. synthetic_qa's shots are
+  known_val facts after the evaluated ones (the people order above); completion takes none.
 * synthetic_prose: NLL / perplexity of held-out generic prose of the run's synthetic world (documents of
   the pretraining distribution from a random stream pretraining never reads).
 * synthetic_copy: a held-out skill unlike the taught facts, copying from context: a held-out "day"
@@ -46,6 +46,7 @@ from titan_mem.data.qa import load_gsm8k, load_hellaswag, load_lambada, load_qa,
 from titan_mem.data.records import QAExample
 from titan_mem.data.sources import build_source
 from titan_mem.data.synthetic import ATTRIBUTES, QUESTIONS, SyntheticWorld, world_of
+from titan_mem.eval.fewshot import ShotsError, fewshot_prefix, load_count, split_shots
 from titan_mem.eval.lm import EvalModel, nll_summary
 from titan_mem.eval.metrics import normalizer, qa_scores
 
@@ -74,12 +75,13 @@ class TaskOutput:
 @dataclass
 class TaskContext:
     """What tasks may read besides the model: the local data folder, the run's data config (synthetic
-    world, taught split), the example limit and few-shot count."""
+    world, taught split), the example limit, and the few-shot exemplars' count and seed (eval/fewshot.py)."""
 
     data_dir: Path | None = None
     data: DataConfig | None = None
     limit: int | None = None
-    num_fewshot: int = 0
+    shots: int = 0
+    shots_seed: int = 0
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class QATask:
 
     def __init__(self, name: str, examples: Sequence[QAExample], shots: Sequence[QAExample] = (), **kw: Any):
         self.name, self.examples = name, list(examples)
-        self.prefix = "".join(f"{qa_prompt(s.question)} {s.answers[0]}\n\n" for s in shots)
+        self.shots = list(shots)
+        self.prefix = fewshot_prefix([(s.question, s.answers[0]) for s in self.shots])
         self.normalize = normalizer(kw.get("normalization", "squad"))
         self.prompt_of: Callable[[QAExample], str] = kw.get("prompt_of", lambda e: qa_prompt(e.question))
         self.until: Sequence[str] = kw.get("until", QA_STOP)
@@ -174,18 +177,18 @@ class QATask:
 class AnswerNLLTask:
     """Per-token NLL of a gold text after its prompt (GSM8K's worked solution)."""
 
-    def __init__(self, name: str, pairs: Sequence[tuple[str, str, str]]):
-        self.name, self.pairs = name, list(pairs)  # (id, prompt, target)
+    def __init__(self, name: str, pairs: Sequence[tuple[str, str, str]], prefix: str = ""):
+        self.name, self.pairs, self.prefix = name, list(pairs), prefix  # (id, prompt, target); shots
 
     def evaluate(self, lm: EvalModel) -> TaskOutput:
-        scores = lm.loglikelihood([(p, t) for _, p, t in self.pairs], self.name)
+        scores = lm.loglikelihood([(self.prefix + p, t) for _, p, t in self.pairs], self.name)
         out = TaskOutput()
         for (ex_id, prompt, target), s in zip(self.pairs, scores):
             out.predictions.append(
                 {
                     "task": self.name,
                     "id": ex_id,
-                    "prompt": prompt,
+                    "prompt": self.prefix + prompt,
                     "prediction": "",
                     "references": [target],
                     "nll": s.nll_per_token,
@@ -324,21 +327,32 @@ class PerplexityTask:
 
 
 # ---- registry --------------------------------------------------------------------------------------------
+def _split(name: str, items: Sequence[Any], ctx: TaskContext) -> tuple[list[Any], list[Any]]:
+    """(evaluated, exemplars) of a loaded source (eval/fewshot.py), errors as TaskError."""
+    try:
+        return split_shots(items, ctx.limit, ctx.shots, ctx.shots_seed, name)
+    except ShotsError as e:
+        raise TaskError(str(e)) from None
+
+
 def _qa_task(name: str, explicit: str | None, ctx: TaskContext) -> QATask:
     source, split, config = _resolve(name, explicit, ctx)
-    k = ctx.num_fewshot
-    limit = None if ctx.limit is None else ctx.limit + k
-    examples = _load(name, source, lambda: load_qa(source, split=split, config=config, limit=limit))
-    if len(examples) <= k:
-        raise TaskError(f"{name}: {len(examples)} examples leave none after {k} few-shot examples")
+    n = load_count(ctx.limit, ctx.shots)
+    examples, shots = _split(
+        name, _load(name, source, lambda: load_qa(source, split=split, config=config, limit=n)), ctx
+    )
     norm = "triviaqa" if name == "triviaqa" else "squad"
-    return QATask(name, examples[k:], examples[:k], normalization=norm)
+    return QATask(name, examples, shots, normalization=norm)
 
 
 def _gsm8k_task(name: str, explicit: str | None, ctx: TaskContext) -> AnswerNLLTask:
     source, split, config = _resolve(name, explicit, ctx)
-    examples = _load(name, source, lambda: load_gsm8k(source, split=split, config=config, limit=ctx.limit))
-    return AnswerNLLTask(name, [(e.id, qa_prompt(e.question), " " + e.answer.strip()) for e in examples])
+    n = load_count(ctx.limit, ctx.shots)
+    examples, shots = _split(
+        name, _load(name, source, lambda: load_gsm8k(source, split=split, config=config, limit=n)), ctx
+    )
+    pairs = [(e.id, qa_prompt(e.question), " " + e.answer.strip()) for e in examples]
+    return AnswerNLLTask(name, pairs, fewshot_prefix([(e.question, e.answer) for e in shots]))
 
 
 def _hellaswag_task(name: str, explicit: str | None, ctx: TaskContext) -> MultipleChoiceTask:
@@ -400,15 +414,19 @@ def _synthetic_tasks(kind: str) -> Callable[[str, str | None, TaskContext], list
         d = ctx.data or DataConfig()
         world = world_of(d)
         tasks: list[Any] = []
+        shots: list[QAExample] = []
         for population in POPULATIONS:
-            examples = synthetic_examples(world, population, ctx.limit, d.synthetic_taught_people)
+            examples = synthetic_examples(world, population, None, d.synthetic_taught_people)
+            if kind == "qa" and population == "known_val":  # exemplars: known facts never evaluated
+                examples, shots = _split(f"{name}/{population}", examples, ctx)
+            examples = examples[: ctx.limit] if ctx.limit else examples
             if not examples:
                 continue
             kw: dict[str, Any] = {"group_of": _person_of}
             if kind == "completion":
                 prompts = {e.id: world.statement_prompt(e.id) for e in examples}
                 kw.update(prompt_of=lambda e, p=prompts: p[e.id], until=(".", "\n"))
-            tasks.append(QATask(f"{name}/{population}", examples, **kw))
+            tasks.append(QATask(f"{name}/{population}", examples, shots, **kw))
         return tasks
 
     return build

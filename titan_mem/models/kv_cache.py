@@ -42,6 +42,35 @@ class KVCache:
             raise ValueError(f"KVCache: max_len {max_len} exceeds the model's max_seq_len {args.max_seq_len}")
         return cls(args.n_layers, batch_size, max_len, args.kv_heads, args.head_dim, device)
 
+    def repeat(self, batch_size: int, max_len: int) -> KVCache:
+        """A new cache of `batch_size` rows, each starting with this 1-row cache's positions (a shared
+        prompt prefix computed once, e.g. the few-shot exemplars every evaluated item begins with), room
+        for `max_len` positions in all. This cache is left unchanged."""
+        if self.batch_size != 1:
+            raise ValueError(f"KVCache.repeat: needs a 1-row cache, this one holds {self.batch_size}")
+        if max_len < self.length:
+            raise ValueError(f"KVCache.repeat: max_len {max_len} is below the {self.length} cached positions")
+        out = KVCache(len(self.keys), batch_size, max_len, self.n_kv_heads, self.head_dim, self.valid.device)
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is None or v is None:
+                raise ValueError(f"KVCache.repeat: layer {i} was never written")
+            out.keys[i] = k.new_empty((batch_size, self.n_kv_heads, max_len, self.head_dim))
+            out.values[i] = v.new_empty((batch_size, self.n_kv_heads, max_len, self.head_dim))
+            out.keys[i][:, :, : self.length] = k[:, :, : self.length]
+            out.values[i][:, :, : self.length] = v[:, :, : self.length]
+        out.valid[:, : self.length] = self.valid[:, : self.length]
+        out.seen[:] = self.seen
+        out.length = self.length
+        return out
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (indices, in that order): decoding drops the rows that are done."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and v is not None:
+                self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
+        self.valid, self.seen = self.valid.index_select(0, rows), self.seen.index_select(0, rows)
+        self.batch_size = len(rows)
+
     def append(self, real: torch.Tensor) -> torch.Tensor:
         """Start a forward of `real.shape[1]` new positions (`real` [B, T]: True = not padding).
 

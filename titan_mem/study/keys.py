@@ -17,8 +17,8 @@ SECTIONS: dict[str, set[str]] = {
     "method": set(),  # [method.X] tables, checked on their own
     "finetune": {"overrides"},
     "eval": {
-        "tasks", "points", "every", "limit", "data_dir", "learning", "control", "learning_f1", "control_f1",
-        "forgetting", "show", "levels", "bootstrap",
+        "tasks", "points", "every", "limit", "data_dir", "shots", "shots_seed", "learning", "control",
+        "learning_f1", "control_f1", "forgetting", "show", "levels", "bootstrap",
     },
     "quick": {
         "seeds", "base_seeds", "pretrain_overrides", "finetune_overrides", "background_batches", "limit",

@@ -16,7 +16,8 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
     [method.X]   config = "train_configs/debug_full_finetune.toml", overrides = [...]: method X's own
                  optimizer, schedule, clipping; its training.mode decides the sweep keys
     [finetune]   overrides = [...] (the stream, shared by every method: data, steps)
-    [eval]       tasks, points = 8 (log-spaced evaluation steps) | every = N, limit, data_dir,
+    [eval]       tasks, points = 8 (log-spaced evaluation steps) | every = N, limit, data_dir, shots = 0
+                 and shots_seed = 0 (few-shot QA/GSM8K exemplars, titan_mem/eval/fewshot.py),
                  learning, control, learning_f1, control_f1, forgetting (templates, "{split}" = val|test),
                  show, levels = 5, bootstrap = 1000
     [[arm]]      method = "X", group = "headline" (series are compared within a group), label = "tf" (the
@@ -46,16 +47,8 @@ from titan_mem.study.keys import (
     sweep_keys,
 )
 
-__all__ = [
-    "HIGHER_IS_BETTER",
-    "Arm",
-    "Geometry",
-    "Method",
-    "MetricRef",
-    "StudyError",
-    "StudySpec",
-    "load_study",
-]
+__all__ = ["HIGHER_IS_BETTER", "Arm", "Geometry", "Method", "MetricRef", "StudyError", "StudySpec",
+           "load_study"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -152,6 +145,8 @@ class StudySpec:
     eval_every: int
     eval_limit: int
     eval_data_dir: str | None
+    eval_shots: int
+    eval_shots_seed: int
     learning: MetricRef
     control: MetricRef | None
     learning_f1: MetricRef | None
@@ -303,6 +298,8 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         eval_every=_positive(where, "eval.every", ev.get("every", 0), allow_zero=True),
         eval_limit=_positive(where, "eval.limit", ev.get("limit", 100)),
         eval_data_dir=ev.get("data_dir"),
+        eval_shots=_positive(where, "eval.shots", ev.get("shots", 0), allow_zero=True),
+        eval_shots_seed=_positive(where, "eval.shots_seed", ev.get("shots_seed", 0), allow_zero=True),
         learning=_metric(where, "eval.learning", need(ev, "eval", "learning")),
         control=_optional_metric(where, ev, "control"),
         learning_f1=_optional_metric(where, ev, "learning_f1"),

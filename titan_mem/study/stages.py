@@ -260,6 +260,7 @@ def counts_command(
 
 def eval_args(spec: StudySpec) -> list[str]:
     args = ["--tasks", ",".join(spec.eval_tasks), "--limit", str(spec.eval_limit)]
+    args += ["--shots", str(spec.eval_shots), "--shots-seed", str(spec.eval_shots_seed)]
     return args + (["--data-dir", spec.eval_data_dir] if spec.eval_data_dir else [])
 
 
@@ -295,6 +296,7 @@ def arm_command(
         "--checkpoint.enable=false",
         f"--eval.tasks={','.join(spec.eval_tasks)}", f"--eval.at_steps={at}", "--eval.every=0",
         "--eval.at_start=false", f"--eval.limit={spec.eval_limit}",
+        f"--eval.shots={spec.eval_shots}", f"--eval.shots_seed={spec.eval_shots_seed}",
         *([f"--eval.data_dir={spec.eval_data_dir}"] if spec.eval_data_dir else []),
     ]  # fmt: skip
     return Command(f"{arm.geometry}/{arm.group}/{arm.name}", argv, layout.arm_dir(arm) / "train.log")

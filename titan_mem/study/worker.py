@@ -3,7 +3,7 @@
     python -m titan_mem.study.worker counts --base STEP --background pretrain|finetune|heldout --batches N
                                             --out F  FT.toml [--k=v ...]
     python -m titan_mem.study.worker eval   --base STEP --tasks T --limit N --out F --items-out F
-                                            [--data-dir D]  FT.toml [--k=v ...]
+                                            [--data-dir D] [--shots K --shots-seed S]  FT.toml [--k=v ...]
     python -m titan_mem.study.worker to-hf  --base STEP --out FOLDER   (a retrofit geometry's dense base)
 
 `counts` counts slot usage in the finetuning config's batch shape over the background corpus:
@@ -57,6 +57,8 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, help="eval: examples per task")
     parser.add_argument("--data-dir", help="eval: local evaluation data folder")
     parser.add_argument("--items-out", help="eval: per-item scores (eval_items.jsonl format)")
+    parser.add_argument("--shots", type=int, default=0, help="eval: few-shot exemplars per QA/GSM8K item")
+    parser.add_argument("--shots-seed", type=int, default=0, help="eval: the exemplars' seed")
     if argv[:1] == ["to-hf"]:  # a retrofit geometry's dense base, read with its run's own config
         args = parser.parse_args(argv)
         print(export_checkpoint(Path(args.base), args.out, overwrite=True))
@@ -78,6 +80,8 @@ def run(argv: list[str]) -> None:
         config=args.config,
         overrides=[*overrides, "--training.mode=full_finetune"],  # score the base model as it is
         batch_size=ft.eval.batch_size,
+        shots=args.shots,
+        shots_seed=args.shots_seed,
         out=args.out,
         items_out=args.items_out,
         progress=False,
