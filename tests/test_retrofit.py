@@ -14,7 +14,7 @@ from conftest import TINY, error_line, load_model_tensors, losses, ok, run_tool,
 
 from titan_mem.config import parse_args
 from titan_mem.data import build_tokenizer
-from titan_mem.hf.retrofit import base_state_dict, model_args_for
+from titan_mem.hf.retrofit import base_state_dict, model_args_for, retrofit_state_dict
 from titan_mem.hf.weights import load_hf_model
 from titan_mem.models.args import MemoryArgs
 from titan_mem.models.memory import MemoryLayer
@@ -35,9 +35,25 @@ def _retrofitted(folder, mode: str) -> tuple[Transformer, object]:
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    missing, unexpected = model.load_state_dict(base_state_dict(folder, args), strict=False)
+    missing, unexpected = model.load_state_dict(retrofit_state_dict(folder, args), strict=False)
     assert not unexpected and all(".feed_forward." in k for k in missing) and missing
     return model.eval(), args
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_memory_projections_start_as_the_blocks_ffn(dense_hf, mode):
+    """The Memory+ projections of a new retrofit are the block's FFN (gate_proj = w1's rows, value_proj =
+    w2's columns, cycled past the FFN's width), so the values' gradient has the base's scale; everything
+    else of the memory layer starts fresh."""
+    _, folder = dense_hf
+    model, args = _retrofitted(folder, mode)
+    base = load_hf_model(folder)[0].state_dict()
+    w1, w2 = base["layers.1.feed_forward.w1.weight"], base["layers.1.feed_forward.w2.weight"]
+    rows = torch.arange(args.v_dim) % w1.shape[0]
+    layer = model.layers["1"].feed_forward
+    assert torch.equal(layer.gate_proj.weight, w1[rows]) and torch.equal(layer.value_proj.weight, w2[:, rows])
+    if mode == "add":
+        assert not layer.values.weight.any() and torch.equal(layer.out_gate, torch.ones(args.dim))
 
 
 def test_add_reproduces_the_base_and_replace_does_not(dense_hf, tmp_path):

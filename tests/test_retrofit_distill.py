@@ -91,7 +91,7 @@ def test_distill_heal_learns_the_dropped_ffn_and_keeps_the_base(dense_hf, tmp_pa
     two (FSDP shards, column-split value tables); the checkpoint holds the base's tensors bit for bit and the
     memory layer, no teacher."""
     _, folder = dense_hf
-    heal = [*DISTILL, "--training.steps=8", "--optimizer.lr=1e-2", "--data.regime=pretrain"]
+    heal = [*DISTILL, "--training.steps=8", "--optimizer.lr=3e-3", "--data.regime=pretrain"]
     for nproc in (1, 2):
         ok(run_trainer([*retro(folder, *heal), f"--job.dump_folder={tmp_path / str(nproc)}"], nproc=nproc))
     one, two = losses(tmp_path / "1"), losses(tmp_path / "2")

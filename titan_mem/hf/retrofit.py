@@ -5,7 +5,8 @@
 `retrofit.mode` how: `replace` discards the block's FFN (the paper), `add` keeps it and adds the memory's
 output (values initialised to 0 behind a learned per-channel gate, so the retrofitted model starts equal to
 its base bit for bit while the values get a gradient: models.memory.MemoryLayer). A new run starts from the
-base's weights with freshly initialised memory layers; healing (`training.mode=heal`, on the LM loss or, for
+base's weights; each memory layer's Memory+ projections start as a slice of its block's FFN
+(`ffn_shaped_projections`), the rest of it fresh; healing (`training.mode=heal`, on the LM loss or, for
 `replace`, by distilling each dropped FFN into its memory layer: hf/distill.py), background counts and the
 finetuning modes then run as for a native model.
 """
@@ -91,21 +92,47 @@ def model_args_for(cfg: Config, n_words: int) -> ModelArgs:
 
 
 def _split_base(folder: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[int, dict]]:
-    """The base's weights under the retrofitted model's names, and the FFNs `replace` drops from them:
-    {block: {"w1.weight": ..., "w2.weight": ..., "w3.weight": ...}} (empty for `add`, which keeps them)."""
+    """The base's weights under the retrofitted model's names, and the FFNs of the memory blocks:
+    {block: {"w1.weight": ..., "w2.weight": ..., "w3.weight": ...}} (`replace` drops them from the first,
+    `add` keeps them there as `dense_ffn`)."""
     dense = dataclasses.replace(args, memory=dataclasses.replace(args.memory, layers=[], beside_ffn=False))
     state = read_state_dict(folder, dense)
     kept: dict[str, torch.Tensor] = {}
-    dropped: dict[int, dict[str, torch.Tensor]] = {}
+    ffns: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
         m = re.match(r"^layers\.(\d+)\.feed_forward\.(.+)$", name)
         if m and int(m.group(1)) in args.memory.layers:
+            ffns.setdefault(int(m.group(1)), {})[m.group(2)] = t
             if not args.memory.beside_ffn:
-                dropped.setdefault(int(m.group(1)), {})[m.group(2)] = t
                 continue
             name = f"layers.{m.group(1)}.dense_ffn.{m.group(2)}"
         kept[name] = t
-    return kept, dropped
+    return kept, ffns
+
+
+def ffn_shaped_projections(
+    ffns: dict[int, dict[str, torch.Tensor]], args: ModelArgs
+) -> dict[str, torch.Tensor]:
+    """Memory+ projections that start as the block's own FFN: gate_proj = w1's first v_dim rows, value_proj =
+    w2's first v_dim columns (cycled where v_dim exceeds the FFN's width), so that the memory's output is
+    `w2[:, :v](lookup * silu(w1[:v] x))`, the FFN with its up-projection `w3 x` swapped for a table lookup.
+
+    Why: the values' gradient is `silu(gate_proj x) * value_proj^T dL/dout` and the output a value row can
+    make is `value_proj` times it, so both follow these projections' scale. A depth-scaled random init
+    (std 0.02 / sqrt(2 (layer + 1)), a from-scratch model's) is 53x smaller than SmolLM2-135M's w2 at block
+    15 and its gate's output 5x smaller than the FFN's (the normed inputs there have RMS 0.15), so an SGD
+    step on value rows moved the output ~(53 * 5)^2 times less than the paper's settings assume and sparse
+    finetuning learned nothing at lr 2 (docs/benchmarks.md, "SmolLM2-135M"). The FFN's own projections
+    fit the base's residual stream (Lin et al. 2025's memory replaces an FFN of that scale)."""
+    if not args.memory.plus:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for block, ffn in ffns.items():
+        w1, w2 = ffn["w1.weight"], ffn["w2.weight"]  # [hidden, dim], [dim, hidden]
+        rows = torch.arange(args.v_dim) % w1.shape[0]
+        out[f"layers.{block}.feed_forward.gate_proj.weight"] = w1[rows].clone()
+        out[f"layers.{block}.feed_forward.value_proj.weight"] = w2[:, rows].clone()
+    return out
 
 
 def base_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -116,8 +143,15 @@ def base_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
 
 def replaced_ffns(folder: Path, args: ModelArgs) -> dict[int, dict[str, torch.Tensor]]:
     """The base's FFN weights at the blocks a `replace` retrofit gives a memory layer, by block index: the
-    teachers of a distillation heal (hf/distill.py)."""
-    return _split_base(folder, args)[1]
+    teachers of a distillation heal (hf/distill.py); empty for `add`, which keeps them."""
+    return {} if args.memory.beside_ffn else _split_base(folder, args)[1]
+
+
+def retrofit_state_dict(folder: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """What a new retrofit run loads: the base's weights (`base_state_dict`) and each memory layer's
+    FFN-shaped Memory+ projections (`ffn_shaped_projections`); keys, queries and values start fresh."""
+    kept, ffns = _split_base(folder, args)
+    return kept | ffn_shaped_projections(ffns, args)
 
 
 def load_base_weights(
@@ -126,7 +160,7 @@ def load_base_weights(
     """Put the base's weights into the (sharded, initialised) retrofitted model; checks that what stays as
     initialised is exactly the memory layers and the mode's `new_tensors` (LoRA adapters). Returns the
     number of tensors loaded."""
-    state = base_state_dict(folder, args)
+    state = retrofit_state_dict(folder, args)
     memory = tuple(f"{name}." for name in model.memory_layers()) + ("shared_memory_values.",)
     fresh = sorted(
         n
