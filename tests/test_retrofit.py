@@ -236,22 +236,8 @@ def test_retrofitted_model_sparse_finetunes_resumes_evaluates_and_exports(healed
     assert 0 < int(moved.sum()) <= 4 * 10  # rows moved, at most top_t per step
     assert all(torch.equal(tuned[k], base[k]) for k in base if "values" not in k)
     out = tmp_path / "eval.json"
-    ok(
-        run_tool(
-            "evaluate.py",
-            [
-                "--checkpoint",
-                str(final),
-                "--tasks",
-                "synthetic_qa",
-                "--limit",
-                "4",
-                "--out",
-                str(out),
-                "--no-progress",
-            ],
-        )
-    )
+    evaluated = ["--checkpoint", str(final), "--tasks", "synthetic_qa", "--limit", "4", "--no-progress"]
+    ok(run_tool("evaluate.py", [*evaluated, "--out", str(out)]))
     results = json.loads(out.read_text())["results"]
     assert {r["task"] for r in results} >= {"synthetic_qa/new_taught", "synthetic_qa/known_val"}
     assert all(r["n"] > 0 for r in results)

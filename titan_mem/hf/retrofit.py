@@ -94,7 +94,9 @@ def model_args_for(cfg: Config, n_words: int) -> ModelArgs:
 def _split_base(folder: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[int, dict]]:
     """The base's weights under the retrofitted model's names, and the FFNs of the memory blocks:
     {block: {"w1.weight": ..., "w2.weight": ..., "w3.weight": ...}} (`replace` drops them from the first,
-    `add` keeps them there as `dense_ffn`)."""
+    `add` keeps them there as `dense_ffn`). A memory model's own folder (hf/export.py) is read as it is."""
+    if model_args_from_hf(folder).memory.layers:
+        return read_state_dict(folder, args), {}
     dense = dataclasses.replace(args, memory=dataclasses.replace(args.memory, layers=[], beside_ffn=False))
     state = read_state_dict(folder, dense)
     kept: dict[str, torch.Tensor] = {}
