@@ -1,6 +1,6 @@
 """Benchmark: the issue-30 evaluation set on a real model, and what computing the few-shot prefix once saves.
 
-    python tools/bench_eval.py [--model /work/cache/smollm2-135m] [--data-dir ../shared/data]
+    python tools/bench_eval.py [--model outputs/models/smollm2-135m] [--data-dir ../shared/data]
         [--set triviaqa=300,nq_open=300,gsm8k=100,lambada_openai=500] [--shots 5] [--gsm8k-shots 0]
         [--shots-seed 0] [--batch-size 16] [--speedup-items 48] [--skip-set] [--skip-speedup] [--no-reuse]
         [--threads N] [--out FILE]
@@ -101,7 +101,7 @@ def run_speedup(lm: EvalModel, data_dir: Path, args: argparse.Namespace) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="/work/cache/smollm2-135m", help="HF folder or checkpoint step")
+    parser.add_argument("--model", default="outputs/models/smollm2-135m", help="HF folder or checkpoint step")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--set", default="triviaqa=300,nq_open=300,gsm8k=100,lambada_openai=500")
     parser.add_argument("--shots", type=int, default=5, help="exemplars per QA item")

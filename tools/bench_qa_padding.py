@@ -1,7 +1,7 @@
 """Benchmark: the padding share of QA finetuning batches, fixed shape vs length buckets (data/buckets.py).
 
     python tools/bench_qa_padding.py [--source ../shared/data/triviaqa_3k.jsonl]
-        [--tokenizer /work/cache/smollm2-135m/tokenizer.json] [--batch-size 16] [--seq-len 64]
+        [--tokenizer outputs/models/smollm2-135m/tokenizer.json] [--batch-size 16] [--seq-len 64]
         [--pools 0,4,16,64] [--multiples 8,4] [--out FILE]
 
 One epoch of the real loader (data.regime=qa, shuffled, seed 0) per setting; padding = positions that are
@@ -38,7 +38,7 @@ def padding(tok, source: str, batch_size: int, seq_len: int, pool: int, multiple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "triviaqa_3k.jsonl"))
-    parser.add_argument("--tokenizer", default="/work/cache/smollm2-135m/tokenizer.json")
+    parser.add_argument("--tokenizer", default="outputs/models/smollm2-135m/tokenizer.json")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pools", default="0,4,16,64")
