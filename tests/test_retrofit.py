@@ -245,6 +245,10 @@ def test_retrofitted_model_sparse_finetunes_resumes_evaluates_and_exports(healed
     back, args = load_hf_model(tmp_path / "hf")
     assert args.memory.layers == [1] and args.memory.beside_ffn
     assert all(torch.equal(back.state_dict()[k], v) for k, v in tuned.items())
+    # as a base (evaluation, retrofit.base) the exported folder is read as the memory model it holds, its
+    # trained projections included (it was read as a dense base and refused its memory tensors)
+    again = retrofit_state_dict(tmp_path / "hf", args)
+    assert set(again) == set(tuned) and all(torch.equal(again[k], v) for k, v in tuned.items())
 
 
 def test_retrofit_bad_inputs_get_one_line(dense_hf, tmp_path):
