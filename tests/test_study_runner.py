@@ -223,3 +223,40 @@ def test_micro_retrofit_study_shares_one_dense_base_and_heals_each_retrofit(tmp_
         cfg = json.loads(arm.read_text())["retrofit"]
         assert cfg == {"base": str(hf), "heal_objective": "lm", "layers": [2], "mode": mode}
     assert not (out / "replace" / "base-b0").exists()  # the dense base ran once, under the first geometry
+
+
+def test_committed_results_skip_their_runs_and_what_only_they_needed(tmp_path):
+    """With [study] results, a finished job's records go to a committed file (command, commit, machine);
+    on a rerun, or a new machine where only those files exist, the arm is done and a heal or counts job
+    whose every user is done does not run; an arm whose file is gone runs again, with what it waits for."""
+    from titan_mem.study.spec import Arm
+
+    layout = Layout(tmp_path / "out", committed=tmp_path / "committed")
+    arm = Arm("full", "full_finetune", (("lr", 0.1),), seed=0)
+    run = layout.arm_dir(arm)
+    fake_run = (  # what a finished arm's run folder holds: its resolved config and an evaluation line
+        f"import json, pathlib; from titan_mem import config as c; d = pathlib.Path({str(run)!r}); d.mkdir(parents=True); "
+        "c.dump(c.parse_args(['train_configs/debug_full_finetune.toml']), d / 'config.json'); "
+        "(d / 'metrics.jsonl').write_text(json.dumps({'step': 2, 'eval/x/nll': 1.0}))"
+    )
+
+    def job(name: str, deps: list[str], arm: Arm | None = None, done=lambda: False) -> Job:
+        argv = [sys.executable, "-c", fake_run if arm else f"print('{name}')"]
+        return Job(Command(name, argv, tmp_path / "logs" / f"{name}.log"), done=done, deps=deps, arm=arm)
+
+    result = layout.arm_result(arm)
+    assert result == tmp_path / "committed" / "default" / "headline" / "full-lr0.1-b0-seed0.json"
+    result.parent.mkdir(parents=True)
+    heal, counts = job("heal", []), job("counts", ["heal"])
+    finished = job("arm", ["counts"], arm, done=lambda: result.is_file())
+    result.write_text(json.dumps({"command": ["x"], "records": []}))
+    assert _run_jobs(layout, [heal, counts, finished], 1, None, 1, lambda _: None) == {}
+    assert not (tmp_path / "logs").exists()  # nothing ran: the arm is done, heal and counts serve only it
+    result.unlink()
+    assert _run_jobs(layout, [heal, counts, finished], 1, None, 1, lambda _: None) == {}
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["arm.log", "counts.log", "heal.log"]
+    doc = json.loads(result.read_text())
+    assert (
+        doc["command"] == finished.cmd.argv[1:] and len(doc["commit"]) >= 40 and doc["machine"]["cpus"] >= 1
+    )
+    assert [(r["arm"], r["step"], r["metrics"]) for r in doc["records"]] == [(arm.name, 2, {"x:nll": 1.0})]

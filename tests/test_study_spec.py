@@ -5,6 +5,7 @@ regime, the 1.3B one) plan: every arm's trainer config passes the trainer's chec
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -276,8 +277,8 @@ def test_retrofit_geometries_of_a_given_hf_model(tmp_path):
         "--retrofit.base=org/model" in j.cmd.argv and "--retrofit.layers=1" in j.cmd.argv for j in jobs
     )
     bad = {
-        "every [[geometry]] must retrofit it": text.replace(
-            "[[geometry]]", '[[geometry]]\nname = "plain"\n\n[[geometry]]', 1
+        "a geometry without retrofit keys runs the model as it is": text.replace(
+            "[[geometry]]", '[[geometry]]\nname = "plain"\noverrides = ["--model.dim=8"]\n\n[[geometry]]', 1
         ),
         "retrofit and heal_config go together": text.replace(
             'heal_config = "train_configs/debug_heal.toml"', ""
@@ -295,3 +296,114 @@ def test_retrofit_geometries_of_a_given_hf_model(tmp_path):
             StudyError, match=needle.replace("*", r"\*").replace("[", r"\[").replace("]", r"\]")
         ):
             load_study(_write(tmp_path, study))
+
+
+HF_STUDY = """
+[study]
+name = "hf"
+out = "{out}"
+results = "{results}"
+seeds = [0]
+
+[base]
+hf_model = "org/model"
+reference = "hf"
+
+[facts]
+task = "triviaqa"
+source = "{source}"
+candidates = 20
+shots = 0
+splits = {train = 4, control = 2}
+out = "{facts}"
+
+[[geometry]]
+name = "add"
+retrofit = ["--retrofit.mode=add", "--retrofit.layers=1", "--model.memory_n_keys=16"]
+heal_config = "train_configs/debug_heal.toml"
+
+[method.sparse]
+config = "train_configs/debug_sparse_finetune.toml"
+
+[method.full]
+config = "train_configs/debug_full_finetune.toml"
+
+[finetune]
+overrides = ["--training.steps=4", "--data.source={facts}/train.jsonl", "--data.regime=qa"]
+
+[eval]
+tasks = ["triviaqa:{facts}/train_eval.jsonl@limit=4,label=taught", "nq_open@shots=0"]
+every = 2
+limit = 6
+learning = "triviaqa/taught:answer_nll"
+forgetting = ["nq_open:answer_nll"]
+
+[[arm]]
+method = "sparse"
+lr = [10.0]
+
+[[arm]]
+method = "full"
+label = "full_retrofit"
+lr = [1e-4]
+
+[[arm]]
+method = "full"
+start = "hf"
+lr = [1e-4]
+
+[quick]
+heal_overrides = ["--training.steps=1"]
+"""
+
+
+def _hf_study(tmp_path: Path, text: str = HF_STUDY) -> Path:
+    source = tmp_path / "qa.jsonl"
+    source.write_text(
+        "".join(f'{{"question": "q{i}?", "answer": "a{i}", "id": "t{i}"}}\n' for i in range(30))
+    )
+    path = tmp_path / "hf.toml"
+    for key, value in (("{out}", tmp_path / "out"), ("{results}", tmp_path / "committed"),
+                       ("{source}", source), ("{facts}", tmp_path / "facts")):  # fmt: skip
+        text = text.replace(key, str(value))
+    path.write_text(text)
+    return path
+
+
+def test_arms_on_the_hf_model_as_it_is_beside_its_retrofit(tmp_path):
+    """An HF study: facts chosen first; the base record is the HF model as it is (reference = "hf") and the
+    healed retrofit is evaluated beside it; an arm with start = "hf" finetunes the HF model without memory
+    layers or the heal (it waits for nothing but the facts), the others read the healed retrofit."""
+    spec = load_study(_hf_study(tmp_path))
+    jobs = {j.name: j for j in plan(spec)}
+    assert list(jobs)[:4] == [
+        "choose facts",
+        "heal base add/b0",
+        "evaluate base add/b0",
+        "evaluate healed add/b0",
+    ]
+    facts = jobs["choose facts"].cmd.argv
+    assert facts[facts.index("--ids") + 1] == str(tmp_path / "facts" / "facts.json")
+    base, healed = jobs["evaluate base add/b0"].cmd.argv, jobs["evaluate healed add/b0"].cmd.argv
+    assert base[base.index("--base") + 1] == "org/model" and "--retrofit.layers=[]" in base
+    assert jobs["evaluate base add/b0"].deps == ["choose facts"]
+    assert "heal-b0" in healed[healed.index("--base") + 1] and "--retrofit.layers=1" in healed
+    hf_arm = next(j for n, j in jobs.items() if n.startswith("add/headline/full-"))
+    assert hf_arm.deps == ["choose facts"] and "--retrofit.layers=[]" in hf_arm.cmd.argv
+    assert not any(a.startswith("--checkpoint.initial_load_path=" + str(tmp_path)) for a in hf_arm.cmd.argv)
+    retro = next(j for n, j in jobs.items() if n.startswith("add/headline/full_retrofit-"))
+    assert any("heal-b0" in a for a in retro.cmd.argv if a.startswith("--checkpoint.initial_load_path="))
+    assert retro.deps == ["heal base add/b0", "choose facts"]
+    assert load_study(_hf_study(tmp_path), quick=True).results is None  # a smoke run commits nothing
+    bad = {
+        "arm 3: start = 'hf' runs base.hf_model without memory": HF_STUDY
+        + '\n[[arm]]\nmethod = "sparse"\nlabel = "x"\nstart = "hf"\nlr = [1.0]\n',
+        "base.reference: expected one of 'healed', 'hf'; got 'x'": HF_STUDY.replace(
+            'reference = "hf"', 'reference = "x"'
+        ),
+        "unknown key facts.nope": HF_STUDY.replace("candidates = 20", "nope = 1"),
+        "facts.splits.train: expected a positive integer": HF_STUDY.replace("train = 4", "train = 0"),
+    }
+    for needle, text in bad.items():
+        with pytest.raises(StudyError, match=re.escape(needle)):
+            load_study(_hf_study(tmp_path, text))

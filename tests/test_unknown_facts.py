@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_tool
 
 from titan_mem.data.qa import load_qa
-from titan_mem.eval.unknown_facts import split_facts, unknown_ids
+from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks
+from titan_mem.eval.unknown_facts import FactSelectionError, split_facts, unknown_ids, write_splits
 
 ITEMS = {
     "id": ["0", "1", "2", "3", "4", "5", "6", "7"],
@@ -63,3 +65,22 @@ def test_the_tool_writes_the_source_rows_with_their_ids(tmp_path):
     ):
         r = run_tool("select_facts.py", [*args, *bad])
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_split_and_its_exemplar_pool_evaluate_exactly_the_split_few_shot(tmp_path):
+    """`<split>_eval.jsonl` is the split, then exemplars in no split: a few-shot task limited to the split's
+    size evaluates exactly its facts and draws every exemplar from the pool (the study's taught facts)."""
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}", "id": str(i)}) + "\n"
+                              for i in range(12)))  # fmt: skip
+    splits = {"train": ["3", "5", "7"], "control": ["1"]}
+    write_splits(str(source), splits, tmp_path / "f", exemplars=["0", "2", "4", "6"])
+    assert [e.id for e in load_qa(str(tmp_path / "f" / "train.jsonl"))] == ["3", "5", "7"]  # what trains
+    spec = f"triviaqa:{tmp_path / 'f' / 'train_eval.jsonl'}@limit=3,shots=2,label=taught"
+    (task,) = build_tasks([spec], TaskContext(limit=50, shots=0))
+    assert task.name == "triviaqa/taught" and [e.id for e in task.examples] == ["3", "5", "7"]
+    assert len(task.shots) == 2 and {e.id for e in task.shots} <= {"0", "2", "4", "6"}
+    with pytest.raises(TaskError, match="'shots=x' is not one of shots, limit, label"):
+        build_tasks([spec.replace("shots=2", "shots=x")], TaskContext())
+    with pytest.raises(FactSelectionError, match="exemplar ids are facts of the split"):
+        write_splits(str(source), splits, tmp_path / "g", exemplars=["3"])

@@ -36,8 +36,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from titan_mem.data.config import DataConfig
@@ -49,39 +48,12 @@ from titan_mem.data.synthetic import ATTRIBUTES, QUESTIONS, SyntheticWorld, worl
 from titan_mem.eval.fewshot import ShotsError, fewshot_prefix, load_count, split_shots
 from titan_mem.eval.lm import EvalModel, nll_summary
 from titan_mem.eval.metrics import normalizer, qa_scores
+from titan_mem.eval.task_context import TaskContext, TaskError, TaskOutput, task_options
 
 QA_MAX_NEW_TOKENS = 32
 QA_STOP = ("\n",)
 POPULATIONS = ("known_val", "known_test", "new_taught", "new_untaught")
 COPY_CUE = "After breakfast"  # synthetic_copy: the prompt ends here, the repeated name follows
-
-
-class TaskError(ValueError):
-    """A task that cannot run: unknown name, missing data file, malformed record (one line, names it)."""
-
-
-@dataclass
-class TaskOutput:
-    """Metric records ({task, metric, value, n}) and per-example predictions of one task."""
-
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time per task (runner fills it)
-
-    def add(self, task: str, metric: str, value: float, n: int) -> None:
-        self.metrics.append({"task": task, "metric": metric, "value": float(value), "n": int(n)})
-
-
-@dataclass
-class TaskContext:
-    """What tasks may read besides the model: the local data folder, the run's data config (synthetic
-    world, taught split), the example limit, and the few-shot exemplars' count and seed (eval/fewshot.py)."""
-
-    data_dir: Path | None = None
-    data: DataConfig | None = None
-    limit: int | None = None
-    shots: int = 0
-    shots_seed: int = 0
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
@@ -481,12 +453,17 @@ def parse_task_list(spec: str | Sequence[str]) -> list[str]:
 
 
 def build_tasks(specs: Sequence[str], ctx: TaskContext) -> list[Any]:
-    """Tasks for `name[:SOURCE]` specs, all data loaded (so a bad name or file fails before any compute)."""
+    """Tasks for `name[:SOURCE][@options]` specs, all data loaded (so a bad name or file fails before any
+    compute)."""
     tasks: list[Any] = []
     for spec in specs:
+        spec, task_ctx, label = task_options(spec, ctx)
         name, _, explicit = spec.partition(":")
         if name not in BUILDERS:
             raise TaskError(f"unknown task {name!r} (known: {', '.join(BUILDERS)})")
-        made = BUILDERS[name](name, explicit or None, ctx)
-        tasks.extend(made if isinstance(made, list) else [made])
+        made = BUILDERS[name](name, explicit or None, task_ctx)
+        made = made if isinstance(made, list) else [made]
+        for task in made:
+            task.name = f"{task.name}/{label}" if label else task.name
+        tasks.extend(made)
     return tasks

@@ -47,19 +47,30 @@ def split_facts(ids: Sequence[str], sizes: dict[str, int], seed: int) -> dict[st
     return out
 
 
-def write_splits(source: str, splits: dict[str, list[str]], out_dir: Path) -> dict[str, Path]:
-    """Each split's source records (with `id` = the source row's id) as `<out_dir>/<split>.jsonl`."""
+def write_splits(
+    source: str, splits: dict[str, list[str]], out_dir: Path, exemplars: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Each split's source records (with `id` = the source row's id) as `<out_dir>/<split>.jsonl`; with
+    `exemplars` (ids in no split), also `<split>_eval.jsonl`: the split, then those rows, the pool a
+    few-shot evaluation of exactly the split's items draws its exemplars from (eval/fewshot.py)."""
     records = {}
     for i, r in enumerate(read_records(source)):
         rid = str(r.get("question_id") or r.get("id") or i)
         records[rid] = {**r, "id": rid}
     paths = {}
     for name, ids in splits.items():
-        missing = [i for i in ids if i not in records]
+        missing = [i for i in [*ids, *exemplars] if i not in records]
         if missing:
             raise FactSelectionError(f"{source}: no row with id {missing[0]!r} (items from another file?)")
-        path = out_dir / f"{name}.jsonl"
-        with atomic_file(path, overwrite=True) as tmp:
-            tmp.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in ids))
-        paths[name] = path
+        if set(exemplars) & set(ids):
+            raise FactSelectionError(f"split {name}: exemplar ids are facts of the split")
+        for path, rows in (
+            (out_dir / f"{name}.jsonl", ids),
+            (out_dir / f"{name}_eval.jsonl", [*ids, *exemplars]),
+        ):
+            if path.name.endswith("_eval.jsonl") and not exemplars:
+                continue
+            with atomic_file(path, overwrite=True) as tmp:
+                tmp.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in rows))
+        paths[name] = out_dir / f"{name}.jsonl"
     return paths

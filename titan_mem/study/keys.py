@@ -9,11 +9,12 @@ class StudyError(ValueError):
 
 
 SECTIONS: dict[str, set[str]] = {
-    "study": {"name", "out", "seeds", "base_seeds", "pair_seeds"},
+    "study": {"name", "out", "seeds", "base_seeds", "pair_seeds", "results"},
     "base": {
         "checkpoint", "pretrain_config", "study", "hf_model", "pretrain_overrides", "background_batches",
-        "background",
+        "background", "reference",
     },
+    "facts": {"task", "source", "candidates", "shots", "splits", "seed", "out", "ids"},
     "method": set(),  # [method.X] tables, checked on their own
     "finetune": {"overrides"},
     "eval": {
@@ -22,7 +23,7 @@ SECTIONS: dict[str, set[str]] = {
     },
     "quick": {
         "seeds", "base_seeds", "pretrain_overrides", "finetune_overrides", "background_batches", "limit",
-        "points", "forgetting", "max_sweep", "out",
+        "points", "forgetting", "max_sweep", "out", "heal_overrides", "every",
     },
 }  # fmt: skip
 
@@ -32,7 +33,14 @@ SECTIONS: dict[str, set[str]] = {
 # A tf-only arm (ranking = "tf") is the "no background" case.
 BACKGROUNDS = ("pretrain", "finetune", "heldout")
 # [[arm]] keys that are not sweep keys
-ARM_KEYS = ("method", "group", "label", "background", "geometries")
+ARM_KEYS = ("method", "group", "label", "background", "geometries", "start")
+# Where an arm starts: "" = its geometry's base (pretrained, or retrofitted and healed); "hf" = [base]
+# hf_model as it is, no memory layer (the baselines a user of a pretrained model would otherwise run)
+STARTS = ("", "hf")
+# The model a study's forgetting and learning are measured against (the base record): "healed" = each
+# geometry's own base; "hf" = [base] hf_model as it is, the model a user starts from (a retrofit's own cost
+# then counts against its arms, and the healed model is evaluated beside it)
+REFERENCES = ("healed", "hf")
 
 _COMMON = {"lr": "optimizer.lr", "optimizer": "optimizer.name", "weight_decay": "optimizer.weight_decay"}
 _SWEEP_KEYS: dict[str, dict[str, str]] = {

@@ -14,14 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from titan_mem import config as config_mod
+from titan_mem.components.bench import machine_info
+from titan_mem.config import Config
 from titan_mem.errors import TrainingError
 from titan_mem.eval.runner import write_json, write_jsonl
 from titan_mem.study.overview import write_study_report
@@ -39,6 +43,7 @@ from titan_mem.study.stages import (
     base_is_trained,
     base_keys,
     counts_command,
+    facts_command,
     layout_of,
     method_argv,
     pretrain_command,
@@ -81,41 +86,77 @@ def _counts_kind(spec: StudySpec, arm: Arm) -> str | None:
     return arm.background or spec.background
 
 
+def _starts_from(spec: StudySpec, layout: Layout, key: BaseKey, start: str = "") -> Path | None:
+    """The checkpoint a run of this base loads; None where it reads [base] hf_model as it is."""
+    if start == "hf" or (spec.hf_model and not spec.geometry(key.geometry).retrofit):
+        return None
+    return base_checkpoint(spec, layout, key)
+
+
+def _eval_job(spec: StudySpec, layout: Layout, key: BaseKey, deps: list[str], healed: bool) -> Job:
+    """A base record's evaluation (or, `healed`, a retrofit's healed model beside an `hf` reference)."""
+    first = next(iter(spec.methods.values()))
+    hf_ref = spec.reference == "hf" and not healed
+    base = Path(spec.hf_model) if hf_ref else base_checkpoint(spec, layout, key)  # type: ignore[arg-type]
+    cfg = base_config(spec, layout, key)
+    ft = method_argv(spec, layout, first, key, cfg, start="hf" if hf_ref else "")
+    cmd = base_eval_command(spec, layout, key, base, ft, healed=healed)
+    what = "healed" if healed else "base"
+    out, items = (
+        Path(cmd.argv[cmd.argv.index("--out") + 1]),
+        Path(cmd.argv[cmd.argv.index("--items-out") + 1]),
+    )
+    committed = layout.base_result(key, what)
+
+    def done() -> bool:
+        return (committed is not None and committed.is_file()) or (out.is_file() and items.is_file())
+
+    return Job(cmd, done, deps, base=key)
+
+
 def plan(spec: StudySpec) -> list[Job]:
     """Every job the study runs, in order (what `--dry-run` prints); checks each arm's config."""
     layout = layout_of(spec)
     jobs: list[Job] = []
-    first_method = next(iter(spec.methods.values()))
     counts_jobs: dict[Path, Job] = {}
     base_names: dict[BaseKey, list[str]] = {}
+    facts: list[str] = []
+    if spec.facts is not None:
+        key0 = base_keys(spec)[0]
+        first = next(iter(spec.methods.values()))
+        cmd = facts_command(spec, layout, method_argv(spec, layout, first, key0, Config(), start="hf"))
+        f, ids = spec.facts, Path(cmd.argv[cmd.argv.index("--ids") + 1])
+        jobs.append(Job(cmd, lambda: ids.is_file() and all(f.split_file(n).is_file() for n in f.splits)))
+        facts = [cmd.name]
     for key in base_keys(spec):
-        base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
         deps: list[str] = []
         if spec.pretrain_config is not None:
             cmd = pretrain_command(spec, layout, key)
             if cmd.name not in (j.name for j in jobs):  # retrofits of one dense base share its run
                 jobs.append(Job(cmd, lambda k=key: base_is_trained(spec, layout, k)))
             deps = [cmd.name]
-        if spec.geometry(key.geometry).retrofit:  # export -> heal, each after the one before
+        retrofit = bool(spec.geometry(key.geometry).retrofit)
+        if retrofit:  # export -> heal, each after the one before
             for cmd, done in retrofit_commands(spec, layout, key):
                 jobs.append(Job(cmd, done, deps))
                 deps = [cmd.name]
-        ev = base_eval_command(spec, layout, key, base, method_argv(spec, layout, first_method, key, cfg))
-        jobs.append(Job(ev, lambda k=key: layout.base_eval(k).is_file() and layout.base_items(k).is_file(),
-                        deps, base=key))  # fmt: skip
-        base_names[key] = deps
-    for arm in spec.arms:
+        jobs.append(_eval_job(spec, layout, key, facts if spec.reference == "hf" else deps + facts, False))
+        if retrofit and spec.reference == "hf":
+            jobs.append(_eval_job(spec, layout, key, deps + facts, True))
+        base_names[key] = deps + facts
+    # seed by seed: an interrupted study has every configuration's first seed before any second one
+    for arm in sorted(spec.arms, key=lambda a: (a.base_seed, a.seed)):
         key = BaseKey(arm.geometry, arm.base_seed)
-        base, cfg = base_checkpoint(spec, layout, key), base_config(spec, layout, key)
-        ft = method_argv(spec, layout, spec.methods[arm.method], key, cfg)
+        base, cfg = _starts_from(spec, layout, key, arm.start), base_config(spec, layout, key)
+        ft = method_argv(spec, layout, spec.methods[arm.method], key, cfg, arm.start)
         try:
             config_mod.parse_args(arm_argv(spec, arm, ft))  # the trainer's own checks, before anything runs
         except config_mod.ConfigError as e:
             raise StudyError(f"{spec.path}: arm {arm.name}: {e}") from None
         kind = _counts_kind(spec, arm)
         counts = None
-        deps = list(base_names[key])
-        if kind is not None:
+        deps = list(facts if arm.start == "hf" else base_names[key])
+        if kind is not None and base is not None:
             cc = counts_command(spec, layout, key, base, ft, kind)
             counts = Path(cc.argv[cc.argv.index("--out") + 1])
             if counts not in counts_jobs:
@@ -128,13 +169,15 @@ def plan(spec: StudySpec) -> list[Job]:
 
 
 def arm_is_done(layout: Layout, arm: Arm, cmd: Command) -> bool:
-    done = layout.arm_done(arm)
-    if not done.is_file():
-        return False
-    try:
-        return json.loads(done.read_text()).get("command") == cmd.argv[1:]
-    except (json.JSONDecodeError, OSError):
-        return False
+    """Its records exist (the committed file, else arm.json) and were made by this very command."""
+    for done in (layout.arm_result(arm), layout.arm_done(arm)):
+        if done is None or not done.is_file():
+            continue
+        try:
+            return json.loads(done.read_text()).get("command") == cmd.argv[1:]
+        except (json.JSONDecodeError, OSError):
+            return False
+    return False
 
 
 def run_study(
@@ -169,16 +212,98 @@ def run_study(
 
 
 def collect(spec: StudySpec, layout: Layout, failed: dict[Job, str] | None = None) -> list[dict]:
-    """The records of every evaluated base and finished arm (what results.jsonl holds)."""
+    """The records of every evaluated base and finished arm (what results.jsonl holds): the committed
+    files where the study keeps them, else the run folders."""
     failed_arms = {j.arm for j in (failed or {}) if j.arm is not None}
     records: list[dict] = []
     for key in base_keys(spec):
-        if layout.base_eval(key).is_file() and layout.base_items(key).is_file():
+        committed = layout.base_result(key)
+        if committed is not None and committed.is_file():
+            records += json.loads(committed.read_text())["records"]
+        elif layout.base_eval(key).is_file() and layout.base_items(key).is_file():
             records += base_records(key, layout.base_eval(key), layout.base_items(key))
     for arm in spec.arms:
-        if layout.arm_done(arm).is_file() and arm not in failed_arms:
-            records += json.loads(layout.arm_done(arm).read_text())["records"]
+        if arm in failed_arms:
+            continue
+        for done in (layout.arm_result(arm), layout.arm_done(arm)):
+            if done is not None and done.is_file():
+                records += json.loads(done.read_text())["records"]
+                break
     return records
+
+
+def healed_records(layout: Layout, key: BaseKey) -> list[dict]:
+    """A retrofit's healed model beside an `hf` reference, as a base-like record (arm "healed")."""
+    committed = layout.base_result(key, "healed")
+    if committed is not None and committed.is_file():
+        return json.loads(committed.read_text())["records"]
+    if layout.healed_eval(key).is_file() and layout.healed_items(key).is_file():
+        recs = base_records(key, layout.healed_eval(key), layout.healed_items(key))
+        return [{**r, "arm": "healed", "method": "healed"} for r in recs]
+    return []
+
+
+def _git_commit() -> str:
+    """The code's commit ("+dirty" with uncommitted changes; "unknown" outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _provenance(cmd: Command, seconds: float) -> dict:
+    """What a committed result file says of where it came from: command, commit, machine, time taken."""
+    return {"command": cmd.argv[1:], "commit": _git_commit(), "machine": machine_info(),
+            "seconds": round(seconds, 1)}  # fmt: skip
+
+
+def _commit_result(layout: Layout, job: Job, seconds: float) -> None:
+    """A finished job's records into the study's results folder (temp file + rename: whole or absent)."""
+    if job.arm is not None:
+        path = layout.arm_result(job.arm)
+        records = json.loads(layout.arm_done(job.arm).read_text())["records"]
+    elif job.base is not None:
+        healed = job.name.startswith("evaluate healed")
+        path = layout.base_result(job.base, "healed" if healed else "base")
+        if healed:
+            records = healed_records(layout, job.base)
+        else:
+            records = base_records(job.base, layout.base_eval(job.base), layout.base_items(job.base))
+    else:
+        return
+    if path is not None:
+        write_json(path, {**_provenance(job.cmd, seconds), "records": _rounded(records)})
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 6 significant digits: the committed files stay small and diff-able."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _needed(todo: list[Job], done: set[str]) -> set[str]:
+    """The jobs still to run: unfinished evaluations and arms, and what they wait for (a heal or counts
+    whose every user is finished, e.g. on a new machine with the committed results, is not rerun)."""
+    by_name = {j.name: j for j in todo}
+    leaves = {j.name for j in todo if j.arm is not None or j.base is not None}
+    leaves |= {j.name for j in todo if not any(j.name in k.deps for k in todo)}
+    stack = [name for name in leaves if name not in done]
+    need: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in need or name in done:
+            continue
+        need.add(name)
+        stack += by_name[name].deps
+    return need
 
 
 def _run_jobs(
@@ -192,6 +317,10 @@ def _run_jobs(
     for j in todo:
         if j.done():
             state[j.name] = "ok"
+    need = _needed(todo, set(state))
+    for j in todo:
+        if j.name not in need:
+            state[j.name] = "ok"  # done, or needed by nothing left to run
     pending = [j for j in todo if j.name not in state]
     if len(pending) < len(todo):
         log(f"[study] {len(todo) - len(pending)} of {len(todo)} jobs done before, skipped")
@@ -213,6 +342,8 @@ def _run_jobs(
                 records = arm_records(job.arm, layout.arm_dir(job.arm))
                 write_json(layout.arm_done(job.arm), {"command": job.cmd.argv[1:], "seconds": seconds,
                                                       "records": records})  # fmt: skip
+            if rc == 0:
+                _commit_result(layout, job, time.perf_counter() - t)
             return rc, last, time.perf_counter() - t
         finally:
             with lock:

@@ -4,11 +4,12 @@ known; anything else is a one-line error naming the file and key. DESIGN.md, "Th
 part exists (own configs, equal budgets, validation/test, specific learning, seeds that vary the base).
 
     [study]      name, out (folder), seeds = [0, 1] (fact order), base_seeds = [0, 1] (bases pretrained
-                 with different seeds), pair_seeds = true (run sets zip the two lists instead of crossing)
+                 with different seeds), pair_seeds = true (run sets zip the two lists instead of crossing),
+                 results = "docs/results/x" (a small JSON per finished evaluation and arm, to commit)
     [base]       checkpoint = "RUN/checkpoints/step-N"  | pretrain_config = "train_configs/x.toml"
                  | study = "studies/other.toml" (that study's bases: its recipe, folders and geometries)
-                 | hf_model = "folder or org/name" (a pretrained HF model; every geometry retrofits it)
-                 pretrain_overrides = [...], background_batches = 1000,
+                 | hf_model = "folder or org/name" (a pretrained HF model; keys.STARTS, keys.REFERENCES)
+                 reference = "healed" | "hf", pretrain_overrides = [...], background_batches = 1000,
                  background = "pretrain" | "finetune" | "heldout" (the data the background counts read)
     [[geometry]] name = "1M", overrides = ["--model.memory_n_keys=1024", ...] (model keys: every run),
                  arm_overrides = ["--finetune.top_t=500"] (finetuning runs only; a sweep key wins);
@@ -20,11 +21,12 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
                  and shots_seed = 0 (few-shot QA/GSM8K exemplars, titan_mem/eval/fewshot.py),
                  learning, control, learning_f1, control_f1, forgetting (templates, "{split}" = val|test),
                  show, levels = 5, bootstrap = 1000
+    [facts]      new facts the hf_model gets wrong, from its own answers (study/facts.py)
     [[arm]]      method = "X", group = "headline" (series are compared within a group), label = "tf" (the
                  series; default the method), geometries = [...] (default all), background = "finetune"
-                 (other counts, for ablations), then sweep keys, each a value or a list
-    [quick]      what `--quick` changes: seeds, base_seeds, pretrain_overrides / finetune_overrides
-                 (appended), background_batches, limit, points, forgetting (a smoke-scale base may
+                 (other counts), start = "hf" (keys.STARTS), then sweep keys, each a value or a list
+    [quick]      what `--quick` changes: seeds, base_seeds, pretrain / finetune / heal_overrides
+                 (appended), background_batches, limit, points, every, forgetting (a smoke-scale base may
                  score 0 where relative forgetting needs a scale), max_sweep (first N values of each sweep
                  list, every method alike), out (default: <out>-quick)
 """
@@ -38,11 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.config import ConfigError, read_toml
+from titan_mem.study.checks import choice, int_list, positive, str_list
+from titan_mem.study.facts import FactsSpec, read_facts
 from titan_mem.study.keys import (
     ARM_KEYS,
     BACKGROUNDS,
     HIGHER_IS_BETTER,
+    REFERENCES,
     SECTIONS,
+    STARTS,
     StudyError,
     sweep_keys,
 )
@@ -104,6 +110,7 @@ class Arm:
     group: str = "headline"
     background: str | None = None  # None = the study's [base] background
     label: str = ""  # the series the analysis compares (default: the method)
+    start: str = ""  # keys.STARTS: "" = the geometry's base, "hf" = [base] hf_model as it is
 
     @property
     def series(self) -> str:
@@ -156,6 +163,9 @@ class StudySpec:
     levels: int = 5
     bootstrap: int = 1000
     arms: list[Arm] = field(default_factory=list)
+    results: Path | None = None
+    reference: str = "healed"
+    facts: FactsSpec | None = None
 
     def run_sets(self) -> list[tuple[int, int]]:
         """(base seed, order seed) pairs every configuration runs with."""
@@ -182,19 +192,23 @@ def _apply_quick(where: str, data: dict[str, Any]) -> int | None:
         raise StudyError(f"{where}: --quick: the file has no [quick] table")
     study, base, ft, ev = (data.setdefault(s, {}) for s in ("study", "base", "finetune", "eval"))
     moves = {"seeds": study, "base_seeds": study, "out": study, "background_batches": base}
-    moves |= {"limit": ev, "points": ev, "forgetting": ev}
+    moves |= {"limit": ev, "points": ev, "every": ev, "forgetting": ev}
+    shorter = str_list(where, "quick.heal_overrides", q.get("heal_overrides", []))
+    for g in (g for g in data.get("geometry", []) if "retrofit" in g):  # a shorter heal
+        g["heal_overrides"] = [*g.get("heal_overrides", []), *shorter]
     for key, table in moves.items():
         if key in q:
             table[key] = q[key]
     if "out" not in q and "out" in study:
         study["out"] = f"{study['out']}-quick"
+    study.pop("results", None)  # a smoke run's numbers are not the study's: nothing to commit
     for key, table, into in (("pretrain_overrides", base, "pretrain_overrides"),
                              ("finetune_overrides", ft, "overrides")):  # fmt: skip
-        extra = _str_list(where, f"quick.{key}", q.get(key, []))
-        table[into] = _str_list(where, key, table.get(into, [])) + extra
+        extra = str_list(where, f"quick.{key}", q.get(key, []))
+        table[into] = str_list(where, key, table.get(into, [])) + extra
     max_sweep = q.get("max_sweep")
     if max_sweep is not None:
-        _positive(where, "quick.max_sweep", max_sweep)
+        positive(where, "quick.max_sweep", max_sweep)
     return max_sweep
 
 
@@ -233,8 +247,8 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
             raise StudyError(f"{where}: missing {section}.{key}")
         return table[key]
 
-    seeds = _int_list(where, "study.seeds", study.get("seeds", [0]))
-    base_seeds = _int_list(where, "study.base_seeds", study.get("base_seeds", [0]))
+    seeds = int_list(where, "study.seeds", study.get("seeds", [0]))
+    base_seeds = int_list(where, "study.base_seeds", study.get("base_seeds", [0]))
     for key, value in (("study.seeds", seeds), ("study.base_seeds", base_seeds)):
         if not value or len(set(value)) != len(value):
             raise StudyError(f"{where}: {key} must be a non-empty list without repeats")
@@ -269,13 +283,16 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         raise StudyError(f"{where}: base.pretrain_config {recipe} not found")
     if recipe is None and hf_model is None and any(g.retrofit for g in geometries):
         raise StudyError(f"{where}: a retrofit geometry needs base.pretrain_config or base.hf_model")
-    if hf_model is not None and not all(g.retrofit for g in geometries):
-        raise StudyError(f"{where}: base.hf_model: every [[geometry]] must retrofit it (retrofit keys)")
-    background = base.get("background", "pretrain")
-    if background not in BACKGROUNDS:
-        raise StudyError(
-            f"{where}: base.background: expected one of {', '.join(BACKGROUNDS)}; got {background!r}"
-        )
+    if hf_model is not None and any(g.overrides for g in geometries if not g.retrofit):
+        raise StudyError(f"{where}: base.hf_model: a geometry without retrofit keys runs the model as it is "
+                         "(no --model.* overrides)")  # fmt: skip
+    background = choice(where, "base.background", base.get("background", "pretrain"), BACKGROUNDS)
+    reference = choice(where, "base.reference", base.get("reference", "healed"), REFERENCES)
+    if reference == "hf" and hf_model is None:
+        raise StudyError(f"{where}: base.reference = 'hf' needs base.hf_model")
+    facts = read_facts(where, data.get("facts"))
+    if facts is not None and hf_model is None:
+        raise StudyError(f"{where}: [facts] are chosen by base.hf_model's answers; the study has none")
     spec = StudySpec(
         path=path,
         name=str(need(study, "study", "name")),
@@ -286,33 +303,34 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         base_checkpoint=Path(checkpoint) if checkpoint else None,
         pretrain_config=Path(recipe) if recipe else None,
         hf_model=str(hf_model) if hf_model is not None else None,
-        pretrain_overrides=_str_list(where, "base.pretrain_overrides", base.get("pretrain_overrides", [])),
-        background_batches=_positive(where, "base.background_batches", base.get("background_batches", 1000)),
+        pretrain_overrides=str_list(where, "base.pretrain_overrides", base.get("pretrain_overrides", [])),
+        background_batches=positive(where, "base.background_batches", base.get("background_batches", 1000)),
         background=background,
         base_study=Path(other) if other else None,
         geometries=geometries,
         methods=_methods(where, data.get("method")),
-        finetune_overrides=_str_list(where, "finetune.overrides", ft.get("overrides", [])),
-        eval_tasks=_str_list(where, "eval.tasks", need(ev, "eval", "tasks")),
-        eval_points=_positive(where, "eval.points", ev.get("points", 0), allow_zero=True),
-        eval_every=_positive(where, "eval.every", ev.get("every", 0), allow_zero=True),
-        eval_limit=_positive(where, "eval.limit", ev.get("limit", 100)),
+        finetune_overrides=str_list(where, "finetune.overrides", ft.get("overrides", [])),
+        eval_tasks=str_list(where, "eval.tasks", need(ev, "eval", "tasks")),
+        eval_points=positive(where, "eval.points", ev.get("points", 0), allow_zero=True),
+        eval_every=positive(where, "eval.every", ev.get("every", 0), allow_zero=True),
+        eval_limit=positive(where, "eval.limit", ev.get("limit", 100)),
         eval_data_dir=ev.get("data_dir"),
-        eval_shots=_positive(where, "eval.shots", ev.get("shots", 0), allow_zero=True),
-        eval_shots_seed=_positive(where, "eval.shots_seed", ev.get("shots_seed", 0), allow_zero=True),
+        eval_shots=positive(where, "eval.shots", ev.get("shots", 0), allow_zero=True),
+        eval_shots_seed=positive(where, "eval.shots_seed", ev.get("shots_seed", 0), allow_zero=True),
         learning=_metric(where, "eval.learning", need(ev, "eval", "learning")),
         control=_optional_metric(where, ev, "control"),
         learning_f1=_optional_metric(where, ev, "learning_f1"),
         control_f1=_optional_metric(where, ev, "control_f1"),
-        forgetting=_str_list(where, "eval.forgetting", need(ev, "eval", "forgetting")),
-        show=[_metric(where, "eval.show", m) for m in _str_list(where, "eval.show", ev.get("show", []))],
-        levels=_positive(where, "eval.levels", ev.get("levels", 5)),
-        bootstrap=_positive(where, "eval.bootstrap", ev.get("bootstrap", 1000)),
+        forgetting=str_list(where, "eval.forgetting", need(ev, "eval", "forgetting")),
+        show=[_metric(where, "eval.show", m) for m in str_list(where, "eval.show", ev.get("show", []))],
+        levels=positive(where, "eval.levels", ev.get("levels", 5)),
+        bootstrap=positive(where, "eval.bootstrap", ev.get("bootstrap", 1000)),
+        results=Path(study["results"]) if study.get("results") else None,
+        reference=reference,
+        facts=facts,
     )  # fmt: skip
-    if not spec.eval_tasks:
-        raise StudyError(f"{where}: eval.tasks is empty")
-    if not spec.forgetting:
-        raise StudyError(f"{where}: eval.forgetting is empty")
+    if not spec.eval_tasks or not spec.forgetting:
+        raise StudyError(f"{where}: eval.tasks and eval.forgetting must not be empty")
     if spec.eval_points and spec.eval_every:
         raise StudyError(f"{where}: eval: give points (log-spaced) or every, not both")
     for t in spec.forgetting:
@@ -354,12 +372,12 @@ def _geometries(where: str, tables: Any) -> list[Geometry]:
             raise StudyError(f"{where}: geometry {i}: unknown key {sorted(unknown)[0]!r}")
         if not isinstance(t.get("name"), str) or not t["name"].replace("_", "").isalnum():
             raise StudyError(f"{where}: geometry {i}: name must be a short word, got {t.get('name')!r}")
-        over = _str_list(where, f"geometry {t['name']}.overrides", t.get("overrides", []))
+        over = str_list(where, f"geometry {t['name']}.overrides", t.get("overrides", []))
         if any(not o.startswith("--model.") for o in over):
             raise StudyError(
                 f"{where}: geometry {t['name']}.overrides: only --model.* keys (the memory size)"
             )
-        arm_over = _str_list(where, f"geometry {t['name']}.arm_overrides", t.get("arm_overrides", []))
+        arm_over = str_list(where, f"geometry {t['name']}.arm_overrides", t.get("arm_overrides", []))
         out.append(Geometry(t["name"], tuple(over), tuple(arm_over), *_retrofit(where, t)))
     if len({g.name for g in out}) != len(out):
         raise StudyError(f"{where}: geometry names repeat")
@@ -369,8 +387,8 @@ def _geometries(where: str, tables: Any) -> list[Geometry]:
 def _retrofit(where: str, t: dict) -> tuple[tuple[str, ...], Path | None, tuple[str, ...]]:
     """A geometry's `retrofit` overrides and heal recipe (both or none)."""
     name, heal = t["name"], t.get("heal_config")
-    retrofit = _str_list(where, f"geometry {name}.retrofit", t.get("retrofit", []))
-    heal_over = _str_list(where, f"geometry {name}.heal_overrides", t.get("heal_overrides", []))
+    retrofit = str_list(where, f"geometry {name}.retrofit", t.get("retrofit", []))
+    heal_over = str_list(where, f"geometry {name}.heal_overrides", t.get("heal_overrides", []))
     if bool(retrofit) != (heal is not None) or (heal_over and not retrofit):
         raise StudyError(f"{where}: geometry {name}: retrofit and heal_config go together")
     if any(not o.startswith(("--retrofit.", "--model.memory_")) for o in retrofit):
@@ -398,7 +416,7 @@ def _methods(where: str, tables: Any) -> dict[str, Method]:
         path = Path(t["config"])
         if not path.is_file():
             raise StudyError(f"{where}: method.{name}.config {path} not found")
-        overrides = _str_list(where, f"method.{name}.overrides", t.get("overrides", []))
+        overrides = str_list(where, f"method.{name}.overrides", t.get("overrides", []))
         try:
             mode = config_mod.parse_args([str(path), *overrides]).training.mode
         except ConfigError as e:
@@ -423,8 +441,12 @@ def _expand_arm(where: str, i: int, table: dict, spec: StudySpec, max_sweep: int
     background = table.get("background")
     if background is not None and background not in BACKGROUNDS:
         raise StudyError(f"{where}: arm {i}: background: expected one of {', '.join(BACKGROUNDS)}")
+    start = choice(where, f"arm {i}.start", table.get("start", ""), STARTS)
+    if start == "hf" and (spec.hf_model is None or mode == "sparse_finetune"):
+        raise StudyError(f"{where}: arm {i}: start = 'hf' runs base.hf_model without memory: it needs "
+                         "base.hf_model and a dense method (full or LoRA)")  # fmt: skip
     geometries = table.get("geometries", [g.name for g in spec.geometries])
-    for g in _str_list(where, f"arm {i}.geometries", geometries):
+    for g in str_list(where, f"arm {i}.geometries", geometries):
         if g not in {x.name for x in spec.geometries}:
             raise StudyError(f"{where}: arm {i}: unknown geometry {g!r}")
     keys = sweep_keys(mode)
@@ -443,7 +465,7 @@ def _expand_arm(where: str, i: int, table: dict, spec: StudySpec, max_sweep: int
         for combo in itertools.product(*(v for _, v in sweeps)):
             params = tuple(zip((k for k, _ in sweeps), combo))
             out += [
-                Arm(method, mode, params, seed, base_seed, geometry, group, background, label)
+                Arm(method, mode, params, seed, base_seed, geometry, group, background, label, start)
                 for base_seed, seed in spec.run_sets()
             ]
     return out
@@ -476,22 +498,3 @@ def _metric(where: str, key: str, text: Any) -> MetricRef:
         raise StudyError(f"{where}: {key}: expected 'task:metric', got {text!r}")
     task, _, metric = text.rpartition(":")
     return MetricRef(task, metric)
-
-
-def _str_list(where: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise StudyError(f"{where}: {key}: expected a list of strings, got {value!r}")
-    return list(value)
-
-
-def _int_list(where: str, key: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise StudyError(f"{where}: {key}: expected a list of integers, got {value!r}")
-    return list(value)
-
-
-def _positive(where: str, key: str, value: Any, allow_zero: bool = False) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
-    if not ok:
-        raise StudyError(f"{where}: {key}: expected a {'non-negative' if allow_zero else 'positive'} integer")
-    return value

@@ -43,6 +43,7 @@ class Layout:
     base_root: Path | None = None
     # geometry -> the geometry whose pretraining run it shares (retrofits of one dense base)
     pretrain_of: dict[str, str] = field(default_factory=dict)
+    committed: Path | None = None  # [study] results: a small JSON per finished evaluation and arm
 
     def pretrain_name(self, key: BaseKey) -> str:
         return self.pretrain_of.get(key.geometry, key.geometry)
@@ -69,6 +70,21 @@ class Layout:
     def base_items(self, key: BaseKey) -> Path:
         return self.base_files(key) / "eval_items.jsonl"
 
+    def healed_eval(self, key: BaseKey) -> Path:
+        """A retrofit's healed model beside an `hf` reference (the retrofit's own cost)."""
+        return self.base_files(key) / "healed_eval.json"
+
+    def healed_items(self, key: BaseKey) -> Path:
+        return self.base_files(key) / "healed_eval_items.jsonl"
+
+    def base_result(self, key: BaseKey, what: str = "base") -> Path | None:
+        """The committed record of a base (`what` = base | healed) evaluation, if the study keeps them."""
+        return self.committed / key.geometry / f"{what}-b{key.seed}.json" if self.committed else None
+
+    def arm_result(self, arm: Arm) -> Path | None:
+        """The committed records of an arm, if the study keeps them."""
+        return self.committed / arm.geometry / arm.group / f"{arm.name}.json" if self.committed else None
+
     @property
     def results(self) -> Path:
         return self.root / "results.jsonl"
@@ -85,8 +101,8 @@ def layout_of(spec: StudySpec) -> Layout:
     shared = {g.name: next(h.name for h in spec.geometries if h.retrofit and h.overrides == g.overrides)
               for g in spec.geometries if g.retrofit}  # fmt: skip
     if spec.base_study is None:
-        return Layout(spec.out, pretrain_of=shared)
-    return Layout(spec.out, load_study(spec.base_study).out, shared)
+        return Layout(spec.out, pretrain_of=shared, committed=spec.results)
+    return Layout(spec.out, load_study(spec.base_study).out, shared, spec.results)
 
 
 @dataclass
@@ -133,10 +149,18 @@ def pretrain_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
     return config_mod.parse_args(pretrain_argv(spec, layout, key))
 
 
+def hf_overrides(spec: StudySpec) -> list[str]:
+    """What makes a run read [base] hf_model as it is: its architecture and weights, no memory layer, no
+    checkpoint (a method config may name a healed one)."""
+    return [f"--retrofit.base={spec.hf_model}", "--retrofit.layers=[]", "--checkpoint.initial_load_path="]
+
+
 def pretrained_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
-    """The given base checkpoint, or the recipe's last step."""
+    """The given base checkpoint, the given HF model, or the recipe's last step."""
     if spec.base_checkpoint is not None:
         return spec.base_checkpoint
+    if spec.hf_model is not None:
+        return Path(spec.hf_model)
     cfg = pretrain_config(spec, layout, key)
     return layout.base_run(key) / cfg.checkpoint.folder / f"step-{cfg.training.steps}"
 
@@ -152,8 +176,10 @@ def base_checkpoint(spec: StudySpec, layout: Layout, key: BaseKey) -> Path:
 def retrofit_overrides(spec: StudySpec, layout: Layout, key: BaseKey) -> list[str]:
     """What makes every run of a retrofit geometry read the retrofitted model (nothing for the others)."""
     g = spec.geometry(key.geometry)
+    if not g.retrofit:
+        return hf_overrides(spec) if spec.hf_model else []
     hf = spec.hf_model or layout.hf_export(key)  # a given HF model, or the study's dense base exported
-    return [f"--retrofit.base={hf}", *g.retrofit] if g.retrofit else []
+    return [f"--retrofit.base={hf}", *g.retrofit]
 
 
 def heal_argv(spec: StudySpec, layout: Layout, key: BaseKey) -> list[str]:
@@ -201,6 +227,8 @@ def base_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
 
         return load_checkpoint_config(spec.base_checkpoint)
     if spec.hf_model:
+        if not spec.geometry(key.geometry).retrofit:
+            return Config()  # no synthetic world to pin
         return config_mod.parse_args(heal_argv(spec, layout, key))
     return pretrain_config(spec, layout, key)
 
@@ -225,15 +253,21 @@ def world_overrides(base_cfg: Config) -> list[str]:
     return [*pins, f"--data.synthetic_seed={d.world_seed()}"]
 
 
-def method_argv(spec: StudySpec, layout: Layout, method: Method, key: BaseKey, base_cfg: Config) -> list[str]:
+def method_argv(
+    spec: StudySpec, layout: Layout, method: Method, key: BaseKey, base_cfg: Config, start: str = ""
+) -> list[str]:
     """A method's finetuning config as every command of that method reads it: its own config, the base's
     world, the study's stream, the geometry (model and finetuning keys; a retrofit geometry's retrofit
-    instead of its dense base's model keys), then the method's own overrides (which win over the
-    study-wide ones: a method may have its own regime or t)."""
+    instead of its dense base's model keys; `start` = "hf": the HF model as it is), then the method's own
+    overrides (which win over the study-wide ones: a method may have its own regime or t)."""
     g = spec.geometry(key.geometry)
-    model = retrofit_overrides(spec, layout, key) if g.retrofit else list(g.overrides)
+    as_is = start == "hf" or (spec.hf_model is not None and not g.retrofit)  # the HF model: no world
+    if as_is:
+        model = hf_overrides(spec)
+    else:
+        model = retrofit_overrides(spec, layout, key) if g.retrofit else list(g.overrides)
     return [
-        str(method.config), *world_overrides(base_cfg), *spec.finetune_overrides, *model,
+        str(method.config), *([] if as_is else world_overrides(base_cfg)), *spec.finetune_overrides, *model,
         *g.arm_overrides, *method.overrides,
     ]  # fmt: skip
 
@@ -265,14 +299,32 @@ def eval_args(spec: StudySpec) -> list[str]:
 
 
 def base_eval_command(
-    spec: StudySpec, layout: Layout, key: BaseKey, base: Path, ft_argv: list[str]
+    spec: StudySpec, layout: Layout, key: BaseKey, base: Path, ft_argv: list[str], healed: bool = False
 ) -> Command:
+    """The base record's evaluation; `healed`: a retrofit's healed model beside an `hf` reference."""
+    out, items = (layout.healed_eval(key), layout.healed_items(key)) if healed else (
+        layout.base_eval(key), layout.base_items(key))  # fmt: skip
     argv = [
         sys.executable, "-m", "titan_mem.study.worker", "eval", "--base", str(base),
-        "--out", str(layout.base_eval(key)), "--items-out", str(layout.base_items(key)),
-        *eval_args(spec), *ft_argv,
+        "--out", str(out), "--items-out", str(items), *eval_args(spec), *ft_argv,
     ]  # fmt: skip
-    return Command(f"evaluate base {key.geometry}/b{key.seed}", argv, layout.base_files(key) / "eval.log")
+    what = "healed" if healed else "base"
+    return Command(f"evaluate {what} {key.geometry}/b{key.seed}", argv, out.with_suffix(".log"))
+
+
+def facts_command(spec: StudySpec, layout: Layout, ft_argv: list[str]) -> Command:
+    """Choose the study's new facts from [base] hf_model's own answers (study/facts.py), or rewrite the
+    split files from the committed ids."""
+    f = spec.facts
+    assert f is not None and spec.hf_model is not None
+    splits = ",".join(f"{k}={v}" for k, v in f.splits.items())
+    argv = [
+        sys.executable, "-m", "titan_mem.study.worker", "facts", "--base", spec.hf_model,
+        "--out", str(f.out), "--ids", str(f.ids), "--task", f.task, "--source", f.source,
+        "--limit", str(f.candidates), "--shots", str(f.shots), "--splits", splits, "--seed", str(f.seed),
+        *(["--data-dir", spec.eval_data_dir] if spec.eval_data_dir else []), *ft_argv,
+    ]  # fmt: skip
+    return Command("choose facts", argv, f.out / "facts.log")
 
 
 def arm_argv(spec: StudySpec, arm: Arm, ft_argv: list[str]) -> list[str]:
@@ -281,17 +333,17 @@ def arm_argv(spec: StudySpec, arm: Arm, ft_argv: list[str]) -> list[str]:
 
 
 def arm_command(
-    spec: StudySpec, layout: Layout, arm: Arm, base: Path, ft_argv: list[str], counts: Path | None
+    spec: StudySpec, layout: Layout, arm: Arm, base: Path | None, ft_argv: list[str], counts: Path | None
 ) -> Command:
-    """The arm's finetuning run: in-loop evaluation at the study's (log-spaced) steps; no checkpoints (the
-    study keeps numbers, not weights)."""
+    """The arm's finetuning run from checkpoint `base` (None: the HF model its overrides name): in-loop
+    evaluation at the study's (log-spaced) steps; no checkpoints (the study keeps numbers, not weights)."""
     argv = arm_argv(spec, arm, ft_argv)
     steps = config_mod.parse_args(argv).training.steps
     at = ",".join(str(s) for s in eval_steps(spec, steps))
     argv = [
         sys.executable, "-m", "titan_mem.train", *argv,
         f"--job.dump_folder={layout.arm_dir(arm)}",
-        f"--checkpoint.initial_load_path={base}",
+        *([f"--checkpoint.initial_load_path={base}"] if base is not None else []),
         *([f"--finetune.background_counts={counts}"] if counts is not None else []),
         "--checkpoint.enable=false",
         f"--eval.tasks={','.join(spec.eval_tasks)}", f"--eval.at_steps={at}", "--eval.every=0",
