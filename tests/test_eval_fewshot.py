@@ -161,3 +161,16 @@ def test_finished_rows_leave_the_batch_and_change_no_answer():
     assert [len(c) for c in cached] == [1, 2, 3, 4]  # row i stops after i + 1 tokens
     assert rows == [4, 3, 2, 1]  # each forward runs only the rows still decoding
     assert cached == greedy_generate(model, prompts, use_cache=False, **kw)
+
+
+def test_answer_nll_only_skips_generation_and_scores_the_same():
+    """`generate=0` (an NLL-first evaluation): no greedy answers, the same answer NLL per item."""
+    lm = EvalModel(_model(), TOK, max_seq_len=128, batch_size=3)
+    full, nll_only = QATask("qa", ITEMS[:4]), QATask("qa", ITEMS[:4], generate=False)
+    calls: list[int] = []
+    generate = lm.generate_until
+    lm.generate_until = lambda prompts, **kw: calls.append(len(prompts)) or generate(prompts, **kw)
+    a, b = full.evaluate(lm), nll_only.evaluate(lm)
+    assert calls == [4]  # only the full task generated
+    assert [m["metric"] for m in b.metrics] == ["answer_nll"] and "f1" not in b.predictions[0]
+    assert [p["answer_nll"] for p in b.predictions] == [p["answer_nll"] for p in a.predictions]

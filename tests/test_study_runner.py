@@ -235,7 +235,8 @@ def test_committed_results_skip_their_runs_and_what_only_they_needed(tmp_path):
     arm = Arm("full", "full_finetune", (("lr", 0.1),), seed=0)
     run = layout.arm_dir(arm)
     fake_run = (  # what a finished arm's run folder holds: its resolved config and an evaluation line
-        f"import json, pathlib; from titan_mem import config as c; d = pathlib.Path({str(run)!r}); d.mkdir(parents=True); "
+        "import json, pathlib; from titan_mem import config as c; "
+        f"d = pathlib.Path({str(run)!r}); d.mkdir(parents=True); "
         "c.dump(c.parse_args(['train_configs/debug_full_finetune.toml']), d / 'config.json'); "
         "(d / 'metrics.jsonl').write_text(json.dumps({'step': 2, 'eval/x/nll': 1.0}))"
     )

@@ -383,7 +383,7 @@ def test_arms_on_the_hf_model_as_it_is_beside_its_retrofit(tmp_path):
         "evaluate healed add/b0",
     ]
     facts = jobs["choose facts"].cmd.argv
-    assert facts[facts.index("--ids") + 1] == str(tmp_path / "facts" / "facts.json")
+    assert facts[facts.index("--out") + 1] == str(tmp_path / "facts" / "facts.json")
     base, healed = jobs["evaluate base add/b0"].cmd.argv, jobs["evaluate healed add/b0"].cmd.argv
     assert base[base.index("--base") + 1] == "org/model" and "--retrofit.layers=[]" in base
     assert jobs["evaluate base add/b0"].deps == ["choose facts"]

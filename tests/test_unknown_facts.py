@@ -9,9 +9,12 @@ import json
 import pytest
 from conftest import run_tool
 
+from titan_mem.config import ConfigError
 from titan_mem.data.qa import load_qa
 from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks
 from titan_mem.eval.unknown_facts import FactSelectionError, split_facts, unknown_ids, write_splits
+from titan_mem.study.choose_facts import _known
+from titan_mem.study.facts import KnownSpec
 
 ITEMS = {
     "id": ["0", "1", "2", "3", "4", "5", "6", "7"],
@@ -84,3 +87,13 @@ def test_a_split_and_its_exemplar_pool_evaluate_exactly_the_split_few_shot(tmp_p
         build_tasks([spec.replace("shots=2", "shots=x")], TaskContext())
     with pytest.raises(FactSelectionError, match="exemplar ids are facts of the split"):
         write_splits(str(source), splits, tmp_path / "g", exemplars=["3"])
+
+
+def test_known_items_are_the_ones_the_base_answers_and_too_few_is_one_line():
+    """[facts.known]: held-out questions the base answers (F1 >= min_f1), in evaluation order, with an
+    exemplar pool of the others; asking for more than qualify names the count and the fix."""
+    scored = {"id": ["a", "b", "c", "d", "e"], "f1": [1.0, 0.2, 0.5, 0.0, 0.9]}
+    doc = _known(KnownSpec("nq_open", "x", 5, 2, 0.5), scored)
+    assert doc["ids"] == ["a", "c"] and doc["right"] == 3 and doc["exemplars"] == ["b", "d"]
+    with pytest.raises(ConfigError, match="gets 3 of 5 nq_open items right .F1 >= 0.5.; 4 wanted"):
+        _known(KnownSpec("nq_open", "x", 5, 4, 0.5), scored)

@@ -37,9 +37,10 @@ class TaskContext:
     limit: int | None = None
     shots: int = 0
     shots_seed: int = 0
+    generate: bool = True  # QA tasks: greedy answers (EM, F1) besides the answer NLL
 
 
-TASK_OPTIONS = ("shots", "limit", "label")
+TASK_OPTIONS = ("shots", "limit", "label", "generate")
 
 
 def task_options(spec: str, ctx: TaskContext) -> tuple[str, TaskContext, str]:
@@ -56,4 +57,5 @@ def task_options(spec: str, ctx: TaskContext) -> tuple[str, TaskContext, str]:
             raise TaskError(f"{spec}@{text}: {part!r} is not one of {', '.join(TASK_OPTIONS)}=VALUE")
         opts[key] = value
     shots, limit = int(opts.get("shots", ctx.shots)), int(opts.get("limit", ctx.limit or 0)) or None
-    return spec, dataclasses.replace(ctx, shots=shots, limit=limit), opts.get("label", "")
+    generate = opts.get("generate", "1") != "0"
+    return spec, dataclasses.replace(ctx, shots=shots, limit=limit, generate=generate), opts.get("label", "")

@@ -115,15 +115,20 @@ class QATask:
         self.prompt_of: Callable[[QAExample], str] = kw.get("prompt_of", lambda e: qa_prompt(e.question))
         self.until: Sequence[str] = kw.get("until", QA_STOP)
         self.group_of: Callable[[QAExample], Any] | None = kw.get("group_of")  # per-item record's group
+        self.generate: bool = kw.get("generate", True)  # False: answer NLL only (a fraction of the time)
 
     def evaluate(self, lm: EvalModel) -> TaskOutput:
         prompts = [self.prefix + self.prompt_of(e) for e in self.examples]
-        preds = lm.generate_until(prompts, until=self.until, max_new_tokens=QA_MAX_NEW_TOKENS, desc=self.name)
+        preds = [""] * len(prompts)
+        if self.generate:
+            preds = lm.generate_until(
+                prompts, until=self.until, max_new_tokens=QA_MAX_NEW_TOKENS, desc=self.name
+            )
         nll = lm.loglikelihood([(p, " " + e.answers[0]) for p, e in zip(prompts, self.examples)], self.name)
         out = TaskOutput()
         rows = []
         for prompt, pred, score, ex in zip(prompts, preds, nll, self.examples):
-            s = qa_scores(pred.strip(), ex.answers, self.normalize)
+            s = qa_scores(pred.strip(), ex.answers, self.normalize) if self.generate else {}
             s["answer_nll"] = score.nll_per_token
             rows.append(s)
             group = {"group": self.group_of(ex)} if self.group_of else {}
@@ -140,8 +145,9 @@ class QATask:
                 }
             )
         n = len(rows)
-        out.add(self.name, "em", sum(r["em"] for r in rows) / n, n)
-        out.add(self.name, "f1", sum(r["f1"] for r in rows) / n, n)
+        if self.generate:
+            out.add(self.name, "em", sum(r["em"] for r in rows) / n, n)
+            out.add(self.name, "f1", sum(r["f1"] for r in rows) / n, n)
         out.add(self.name, "answer_nll", nll_summary(nll)["nll"], n)
         return out
 
@@ -314,7 +320,7 @@ def _qa_task(name: str, explicit: str | None, ctx: TaskContext) -> QATask:
         name, _load(name, source, lambda: load_qa(source, split=split, config=config, limit=n)), ctx
     )
     norm = "triviaqa" if name == "triviaqa" else "squad"
-    return QATask(name, examples, shots, normalization=norm)
+    return QATask(name, examples, shots, normalization=norm, generate=ctx.generate)
 
 
 def _gsm8k_task(name: str, explicit: str | None, ctx: TaskContext) -> AnswerNLLTask:

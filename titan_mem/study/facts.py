@@ -10,6 +10,11 @@ of the median.
              out = "outputs/smollm2_triviaqa/facts" (<split>.jsonl, and <split>_eval.jsonl: the split
              then a few-shot exemplar pool; finetune and eval overrides name them), ids = "docs/results/
              x/facts.json" (the chosen ids, committed; default <out>/facts.json)
+    [facts.known] task = "nq_open", source = "../shared/data/nq_open_dev.jsonl", candidates = 1200,
+             count = 50, min_f1 = 0.5: held-out questions the base gets right (F1 >= min_f1), written as
+             <out>/known_eval.jsonl (then an exemplar pool): forgetting read where there is something to
+             forget (Lin et al. 2025 measure NQ F1; a 135M model answers 2 % of NQ, so F1 over random
+             questions has almost nothing to lose)
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ IDS_FILE = "facts.json"
 
 
 @dataclass(frozen=True)
+class KnownSpec:
+    task: str
+    source: str
+    candidates: int
+    count: int
+    min_f1: float
+
+
+@dataclass(frozen=True)
 class FactsSpec:
     task: str
     source: str
@@ -34,6 +48,7 @@ class FactsSpec:
     seed: int
     out: Path
     ids: Path
+    known: KnownSpec | None = None
 
     def split_file(self, name: str) -> Path:
         return self.out / f"{name}.jsonl"
@@ -64,4 +79,26 @@ def read_facts(where: str, table: Any) -> FactsSpec | None:
         seed=positive(where, "facts.seed", table.get("seed", 0), allow_zero=True),
         out=Path(str(table["out"])),
         ids=Path(str(table.get("ids", Path(str(table["out"])) / IDS_FILE))),
+        known=_known(where, table.get("known")),
     )
+
+
+def _known(where: str, table: Any) -> KnownSpec | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise StudyError(f"{where}: facts.known must be a table")
+    unknown = set(table) - {"task", "source", "candidates", "count", "min_f1"}
+    if unknown:
+        raise StudyError(f"{where}: unknown key facts.known.{sorted(unknown)[0]}")
+    for key in ("task", "source"):
+        if key not in table:
+            raise StudyError(f"{where}: missing facts.known.{key}")
+    if not Path(table["source"]).is_file():
+        raise StudyError(f"{where}: facts.known.source {table['source']} not found")
+    min_f1 = table.get("min_f1", 0.5)
+    if not isinstance(min_f1, int | float) or not 0 < min_f1 <= 1:
+        raise StudyError(f"{where}: facts.known.min_f1: expected a number in (0, 1]")
+    return KnownSpec(str(table["task"]), str(table["source"]),
+                     positive(where, "facts.known.candidates", table.get("candidates", 1000)),
+                     positive(where, "facts.known.count", table.get("count", 50)), float(min_f1))  # fmt: skip

@@ -14,7 +14,7 @@ SECTIONS: dict[str, set[str]] = {
         "checkpoint", "pretrain_config", "study", "hf_model", "pretrain_overrides", "background_batches",
         "background", "reference",
     },
-    "facts": {"task", "source", "candidates", "shots", "splits", "seed", "out", "ids"},
+    "facts": {"task", "source", "candidates", "shots", "splits", "seed", "out", "ids", "known"},
     "method": set(),  # [method.X] tables, checked on their own
     "finetune": {"overrides"},
     "eval": {
@@ -23,7 +23,7 @@ SECTIONS: dict[str, set[str]] = {
     },
     "quick": {
         "seeds", "base_seeds", "pretrain_overrides", "finetune_overrides", "background_batches", "limit",
-        "points", "forgetting", "max_sweep", "out", "heal_overrides", "every",
+        "points", "forgetting", "max_sweep", "out", "heal_overrides", "every", "tasks",
     },
 }  # fmt: skip
 

@@ -9,9 +9,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from titan_mem.study import bootstrap as bs
 from titan_mem.study.analysis import AnalysisSpec
 from titan_mem.study.geometry import counts_stats
-from titan_mem.study.spec import StudySpec
+from titan_mem.study.items import item_matrix, record_value
+from titan_mem.study.results import healed_records
+from titan_mem.study.spec import MetricRef, StudySpec
 from titan_mem.study.stages import BaseKey, Layout, base_keys
 
 
@@ -127,6 +132,44 @@ def settings_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _paired_change(base: dict, healed: dict, ref: MetricRef, replicates: int) -> tuple[float, float, float]:
+    """Relative change healed vs base of one metric over the same items, with a 95 % paired bootstrap
+    interval (items resampled together in both)."""
+    m = item_matrix(base, [healed], ref)
+    counts = bs.item_counts(bs.cluster_index(m.groups, len(m.ids)), replicates, np.random.default_rng(0))
+    b, h = m.means(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = 100 * (h[0] - b) / np.abs(b)
+    lo, hi = bs.percentile_ci(rel[1:], 0.95)
+    return float(rel[0]), lo if lo is not None else float("nan"), hi if hi is not None else float("nan")
+
+
+def heal_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -> list[str]:
+    """What the retrofit itself costs (reference = "hf"): each metric of the healed model against the HF
+    model as it is, per base seed, on the same items (Goyal et al. 2026: the retrofit keeps base skills)."""
+    lines = [
+        "| geometry | base seed | metric | HF model | healed | change [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    refs = [spec.learning, *(r for r in [spec.control] if r), *(MetricRef(*t.rsplit(":", 1)) for t in
+            spec.forgetting if "{split}" not in t)]  # fmt: skip
+    for key in base_keys(spec):
+        healed = healed_records(layout, key)
+        base = next((r for r in records if r["arm"] == "base" and r["geometry"] == key.geometry
+                     and r["base_seed"] == key.seed), None)  # fmt: skip
+        if not healed or base is None:
+            continue
+        for ref in refs:
+            try:
+                mid, lo, hi = _paired_change(base, healed[0], ref, spec.bootstrap)
+            except ValueError:  # a metric without per-item scores
+                continue
+            before, after = record_value(base, ref), record_value(healed[0], ref)
+            lines.append(f"| {key.geometry} | {key.seed} | {ref} | {before:.4g} | {after:.4g} "
+                         f"| {mid:+.1f} % [{lo:+.1f}, {hi:+.1f}] |")  # fmt: skip
+    return lines if len(lines) > 2 else []
+
+
 def write_study_report(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -> Path:
     from titan_mem.study.report import write_report
 
@@ -134,4 +177,8 @@ def write_study_report(spec: StudySpec, layout: Layout, records: list[dict[str, 
         "Memory geometry and selection": geometry_lines(spec, layout, records),
         "Resolved settings of every series": settings_lines(records),
     }
+    if spec.reference == "hf":
+        extra["The retrofit's own cost: healed model vs the HF model as it is"] = heal_lines(
+            spec, layout, records
+        )
     return write_report(analysis_spec(spec), records, layout.root, title=f"Study `{spec.name}`", extra=extra)

@@ -21,7 +21,7 @@ from typing import Any
 from titan_mem.eval.items import read_items
 from titan_mem.study.geometry import selection_stats
 from titan_mem.study.spec import Arm
-from titan_mem.study.stages import BaseKey
+from titan_mem.study.stages import BaseKey, Layout
 
 EVAL_PREFIX = "eval/"
 
@@ -95,6 +95,17 @@ def base_records(key: BaseKey, eval_json: Path, items_jsonl: Path) -> list[dict[
         "arm": "base", "method": "base", "group": "base", "params": {}, "geometry": key.geometry,
         "base_seed": key.seed, "seed": None, "step": 0, "metrics": metrics, "items": items.get(0, {}),
     }]  # fmt: skip
+
+
+def healed_records(layout: Layout, key: BaseKey) -> list[dict]:
+    """A retrofit's healed model beside an `hf` reference, as a base-like record (arm "healed")."""
+    committed = layout.base_result(key, "healed")
+    if committed is not None and committed.is_file():
+        return json.loads(committed.read_text())["records"]
+    if layout.healed_eval(key).is_file() and layout.healed_items(key).is_file():
+        recs = base_records(key, layout.healed_eval(key), layout.healed_items(key))
+        return [{**r, "arm": "healed", "method": "healed"} for r in recs]
+    return []
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:

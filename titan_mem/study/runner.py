@@ -29,7 +29,7 @@ from titan_mem.config import Config
 from titan_mem.errors import TrainingError
 from titan_mem.eval.runner import write_json, write_jsonl
 from titan_mem.study.overview import write_study_report
-from titan_mem.study.results import arm_records, base_records
+from titan_mem.study.results import arm_records, base_records, healed_records
 from titan_mem.study.spec import Arm, StudyError, StudySpec
 from titan_mem.study.stages import (
     BaseKey,
@@ -125,8 +125,9 @@ def plan(spec: StudySpec) -> list[Job]:
         key0 = base_keys(spec)[0]
         first = next(iter(spec.methods.values()))
         cmd = facts_command(spec, layout, method_argv(spec, layout, first, key0, Config(), start="hf"))
-        f, ids = spec.facts, Path(cmd.argv[cmd.argv.index("--ids") + 1])
-        jobs.append(Job(cmd, lambda: ids.is_file() and all(f.split_file(n).is_file() for n in f.splits)))
+        f = spec.facts
+        files = [f.split_file(n) for n in [*f.splits, *(["known_eval"] if f.known else [])]]
+        jobs.append(Job(cmd, lambda: f.ids.is_file() and all(p.is_file() for p in files)))
         facts = [cmd.name]
     for key in base_keys(spec):
         deps: list[str] = []
@@ -230,17 +231,6 @@ def collect(spec: StudySpec, layout: Layout, failed: dict[Job, str] | None = Non
                 records += json.loads(done.read_text())["records"]
                 break
     return records
-
-
-def healed_records(layout: Layout, key: BaseKey) -> list[dict]:
-    """A retrofit's healed model beside an `hf` reference, as a base-like record (arm "healed")."""
-    committed = layout.base_result(key, "healed")
-    if committed is not None and committed.is_file():
-        return json.loads(committed.read_text())["records"]
-    if layout.healed_eval(key).is_file() and layout.healed_items(key).is_file():
-        recs = base_records(key, layout.healed_eval(key), layout.healed_items(key))
-        return [{**r, "arm": "healed", "method": "healed"} for r in recs]
-    return []
 
 
 def _git_commit() -> str:

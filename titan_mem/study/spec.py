@@ -26,7 +26,7 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
                  series; default the method), geometries = [...] (default all), background = "finetune"
                  (other counts), start = "hf" (keys.STARTS), then sweep keys, each a value or a list
     [quick]      what `--quick` changes: seeds, base_seeds, pretrain / finetune / heal_overrides
-                 (appended), background_batches, limit, points, every, forgetting (a smoke-scale base may
+                 (appended), background_batches, tasks, limit, points, every, forgetting (a smoke base may
                  score 0 where relative forgetting needs a scale), max_sweep (first N values of each sweep
                  list, every method alike), out (default: <out>-quick)
 """
@@ -192,7 +192,7 @@ def _apply_quick(where: str, data: dict[str, Any]) -> int | None:
         raise StudyError(f"{where}: --quick: the file has no [quick] table")
     study, base, ft, ev = (data.setdefault(s, {}) for s in ("study", "base", "finetune", "eval"))
     moves = {"seeds": study, "base_seeds": study, "out": study, "background_batches": base}
-    moves |= {"limit": ev, "points": ev, "every": ev, "forgetting": ev}
+    moves |= {"limit": ev, "points": ev, "every": ev, "forgetting": ev, "tasks": ev}
     shorter = str_list(where, "quick.heal_overrides", q.get("heal_overrides", []))
     for g in (g for g in data.get("geometry", []) if "retrofit" in g):  # a shorter heal
         g["heal_overrides"] = [*g.get("heal_overrides", []), *shorter]

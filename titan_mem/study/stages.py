@@ -317,11 +317,9 @@ def facts_command(spec: StudySpec, layout: Layout, ft_argv: list[str]) -> Comman
     split files from the committed ids."""
     f = spec.facts
     assert f is not None and spec.hf_model is not None
-    splits = ",".join(f"{k}={v}" for k, v in f.splits.items())
     argv = [
-        sys.executable, "-m", "titan_mem.study.worker", "facts", "--base", spec.hf_model,
-        "--out", str(f.out), "--ids", str(f.ids), "--task", f.task, "--source", f.source,
-        "--limit", str(f.candidates), "--shots", str(f.shots), "--splits", splits, "--seed", str(f.seed),
+        sys.executable, "-m", "titan_mem.study.worker", "facts", "--study", str(spec.path),
+        "--base", spec.hf_model, "--out", str(f.ids),
         *(["--data-dir", spec.eval_data_dir] if spec.eval_data_dir else []), *ft_argv,
     ]  # fmt: skip
     return Command("choose facts", argv, f.out / "facts.log")

@@ -5,41 +5,36 @@
     python -m titan_mem.study.worker eval   --base STEP --tasks T --limit N --out F --items-out F
                                             [--data-dir D] [--shots K --shots-seed S]  FT.toml [--k=v ...]
     python -m titan_mem.study.worker to-hf  --base STEP --out FOLDER   (a retrofit geometry's dense base)
-    python -m titan_mem.study.worker facts  --base HF --ids F --out FOLDER --task T --source F --limit N
-                                            --splits a=N,b=M [--seed S] [--shots K] [--data-dir D]  FT.toml
+    python -m titan_mem.study.worker facts  --study STUDY.toml --base HF --out IDS [--data-dir D]  FT.toml
 
 `counts` counts slot usage in the finetuning config's batch shape over the background corpus:
 `pretrain` the base's own pretraining data (its run's config.json), `finetune` the finetuning stream itself,
 `heldout` the same regime over held-out facts of the task's kind (synthetic: the validation half of the
 known people, so the test half stays unseen). `eval` scores the base with the finetuning config's data
 section (the same synthetic world and taught split the arms' in-loop evaluation reads). `facts` writes the
-study's new facts (study/facts.py): from the committed ids when they exist, else chosen from the base's own
-few-shot answers, the ids written first.
+study's facts files (study/choose_facts.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 from titan_mem import config as config_mod
 from titan_mem.config import Config, ConfigError
 from titan_mem.distributed import exit_process
-from titan_mem.eval.items import read_items
-from titan_mem.eval.runner import evaluate_checkpoint, load_checkpoint_config, write_json
+from titan_mem.eval.runner import evaluate_checkpoint, load_checkpoint_config
 from titan_mem.eval.tasks import parse_task_list
-from titan_mem.eval.unknown_facts import split_facts, unknown_ids, write_splits
 from titan_mem.hf.export import export_checkpoint
 from titan_mem.sparse.background import count_background
+from titan_mem.study.choose_facts import choose_facts
 from titan_mem.study.keys import BACKGROUNDS
+from titan_mem.study.spec import load_study
 from titan_mem.train import run_cli
 
 HELDOUT_POPULATION = "known_val"
-FACT_EXEMPLARS = 20  # the pool a split's few-shot evaluation draws its exemplars from
 
 
 def background_config(kind: str, base: Path, ft: Config) -> Config:
@@ -68,11 +63,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--items-out", help="eval: per-item scores (eval_items.jsonl format)")
     parser.add_argument("--shots", type=int, default=0, help="eval: few-shot exemplars per QA/GSM8K item")
     parser.add_argument("--shots-seed", type=int, default=0, help="eval: the exemplars' seed")
-    parser.add_argument("--ids", help="facts: the chosen ids (JSON; read when it exists)")
-    parser.add_argument("--task", help="facts: the QA task the base answers")
-    parser.add_argument("--source", help="facts: the task's local file")
-    parser.add_argument("--splits", help="facts: NAME=COUNT,...")
-    parser.add_argument("--seed", type=int, default=0, help="facts: the split draw's seed")
+    parser.add_argument("--study", help="facts: the study file whose [facts] to write")
     if argv[:1] == ["to-hf"]:  # a retrofit geometry's dense base, read with its run's own config
         args = parser.parse_args(argv)
         print(export_checkpoint(Path(args.base), args.out, overwrite=True))
@@ -82,7 +73,10 @@ def run(argv: list[str]) -> None:
     base = Path(args.base)
     ft = config_mod.parse_args([args.config, *overrides])
     if args.stage == "facts":
-        print(choose_facts(args, overrides))
+        facts = load_study(args.study).facts
+        if facts is None:
+            raise ConfigError(f"{args.study}: no [facts] table")
+        print(choose_facts(facts, args.base, args.config, overrides, args.data_dir))
         return
     if args.stage == "counts":
         cfg = background_config(args.background, base, ft)
@@ -103,39 +97,6 @@ def run(argv: list[str]) -> None:
         items_out=args.items_out,
         progress=False,
     )
-
-
-def choose_facts(args: argparse.Namespace, overrides: list[str]) -> str:
-    """The split files from the ids file; without one, the base answers `limit` items of the task first
-    and the unknown ones (eval/unknown_facts.py) are drawn into the splits."""
-    ids = Path(args.ids)
-    sizes = {n: int(c) for n, c in (part.split("=") for part in args.splits.split(","))}
-    want = {"task": args.task, "source": args.source, "limit": args.limit, "shots": args.shots,
-            "seed": args.seed, "sizes": sizes}  # fmt: skip
-    if ids.is_file():
-        doc = json.loads(ids.read_text())
-        if {k: doc.get(k) for k in want} != want:
-            raise ConfigError(f"{ids}: chosen for other settings ({ {k: doc.get(k) for k in want} }); "
-                              "delete it to choose again")  # fmt: skip
-        splits, exemplars = doc["splits"], doc["exemplars"]
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            items = Path(tmp) / "items.jsonl"
-            evaluate_checkpoint(
-                Path(args.base), [args.task], limit=args.limit, data_dir=args.data_dir, config=args.config,
-                overrides=[*overrides, "--training.mode=full_finetune"], shots=args.shots,
-                shots_seed=0, items_out=items, progress=False,
-            )  # fmt: skip
-            scored = read_items(items)[0][args.task]
-        unknown = unknown_ids(scored)
-        splits = split_facts(unknown, sizes, args.seed)
-        # few-shot exemplars for evaluating a split: scored items outside every split, in source order
-        chosen = {i for ids_ in splits.values() for i in ids_}
-        exemplars = [str(i) for i in scored["id"] if str(i) not in chosen][:FACT_EXEMPLARS]
-        write_json(ids, {**want, "base": args.base, "unknown": len(unknown), "scored": len(scored["id"]),
-                         "splits": splits, "exemplars": exemplars})  # fmt: skip
-    paths = write_splits(args.source, splits, Path(args.out), exemplars)
-    return f"facts: {', '.join(f'{p} ({len(splits[k])})' for k, p in paths.items())}; ids in {ids}"
 
 
 def main() -> int:
