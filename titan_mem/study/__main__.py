@@ -1,5 +1,5 @@
-"""`python -m titan_mem.study STUDY.toml [--jobs N | --gpus 0,1] [--quick] [--base STEP] [--dry-run]
-[--report-only]`
+"""`python -m titan_mem.study STUDY.toml [--jobs N | --gpus 0,1] [--quick] [--base STEP] [--geometry G]
+[--group G] [--arm NAME] [--dry-run] [--report-only]`
 
 Runs a continual-learning study (docs/results.md): per geometry and base seed the base, its background
 counts and its evaluation, every arm as soon as its base is ready, then `results.jsonl`, `report.md`,
@@ -17,7 +17,7 @@ from titan_mem.study.overview import write_study_report
 from titan_mem.study.runner import collect, plan, run_study
 from titan_mem.study.spec import load_study
 from titan_mem.study.stages import layout_of
-from titan_mem.study.subset import only_geometries, only_groups, with_base
+from titan_mem.study.subset import only_arms, only_geometries, only_groups, with_base
 from titan_mem.train import run_cli
 
 
@@ -36,6 +36,8 @@ def run(argv: list[str]) -> None:
         "sitting runs geometry by geometry, each analysed on its own",
     )
     parser.add_argument("--group", action="append", help="run only this group of arms (repeatable)")
+    parser.add_argument("--arm", action="append", help="run only this arm, e.g. sparse-lr3000.0-b0-seed0 "
+                        "(repeatable; the names --dry-run prints)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the commands")
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md and plots")
     args = parser.parse_args(argv)
@@ -46,6 +48,8 @@ def run(argv: list[str]) -> None:
         spec = only_geometries(spec, args.geometry)
     if args.group:
         spec = only_groups(spec, args.group)
+    if args.arm:
+        spec = only_arms(spec, args.arm)
     if args.base:
         spec = with_base(spec, args.base)
     if args.dry_run:

@@ -1,6 +1,6 @@
-"""A study narrowed for one sitting (the CLI's `--base`, `--geometry`, `--group`): a study too long for one
-session runs geometry by geometry or group by group, each analysed on its own (levels and fronts are per
-geometry and group), and resumes where it stopped."""
+"""A study narrowed for one sitting (the CLI's `--base`, `--geometry`, `--group`, `--arm`): a study too long
+for one session runs geometry by geometry or group by group, each analysed on its own (levels and fronts
+are per geometry and group), and resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -37,4 +37,18 @@ def only_groups(spec: StudySpec, names: list[str]) -> StudySpec:
         if name not in spec.groups:
             raise StudyError(f"--group: {name!r} is not a group of {spec.path} ({', '.join(spec.groups)})")
     spec.arms = [a for a in spec.arms if a.group in names]
+    return spec
+
+
+def only_arms(spec: StudySpec, names: list[str]) -> StudySpec:
+    """The study restricted to some arms by name (`--arm`, as `--dry-run` and the report name them): one
+    configuration and seed rerun on its own, with what it waits for (facts, heal, counts)."""
+    known = {a.name for a in spec.arms}
+    for name in names:
+        if name not in known:
+            close = sorted(n for n in known if n.split("-")[0] == name.split("-")[0])[:4]
+            raise StudyError(
+                f"--arm: {name!r} is not an arm of {spec.path} (e.g. {', '.join(close or known)})"
+            )
+    spec.arms = [a for a in spec.arms if a.name in names]
     return spec
