@@ -13,7 +13,7 @@ import pytest
 from titan_mem import config as config_mod
 from titan_mem.study.runner import plan
 from titan_mem.study.spec import StudyError, eval_steps, load_study
-from titan_mem.study.subset import only_geometries, only_groups, with_base
+from titan_mem.study.subset import only_arms, only_geometries, only_groups, with_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,10 @@ def test_only_some_geometries(tmp_path):
     assert {a.group for a in spec.arms} == {"extra"} and len(spec.arms) == 2 * 2  # seeds x geometries
     with pytest.raises(StudyError, match="--group: 'nope' is not a group"):
         only_groups(spec, ["nope"])
+    spec = only_arms(load_study(_write(tmp_path, GOOD)), ["lora-lr0.001-rank4-b0-seed1"])
+    assert [(a.method, a.params, a.seed) for a in spec.arms] == [("lora", (("lr", 0.001), ("rank", 4)), 1)]
+    with pytest.raises(StudyError, match="--arm: 'lora-lr9' is not an arm .* \\(e.g. lora-lr0.001-rank2-b0"):
+        only_arms(load_study(_write(tmp_path, GOOD)), ["lora-lr9"])
 
 
 def test_geometries_and_paired_base_seeds(tmp_path):
