@@ -336,7 +336,7 @@ config = "train_configs/debug_full_finetune.toml"
 overrides = ["--training.steps=4", "--data.source={facts}/train.jsonl", "--data.regime=qa"]
 
 [eval]
-tasks = ["triviaqa:{facts}/train_eval.jsonl@limit=4,label=taught", "nq_open@shots=0"]
+tasks = ["triviaqa:{facts}/train_eval.jsonl@limit=4@label=taught", "nq_open@shots=0"]
 every = 2
 limit = 6
 learning = "triviaqa/taught:answer_nll"

@@ -11,7 +11,7 @@ from conftest import run_tool
 
 from titan_mem.config import ConfigError
 from titan_mem.data.qa import load_qa
-from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks
+from titan_mem.eval.tasks import TaskContext, TaskError, build_tasks, parse_task_list
 from titan_mem.eval.unknown_facts import FactSelectionError, split_facts, unknown_ids, write_splits
 from titan_mem.study.choose_facts import _known
 from titan_mem.study.facts import KnownSpec
@@ -79,11 +79,12 @@ def test_a_split_and_its_exemplar_pool_evaluate_exactly_the_split_few_shot(tmp_p
     splits = {"train": ["3", "5", "7"], "control": ["1"]}
     write_splits(str(source), splits, tmp_path / "f", exemplars=["0", "2", "4", "6"])
     assert [e.id for e in load_qa(str(tmp_path / "f" / "train.jsonl"))] == ["3", "5", "7"]  # what trains
-    spec = f"triviaqa:{tmp_path / 'f' / 'train_eval.jsonl'}@limit=3,shots=2,label=taught"
+    spec = f"triviaqa:{tmp_path / 'f' / 'train_eval.jsonl'}@limit=3@shots=2@label=taught"
     (task,) = build_tasks([spec], TaskContext(limit=50, shots=0))
     assert task.name == "triviaqa/taught" and [e.id for e in task.examples] == ["3", "5", "7"]
     assert len(task.shots) == 2 and {e.id for e in task.shots} <= {"0", "2", "4", "6"}
-    with pytest.raises(TaskError, match="'shots=x' is not one of shots, limit, label"):
+    assert parse_task_list(f"{spec},nq_open") == [spec, "nq_open"]  # options survive a comma-joined list
+    with pytest.raises(TaskError, match="@shots=x is not one of @shots, @limit, @label, @generate=VALUE"):
         build_tasks([spec.replace("shots=2", "shots=x")], TaskContext())
     with pytest.raises(FactSelectionError, match="exemplar ids are facts of the split"):
         write_splits(str(source), splits, tmp_path / "g", exemplars=["3"])

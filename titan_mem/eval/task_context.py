@@ -1,5 +1,5 @@
 """What every evaluation task shares: the context it reads, the output it returns, its error, and the
-per-task options a task spec may carry (`TASK[:SOURCE]@shots=0,limit=100,label=taught`)."""
+per-task options a task spec may carry (`TASK[:SOURCE]@shots=0@limit=100@label=taught`)."""
 
 from __future__ import annotations
 
@@ -44,17 +44,16 @@ TASK_OPTIONS = ("shots", "limit", "label", "generate")
 
 
 def task_options(spec: str, ctx: TaskContext) -> tuple[str, TaskContext, str]:
-    """`TASK[@shots=0,limit=100,label=taught]`: this task's own shots and limit (e.g. a 0-shot GSM8K NLL
-    beside 5-shot QA; a fact file of exactly 100 items, then its exemplar pool), and `label`, which names
-    it `task/label` (two files of one task in one run)."""
-    if "@" not in spec:
-        return spec, ctx, ""
-    spec, _, text = spec.rpartition("@")
+    """`TASK[@shots=0][@limit=100][@label=taught][@generate=0]` (`@`, not `,`: task lists are comma-joined):
+    this task's own shots and limit (e.g. a 0-shot GSM8K NLL beside 5-shot QA; a fact file of exactly 100
+    items, then its exemplar pool), `label`, which names it `task/label` (two files of one task in one
+    run), and `generate=0`: QA answer NLL only, no greedy answers (NLL-first evaluation)."""
+    spec, *parts = spec.split("@")
     opts: dict[str, str] = {}
-    for part in text.split(","):
+    for part in parts:
         key, _, value = part.partition("=")
         if key not in TASK_OPTIONS or not value or (key != "label" and not value.isdigit()):
-            raise TaskError(f"{spec}@{text}: {part!r} is not one of {', '.join(TASK_OPTIONS)}=VALUE")
+            raise TaskError(f"{spec}: @{part} is not one of @{', @'.join(TASK_OPTIONS)}=VALUE")
         opts[key] = value
     shots, limit = int(opts.get("shots", ctx.shots)), int(opts.get("limit", ctx.limit or 0)) or None
     generate = opts.get("generate", "1") != "0"
