@@ -47,16 +47,29 @@ def split_facts(ids: Sequence[str], sizes: dict[str, int], seed: int) -> dict[st
     return out
 
 
-def write_splits(
-    source: str, splits: dict[str, list[str]], out_dir: Path, exemplars: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Each split's source records (with `id` = the source row's id) as `<out_dir>/<split>.jsonl`; with
-    `exemplars` (ids in no split), also `<split>_eval.jsonl`: the split, then those rows, the pool a
-    few-shot evaluation of exactly the split's items draws its exemplars from (eval/fewshot.py)."""
+def source_rows(source: str) -> dict[str, dict[str, Any]]:
+    """The source's records by id (the source row's own id, else its index), in file order, each with
+    `id` set to it, so a row written elsewhere keeps its identity."""
     records = {}
     for i, r in enumerate(read_records(source)):
         rid = str(r.get("question_id") or r.get("id") or i)
         records[rid] = {**r, "id": rid}
+    return records
+
+
+def write_rows(path: Path, records: dict[str, dict[str, Any]], ids: Sequence[str]) -> None:
+    """The rows `ids` of `records` as JSON lines, written whole or not at all."""
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in ids))
+
+
+def write_splits(
+    source: str, splits: dict[str, list[str]], out_dir: Path, exemplars: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Each split's source records as `<out_dir>/<split>.jsonl`; with `exemplars` (ids in no split), also
+    `<split>_eval.jsonl`: the split, then those rows, the pool a few-shot evaluation of exactly the split's
+    items draws its exemplars from (eval/fewshot.py)."""
+    records = source_rows(source)
     paths = {}
     for name, ids in splits.items():
         missing = [i for i in [*ids, *exemplars] if i not in records]
@@ -64,13 +77,8 @@ def write_splits(
             raise FactSelectionError(f"{source}: no row with id {missing[0]!r} (items from another file?)")
         if set(exemplars) & set(ids):
             raise FactSelectionError(f"split {name}: exemplar ids are facts of the split")
-        for path, rows in (
-            (out_dir / f"{name}.jsonl", ids),
-            (out_dir / f"{name}_eval.jsonl", [*ids, *exemplars]),
-        ):
-            if path.name.endswith("_eval.jsonl") and not exemplars:
-                continue
-            with atomic_file(path, overwrite=True) as tmp:
-                tmp.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in rows))
+        write_rows(out_dir / f"{name}.jsonl", records, ids)
+        if exemplars:
+            write_rows(out_dir / f"{name}_eval.jsonl", records, [*ids, *exemplars])
         paths[name] = out_dir / f"{name}.jsonl"
     return paths

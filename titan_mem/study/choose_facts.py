@@ -13,23 +13,32 @@ from typing import Any
 from titan_mem.config import ConfigError
 from titan_mem.eval.items import read_items
 from titan_mem.eval.runner import evaluate_checkpoint, write_json
-from titan_mem.eval.unknown_facts import split_facts, unknown_ids, write_splits
+from titan_mem.eval.unknown_facts import source_rows, split_facts, unknown_ids, write_rows, write_splits
 from titan_mem.study.facts import FactsSpec, KnownSpec
 
 FACT_EXEMPLARS = 20  # the pool a split's few-shot evaluation draws its exemplars from
 
 
 def _answers(base: str, task: str, source: str, limit: int, shots: int, config: str, overrides: list[str],
-             data_dir: str | None) -> dict[str, list[Any]]:  # fmt: skip
-    """The base's per-item scores on the first `limit` items of `source` (exemplars after them)."""
+             data_dir: str | None) -> tuple[dict[str, list[Any]], list[str]]:  # fmt: skip
+    """The base's per-item scores on the first `limit` items of `source`, and the exemplar pool: the
+    FACT_EXEMPLARS items after them. The chosen items are later evaluated with that same pool after them,
+    so they see the same few-shot prefix as when they were chosen (greedy answers depend on it)."""
+    records = source_rows(source)
+    ids = list(records)[: limit + FACT_EXEMPLARS]
+    if len(ids) < limit + FACT_EXEMPLARS:
+        raise ConfigError(
+            f"{source}: {len(ids)} rows; {limit} candidates and {FACT_EXEMPLARS} exemplars wanted"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        items = Path(tmp) / "items.jsonl"
+        candidates, items = Path(tmp) / "candidates.jsonl", Path(tmp) / "items.jsonl"
+        write_rows(candidates, records, ids)
         evaluate_checkpoint(
-            Path(base), [f"{task}:{source}"], limit=limit, data_dir=data_dir, config=config,
+            Path(base), [f"{task}:{candidates}"], limit=limit, data_dir=data_dir, config=config,
             overrides=[*overrides, "--training.mode=full_finetune"], shots=shots, shots_seed=0,
             items_out=items, progress=False,
         )  # fmt: skip
-        return read_items(items)[0][task]
+        return read_items(items)[0][task], ids[limit:]
 
 
 def _settings(facts: FactsSpec) -> dict[str, dict[str, Any]]:
@@ -46,9 +55,7 @@ def _settings(facts: FactsSpec) -> dict[str, dict[str, Any]]:
 def _new(facts: FactsSpec, scored: dict[str, list[Any]]) -> dict[str, Any]:
     unknown = unknown_ids(scored)
     splits = split_facts(unknown, facts.splits, facts.seed)
-    chosen = {i for ids in splits.values() for i in ids}  # exemplars: scored items in no split, in order
-    exemplars = [str(i) for i in scored["id"] if str(i) not in chosen][:FACT_EXEMPLARS]
-    return {"scored": len(scored["id"]), "unknown": len(unknown), "splits": splits, "exemplars": exemplars}
+    return {"scored": len(scored["id"]), "unknown": len(unknown), "splits": splits}
 
 
 def _known(k: KnownSpec, scored: dict[str, list[Any]]) -> dict[str, Any]:
@@ -56,9 +63,7 @@ def _known(k: KnownSpec, scored: dict[str, list[Any]]) -> dict[str, Any]:
     if len(right) < k.count:
         raise ConfigError(f"[facts.known]: the base gets {len(right)} of {len(scored['id'])} {k.task} items "
                           f"right (F1 >= {k.min_f1}); {k.count} wanted: raise candidates")  # fmt: skip
-    wrong = [str(i) for i in scored["id"] if str(i) not in set(right)]
-    return {"scored": len(scored["id"]), "right": len(right), "ids": right[: k.count],
-            "exemplars": wrong[:FACT_EXEMPLARS]}  # fmt: skip
+    return {"scored": len(scored["id"]), "right": len(right), "ids": right[: k.count]}
 
 
 def choose_facts(facts: FactsSpec, base: str, config: str, overrides: list[str], data_dir: str | None) -> str:
@@ -72,9 +77,9 @@ def choose_facts(facts: FactsSpec, base: str, config: str, overrides: list[str],
                               "choose again")  # fmt: skip
         if part not in doc:
             task, source, limit = settings["task"], settings["source"], settings["limit"]
-            scored = _answers(base, task, source, limit, facts.shots, config, overrides, data_dir)
+            scored, pool = _answers(base, task, source, limit, facts.shots, config, overrides, data_dir)
             chosen = _new(facts, scored) if part == "new" else _known(facts.known, scored)  # type: ignore[arg-type]
-            doc[part] = {"settings": settings, **chosen}
+            doc[part] = {"settings": settings, **chosen, "exemplars": pool}
             write_json(facts.ids, doc)
     new = doc["new"]
     paths = write_splits(facts.source, new["splits"], facts.out, new["exemplars"])

@@ -319,7 +319,7 @@ def _run_jobs(
     failed: dict[Job, str] = {}
     started, n_total, n_done = time.perf_counter(), len(pending), 0
 
-    def one(job: Job) -> tuple[int, str, float]:
+    def one(job: Job, threads: int) -> tuple[int, str, float]:
         with lock:
             gpu = free.pop()
         try:
@@ -352,7 +352,11 @@ def _run_jobs(
                 elif len(running) < n_workers and all(state.get(d) == "ok" for d in job.deps):
                     pending.remove(job)
                     log(f"[study] {job.name} ... (log: {job.cmd.log})")
-                    running[pool.submit(one, job)] = job
+                    # a job that must run alone (all others wait for it: facts, a heal) gets every core
+                    alone = not running and not any(
+                        all(state.get(d) == "ok" for d in k.deps) for k in pending
+                    )
+                    running[pool.submit(one, job, threads * n_workers if alone else threads)] = job
             if not running:
                 if pending:  # nothing can start: a dependency is missing from the plan
                     raise StudyFailed(f"{pending[0].name}: waits for {pending[0].deps}, which never ran")
