@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from titan_mem import config as config_mod
 from titan_mem.study.runner import plan
@@ -219,11 +220,21 @@ def _counts_of(jobs) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["synthetic_facts", "ablations", "triviaqa_1b", "retrofit_synthetic", "retrofit_qwen2.5_0.5b"]
+    "name",
+    [
+        "synthetic_facts",
+        "ablations",
+        "triviaqa_1b",
+        "retrofit_synthetic",
+        "retrofit_qwen2.5_0.5b",
+        "smollm2_triviaqa",
+    ],
 )
 def test_shipped_studies_plan(name, monkeypatch):
     """The shipped study files load and every arm's trainer config passes its checks (--dry-run)."""
     monkeypatch.chdir(REPO)
+    if name == "smollm2_triviaqa" and not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} (the facts' source) is not on this machine")
     for quick in (False, True):
         spec = load_study(f"studies/{name}.toml", quick=quick)
         jobs = plan(spec)
@@ -237,6 +248,13 @@ def test_shipped_studies_plan(name, monkeypatch):
                 "lora",
             }
             assert {a.geometry for a in spec.arms} == {"4K", "65K", "1M"}
+        if name == "smollm2_triviaqa":  # the real-model study: 6 series x 3 lrs x 2 seeds, 1 x 1 quick
+            series = {"sparse", "sparse_tf", "sparse_adamw", "full_retrofit", "full", "lora"}
+            assert {a.series for a in spec.arms} == series and len(spec.arms) == (6 if quick else 36)
+            assert (spec.results is None) == quick and spec.reference == "hf"
+            for job in (j for j in jobs if j.arm is not None):
+                heal = any("heal-b0" in a for a in job.cmd.argv if a.startswith("--checkpoint.initial_load"))
+                assert heal == (job.arm.start != "hf"), job.name  # baselines start from the model as it is
         if name == "ablations":
             assert {"ranking_t50", "ranking_t500", "optimizer", "background", "documents"} <= set(spec.groups)
             kinds = _counts_of([j for j in jobs if j.arm is not None and j.arm.group == "background"])
