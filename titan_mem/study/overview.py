@@ -148,6 +148,8 @@ def heal_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -
     """What the retrofit itself costs (reference = "hf"): each metric of the healed model against the HF
     model as it is, per base seed, on the same items (Goyal et al. 2026: the retrofit keeps base skills)."""
     lines = [
+        "Relative change (NLL: up is worse; F1, acc: down is worse), 95 % paired bootstrap interval over items.",
+        "",
         "| geometry | base seed | metric | HF model | healed | change [95 % CI] |",
         "|---|---|---|---|---|---|",
     ]
@@ -167,7 +169,7 @@ def heal_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -
             before, after = record_value(base, ref), record_value(healed[0], ref)
             lines.append(f"| {key.geometry} | {key.seed} | {ref} | {before:.4g} | {after:.4g} "
                          f"| {mid:+.1f} % [{lo:+.1f}, {hi:+.1f}] |")  # fmt: skip
-    return lines if len(lines) > 2 else []
+    return lines if len(lines) > 4 else []
 
 
 def write_study_report(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -> Path:
