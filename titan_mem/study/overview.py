@@ -148,7 +148,7 @@ def heal_lines(spec: StudySpec, layout: Layout, records: list[dict[str, Any]]) -
     """What the retrofit itself costs (reference = "hf"): each metric of the healed model against the HF
     model as it is, per base seed, on the same items (Goyal et al. 2026: the retrofit keeps base skills)."""
     lines = [
-        "Relative change (NLL: up is worse; F1, acc: down is worse), 95 % paired bootstrap interval over items.",
+        "Relative change (NLL: up is worse; F1, acc: down is worse); 95 % paired bootstrap interval, items.",
         "",
         "| geometry | base seed | metric | HF model | healed | change [95 % CI] |",
         "|---|---|---|---|---|---|",
