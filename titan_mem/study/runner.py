@@ -114,6 +114,18 @@ def _eval_job(spec: StudySpec, layout: Layout, key: BaseKey, deps: list[str], he
     return Job(cmd, done, deps, base=key)
 
 
+def _in_run_order(arms: list[Arm]) -> list[Arm]:
+    """Seed by seed, and within a seed the first configuration of every series, then the second, ...: a
+    study interrupted anywhere has compared every method on the same footing before it widens any one."""
+    nth: dict[tuple, int] = {}
+    order = []
+    for arm in arms:
+        series = (arm.geometry, arm.group, arm.series, arm.base_seed, arm.seed)
+        nth[series] = nth.get(series, -1) + 1
+        order.append((arm.base_seed, arm.seed, nth[series]))
+    return [arm for _, arm in sorted(zip(order, arms), key=lambda pair: pair[0])]
+
+
 def plan(spec: StudySpec) -> list[Job]:
     """Every job the study runs, in order (what `--dry-run` prints); checks each arm's config."""
     layout = layout_of(spec)
@@ -145,8 +157,7 @@ def plan(spec: StudySpec) -> list[Job]:
         if retrofit and spec.reference == "hf":
             jobs.append(_eval_job(spec, layout, key, deps + facts, True))
         base_names[key] = deps + facts
-    # seed by seed: an interrupted study has every configuration's first seed before any second one
-    for arm in sorted(spec.arms, key=lambda a: (a.base_seed, a.seed)):
+    for arm in _in_run_order(spec.arms):
         key = BaseKey(arm.geometry, arm.base_seed)
         base, cfg = _starts_from(spec, layout, key, arm.start), base_config(spec, layout, key)
         ft = method_argv(spec, layout, spec.methods[arm.method], key, cfg, arm.start)
