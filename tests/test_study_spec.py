@@ -252,9 +252,13 @@ def test_shipped_studies_plan(name, monkeypatch):
             series = {"sparse", "sparse_tf", "sparse_adamw", "full_retrofit", "full", "lora"}
             assert {a.series for a in spec.arms} == series and len(spec.arms) == (6 if quick else 36)
             assert (spec.results is None) == quick and spec.reference == "hf"
+            arms = [j.arm for j in jobs if j.arm is not None]
             for job in (j for j in jobs if j.arm is not None):
                 heal = any("heal-b0" in a for a in job.cmd.argv if a.startswith("--checkpoint.initial_load"))
                 assert heal == (job.arm.start != "hf"), job.name  # baselines start from the model as it is
+            # run order: seed by seed, every series' first configuration before any series' second
+            assert [a.seed for a in arms] == sorted(a.seed for a in arms)
+            assert {a.series for a in arms[:6]} == series and arms[0].params != arms[6].params
         if name == "ablations":
             assert {"ranking_t50", "ranking_t500", "optimizer", "background", "documents"} <= set(spec.groups)
             kinds = _counts_of([j for j in jobs if j.arm is not None and j.arm.group == "background"])
