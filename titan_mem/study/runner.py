@@ -261,11 +261,13 @@ def _provenance(cmd: Command, seconds: float) -> dict:
             "seconds": round(seconds, 1)}  # fmt: skip
 
 
-def _commit_result(layout: Layout, job: Job, seconds: float) -> None:
-    """A finished job's records into the study's results folder (temp file + rename: whole or absent)."""
+def _commit_result(layout: Layout, job: Job, seconds: float, arm_recs: list[dict] | None = None) -> None:
+    """A finished job's records (an arm's: `arm_recs`, as just collected) into the study's results
+    folder, when it keeps one (temp file + rename: whole or absent)."""
+    if layout.committed is None:
+        return
     if job.arm is not None:
-        path = layout.arm_result(job.arm)
-        records = json.loads(layout.arm_done(job.arm).read_text())["records"]
+        path, records = layout.arm_result(job.arm), arm_recs or []
     elif job.base is not None:
         healed = job.name.startswith("evaluate healed")
         path = layout.base_result(job.base, "healed" if healed else "base")
@@ -275,8 +277,8 @@ def _commit_result(layout: Layout, job: Job, seconds: float) -> None:
             records = base_records(job.base, layout.base_eval(job.base), layout.base_items(job.base))
     else:
         return
-    if path is not None:
-        write_json(path, {**_provenance(job.cmd, seconds), "records": _rounded(records)})
+    assert path is not None
+    write_json(path, {**_provenance(job.cmd, seconds), "records": _rounded(records)})
 
 
 def _rounded(value: Any) -> Any:
@@ -344,7 +346,7 @@ def _run_jobs(
                 write_json(layout.arm_done(job.arm), {"command": job.cmd.argv[1:], "seconds": seconds,
                                                       "records": records})  # fmt: skip
             if rc == 0:
-                _commit_result(layout, job, time.perf_counter() - t)
+                _commit_result(layout, job, time.perf_counter() - t, records if job.arm is not None else None)
             return rc, last, time.perf_counter() - t
         finally:
             with lock:
