@@ -11,7 +11,7 @@ import pytest
 import torch
 
 # triton picks interpreter mode when a kernel is decorated (import time): set it before any test imports
-# titan_mem, so the Triton lookup kernels run on CPU tensors in tests/test_kernels.py.
+# titan_mem, so the Triton lookup kernels run on CPU tensors in tests/integration/test_kernels.py.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -34,6 +34,23 @@ TINY = [
     "--metrics.log_freq=1",
     "--job.deterministic=true",
 ]
+
+
+def tiny_transformer(vocab_size: int, *, n_heads: int = 2, max_seq_len: int = 64):
+    """A two-block model with a memory layer at block 1 (8x8 slots), seeded, built in-process in
+    milliseconds: for tests of what a model computes, not of how a run trains it."""
+    from titan_mem.models.args import MemoryArgs, ModelArgs
+    from titan_mem.models.transformer import Transformer
+
+    args = ModelArgs(
+        dim=32, n_layers=2, n_heads=n_heads, n_kv_heads=2, ffn_hidden_dim=64, vocab_size=vocab_size,
+        max_seq_len=max_seq_len, memory=MemoryArgs(layers=[1], n_keys=8, heads=2, topk=2, k_dim=8, v_dim=32),
+    )  # fmt: skip
+    args.validate()
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    return model
 
 
 def sparse_finetune_args(base: Path, run: Path, *extra: str) -> list[str]:

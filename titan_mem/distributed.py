@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from titan_mem.config import ConfigError
+from titan_mem.errors import ConfigError
 
 
 @dataclass

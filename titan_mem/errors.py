@@ -1,8 +1,9 @@
-"""Errors about files: one line naming the path and what is wrong (the CLIs print it as `error: ...`),
-and the one rule for what a CLI prints when it fails (`is_user_error`, `report_unexpected`).
+"""The project's errors and the one rule for what a command prints when it fails.
 
-Here, not in `checkpoint/`, because writers everywhere (counts, checkpoints, conversions) use them and
-must not import the checkpoint package (it imports the config, which imports them)."""
+`UserError` is bad input the user can fix (a config key, a file, a checkpoint, a hub name, a study file):
+a command prints its message as one `error: ...` line and exits 2. Every other exception is ours to fix
+and keeps its traceback (`report_unexpected`). The lowest layer (docs/architecture.md): every package
+raises these, so this module imports nothing from titan_mem."""
 
 from __future__ import annotations
 
@@ -18,12 +19,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-class CheckpointError(RuntimeError):
+class UserError(Exception):
+    """Bad input the user can fix; `str()` is one line naming the file, key or value at fault."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; its message is one line naming the key.
+
+    Also a ValueError: value checks deep in a section (`validate()`) raise ValueError and the loader
+    re-raises them as ConfigError naming the key."""
+
+
+class DataError(UserError, ValueError):
+    """A data, tokenizer or results file (or a record in one) that cannot be used; one line naming it."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (a data source, tokenizer, records file) does not exist."""
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the path and the problem."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); nothing is saved for the failing step."""
+
+
+class HubError(UserError, ValueError):
+    """A hub name that cannot be fetched; one line with the hub's own reason."""
 
 
 class ConvertError(CheckpointError):
@@ -121,35 +145,14 @@ _PATH_ERRNOS = {
     errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
     errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.ELOOP, *_NO_SPACE,
 }  # fmt: skip
-_PACKAGE = Path(__file__).resolve().parent
-_OUR_CODE = (str(_PACKAGE) + os.sep, str(_PACKAGE.parent / "tools") + os.sep)  # titan_mem/ and tools/
 
 
-def _raised_by_us(e: BaseException) -> bool:
-    """The innermost frame of `e`'s traceback is titan_mem's or a tool's: we raised it (or a builtin we
-    called did), not torch, triton or another library underneath."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OUR_CODE)
-
-
-def is_user_error(e: BaseException, classes: tuple[type[BaseException], ...] = ()) -> bool:
-    """Whether a command prints `e` as one `error:` line (exit 2) rather than keeping its traceback.
-
-    User errors: an instance of `classes` (the project's own error classes, e.g. ConfigError,
-    CheckpointError); an OSError refusing a path or out of space (ENOENT, EACCES, EROFS, ENOSPC, ...:
-    its message names the path, wherever it was raised); a ValueError, OSError or missing module
-    (ModuleNotFoundError) raised in titan_mem's or tools/' own code, which is how it reports bad input.
-    Anything else, including a ValueError or OSError raised inside torch, triton or NCCL, is unexpected.
-    """
-    if isinstance(e, classes):
-        return True
-    if isinstance(e, OSError) and e.errno in _PATH_ERRNOS:
-        return True
-    return isinstance(e, (ValueError, OSError, ModuleNotFoundError)) and _raised_by_us(e)
+def is_user_error(e: BaseException) -> bool:
+    """Whether a command prints `e` as one `error:` line (exit 2) rather than keeping its traceback: a
+    `UserError`, or an OSError refusing a path or out of space (ENOENT, EACCES, EROFS, ENOSPC, ...: its
+    message names the path, wherever it was raised). Anything else, a ValueError of ours included, is a
+    bug to fix and keeps its traceback."""
+    return isinstance(e, UserError) or (isinstance(e, OSError) and e.errno in _PATH_ERRNOS)
 
 
 def report_unexpected(e: BaseException, dump_folder: str | os.PathLike | None) -> None:

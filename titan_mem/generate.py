@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from titan_mem.config import ConfigError
+from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
+from titan_mem.errors import ConfigError
 from titan_mem.eval.runner import load_eval_model, write_jsonl
-from titan_mem.train import run_cli
 
 
 def read_prompts(path: Path) -> list[str]:

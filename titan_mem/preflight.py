@@ -14,11 +14,11 @@ from pathlib import Path
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import CheckpointError, check_resume_world_size, resume_path, step_dirs
 from titan_mem.checkpoint.dcp_index import check_data_files, read_train_state
-from titan_mem.config import Config, ConfigError
+from titan_mem.config import Config
 from titan_mem.data.sources import build_source
 from titan_mem.data.streams import choose_layout
-from titan_mem.modes import TrainingMode, build_mode
-from titan_mem.modes.build import sparse_counts_path
+from titan_mem.errors import ConfigError
+from titan_mem.modes import TrainingMode, build_mode, sparse_counts_path
 
 
 def resume_checkpoint_exists(cfg: Config) -> bool:

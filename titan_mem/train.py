@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import torch
 
 from titan_mem import config as config_mod
 from titan_mem.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     RankState,
     SchedulerState,
@@ -24,12 +22,13 @@ from titan_mem.checkpoint import (
     set_rng_state,
 )
 from titan_mem.checkpoint.content import is_sparse_checkpoint, load_model_weights
+from titan_mem.cli import run_cli
 from titan_mem.components.lr import build_lr_scheduler
 from titan_mem.components.metrics import MetricsLogger, drop_records_after, peak_flops, peak_memory_gib
 from titan_mem.components.model import build_model
 from titan_mem.components.optim import clip_grad_norm_
-from titan_mem.components.run_control import FolderLockedError, RunLock, StopSignals, die_with_launcher
-from titan_mem.config import Config, ConfigError
+from titan_mem.components.run_control import RunLock, StopSignals, die_with_launcher
+from titan_mem.config import Config
 from titan_mem.data import build_dataloader, build_tokenizer
 from titan_mem.data.hf_source import resolve_hf_files
 from titan_mem.data.sources import build_source
@@ -41,9 +40,8 @@ from titan_mem.distributed import (
     broadcast_json,
     exit_process,
     init_distributed,
-    shutdown,
 )
-from titan_mem.errors import UNEXPECTED_EXIT, TrainingError, is_user_error, report_unexpected
+from titan_mem.errors import TrainingError
 from titan_mem.eval.in_loop import build_in_loop_evaluator
 from titan_mem.hf.retrofit import load_base_weights, model_args_for, resolve_base
 from titan_mem.models.stats import estimate_memory_gib, flops_per_token, param_counts
@@ -84,7 +82,7 @@ class Trainer:
         source = build_source(cfg.data) if cfg.data.regime == "pretrain" else None
         resolve_hf_files(source, self.rank0, broadcast_json)
         self.model, self.model_args = build_model(
-            cfg, self.dist, self.tokenizer, self.mode.converters, self.mode.policy.fsdp_ignored
+            cfg, self.dist, self.tokenizer, self.mode.converters, self.mode.fsdp_ignored
         )
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.folder,
@@ -123,7 +121,7 @@ class Trainer:
             self._log(
                 f"loaded {n} tensors of {folder}; memory layers {layers} ({cfg.retrofit.mode}) start fresh"
             )
-        trainable = self.mode.policy.apply(self.model)
+        trainable = self.mode.prepare(self.model)
         # How each value table's gradient is summed, clipped and stepped (the table in parallel/value_grads)
         self.value_grads = value_table_grads(self.model.value_tables())
         self.optimizer = self.mode.build_optimizer(self.model, trainable, self.value_grads)
@@ -390,29 +388,6 @@ def main(argv: list[str] | None = None) -> int:
             Trainer(cfg).train()
 
     return run_cli(run, lambda: dump_folder[0] if dump_folder else None)
-
-
-# The project's own errors; errors.is_user_error adds the ValueErrors/OSErrors our code raises for bad input
-# and the OSErrors refusing a user's path (a full disk, a missing file: the message names the path).
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, FolderLockedError)
-
-
-def run_cli(fn: Callable[[], object], dump_folder: Callable[[], str | None] = lambda: None) -> int:
-    """Run a command (every CLI does, through this): a user error becomes one `error: ...` line and exit
-    code 2; an unexpected one also one line and exit code 1, its traceback in `dump_folder()`/error.log
-    (stderr when that is None or unwritable; both with TITAN_MEM_TRACEBACK=1), see errors.report_unexpected.
-    """
-    try:
-        fn()
-        return 0
-    except Exception as e:
-        if is_user_error(e, USER_ERRORS):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
-        report_unexpected(e, dump_folder())
-        return UNEXPECTED_EXIT
-    finally:
-        shutdown()
 
 
 if __name__ == "__main__":

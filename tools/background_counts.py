@@ -10,7 +10,7 @@ finetuning batch's shape: `--finetune-config` takes it from that config (trainin
 training.seq_len) together with the default checkpoint (its checkpoint.initial_load_path) and output
 (<checkpoint>/background_counts.safetensors, where sparse finetuning looks); `--batch-size/--seq-len` give it
 explicitly. Pretraining-sized batches saturate idf at 0 and are not a default (README, "Sparse memory
-finetuning"). The counting itself is `titan_mem.sparse.background.count_background`.
+finetuning"). The counting itself is `titan_mem.background_counts.count_background`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from titan_mem import config as config_mod
-from titan_mem.config import ConfigError
+from titan_mem.background_counts import count_background, default_checkpoint
+from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
-from titan_mem.sparse.background import DEFAULT_NAME, count_background, default_checkpoint
-from titan_mem.train import run_cli
+from titan_mem.errors import ConfigError
+from titan_mem.sparse.counts import COUNTS_FILE
 
 NO_SHAPE = (
     "background batch shape: pass --finetune-config FINETUNE.toml (or --batch-size B --seq-len L); counts "
@@ -43,7 +44,7 @@ def run(argv: list[str]) -> Path:
     parser.add_argument("--seq-len", type=int, help="tokens per background sequence (with --batch-size)")
     parser.add_argument("--checkpoint", help="checkpoint step folder to load the model from")
     parser.add_argument("--batches", type=int, default=1000, help="N background batches (paper: 1000)")
-    parser.add_argument("--out", help=f"output file (default <checkpoint>/{DEFAULT_NAME})")
+    parser.add_argument("--out", help=f"output file (default <checkpoint>/{COUNTS_FILE})")
     args, overrides = parser.parse_known_args(argv)
     explicit = (args.batch_size, args.seq_len)
     if args.finetune_config and any(v is not None for v in explicit):

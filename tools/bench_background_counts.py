@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from titan_mem.background_counts import count_background
 from titan_mem.components.bench import machine_info, write_report
 from titan_mem.config import parse_args
 from titan_mem.models.transformer import Transformer
-from titan_mem.sparse.background import count_background
 from titan_mem.sparse.counts import load_background_counts
 
 EARLY_STOP = Transformer.memory_slots

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from titan_mem import config as config_mod
+from titan_mem.background_counts import idf_stats, selected_idf_zero
+from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
-from titan_mem.sparse.background import idf_stats, selected_idf_zero
 from titan_mem.sparse.counts import load_background_counts
-from titan_mem.train import run_cli
 
 
 def finetune(ft_config: str, counts: Path, run: Path, steps: int, extra: list[str]) -> None:

@@ -27,7 +27,7 @@ from titan_mem.checkpoint.dcp_index import single_process
 from titan_mem.checkpoint.patches import Lineage, sha256, spec, write_patch
 from titan_mem.components.bench import machine_info, write_report
 from titan_mem.parallel.value_grads import value_table_grads
-from titan_mem.sparse.optimizer import RowSparseOptimizer
+from titan_mem.sparse.update import RowSparseOptimizer
 
 TABLE = "layers.12.feed_forward.values.weight"
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run(sys.argv[1:] if argv is None else argv), flush=True)
         return 0
     except Exception as e:
-        if not is_user_error(e, (CheckpointError,)):
+        if not is_user_error(e):
             report_unexpected(e, None)  # no run folder: the traceback goes to stderr
             return UNEXPECTED_EXIT
         if isinstance(e, OSError) and e.strerror:  # disk full, permissions: nothing half-written stays

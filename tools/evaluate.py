@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
 from titan_mem.eval.runner import evaluate_checkpoint
 from titan_mem.eval.tasks import parse_task_list
-from titan_mem.train import run_cli
 
 
 def run(argv: list[str]) -> None:

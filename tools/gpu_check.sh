@@ -3,7 +3,7 @@
 #
 #   tools/gpu_check.sh                      # on the GPU machine, repo root; results in $OUT (default
 #                                           # outputs/gpu_check): summary.jsonl, gpu_check.log, <= 8 files
-#   GPU_CHECK_DRY=1 tools/gpu_check.sh      # the same steps on CPU at toy sizes (tests/test_gpu_check.py)
+#   GPU_CHECK_DRY=1 tools/gpu_check.sh      # the same steps on CPU at toy sizes (tests/integration/test_gpu_check.py)
 #
 # Step 0 (here): install the wheels the GPU image lacks from the carried, git-ignored .whl/ folder that
 # tools/gpu_wheels.sh fills on a machine with PyPI, into $GPU_CHECK_TMP/site (nothing installed system-wide),

@@ -1,4 +1,4 @@
-"""Pin llama.cpp's token ids for a GGUF file's tokenizer, for tests/test_real_model.py.
+"""Pin llama.cpp's token ids for a GGUF file's tokenizer, for tests/integration/test_real_model.py.
 
     LLAMA_VENV/bin/python tools/pin_llamacpp_tokens.py MODEL.gguf tests/data/smollm2_llamacpp_tokens.json
 

@@ -1,6 +1,6 @@
 """Train a few steps on a fixed global batch split over however many ranks torchrun gives; print losses.
 
-Invariant 2 of DESIGN.md: FSDP2 on N ranks = 1 rank with the same global batch. Each rank takes its slice
+Invariant 2 of docs/design.md: FSDP2 on N ranks = 1 rank with the same global batch. Each rank takes its slice
 of the same global batch (rank r: sequences [r*B/W, (r+1)*B/W)), so only the sharding differs. The batch
 is uneven across ranks and micro-batches (see `fixed_global_batch`), so a loss normalised per rank or per
 micro-batch instead of by the global token count fails the comparison.

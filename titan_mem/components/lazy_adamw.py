@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from titan_mem.sparse.row_optim import adamw_rows
+from titan_mem.sparse.update import adamw_rows
 
 
 class LazyRowAdamW(torch.optim.AdamW):

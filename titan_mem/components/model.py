@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from titan_mem.config import Config, ConfigError
+from titan_mem.config import Config
 from titan_mem.distributed import DistInfo
+from titan_mem.errors import ConfigError
 from titan_mem.hf.retrofit import model_args_for
 from titan_mem.models.args import ModelArgs
 from titan_mem.models.transformer import Transformer

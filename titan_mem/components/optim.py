@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from titan_mem.components.lazy_adamw import LazyRowAdamW
 from titan_mem.parallel.value_grads import ValueTableGrad
+from titan_mem.sparse.update import value_row_lr
 
 
 def param_groups(model: nn.Module, cfg, params: list[nn.Parameter] | None = None) -> list[dict]:
@@ -33,7 +34,7 @@ def param_groups(model: nn.Module, cfg, params: list[nn.Parameter] | None = None
         {
             "params": values,
             "weight_decay": cfg.memory_weight_decay,
-            "lr": cfg.lr if cfg.memory_lr is None else cfg.memory_lr,
+            "lr": value_row_lr(cfg),
             "name": "memory_values",
         },
     ]

@@ -21,12 +21,13 @@ from types import FrameType
 import torch
 
 from titan_mem.distributed import all_reduce_sum
+from titan_mem.errors import UserError
 
 LOCK_FILE = ".run.lock"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(UserError, RuntimeError):
     """Another live run holds the dump folder; the message is one line naming it and the holder."""
 
 

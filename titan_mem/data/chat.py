@@ -1,9 +1,10 @@
 """Instruction data (`data.regime = "chat"`): conversations, with loss on the assistant's tokens only.
 
 Goyal et al. 2026 (sec. 3.3, stage 2) heal a retrofitted model on OpenAssistant conversations; the retrofit
-peers found the answer-only loss to matter (DESIGN.md). A record is OASST-style: `{"messages": [{"role":
-"system" | "user" | "assistant", "content": str}, ...]}` (a local JSONL file or a hub dataset with that
-column), or OpenAssistant's own message-tree rows (`OpenAssistant/oasst1`: `oasst_threads`). An HF
+peers found the answer-only loss to matter (docs/design.md, "Retrofit peers' lessons"). A record is
+OASST-style: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}` (a local JSONL
+file or a hub dataset with that column), or OpenAssistant's own message-tree rows (`OpenAssistant/oasst1`:
+`oasst_threads`). An HF
 tokenizer with a chat template renders the conversation as the model was tuned to read it; each assistant
 turn's text after the template's generation prompt (its content and end-of-turn markup) is the target.
 Other tokenizers use `User: ...` / `Assistant: ...` lines, each answer ending with EOS.
@@ -17,6 +18,7 @@ from typing import Any
 from titan_mem.data.config import DataConfig
 from titan_mem.data.packing import Row
 from titan_mem.data.record_files import load_records
+from titan_mem.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 _PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -27,12 +29,12 @@ def conversation(record: Any, where: str) -> list[dict[str, str]]:
     follows another message."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a 'messages' list of {{role, content}} (OASST-style)")
+        raise DataError(f"{where}: expected a 'messages' list of {{role, content}} (OASST-style)")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content")
+            raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content")
     if messages[0]["role"] == "assistant" or not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: needs an assistant turn after a user or system message")
+        raise DataError(f"{where}: needs an assistant turn after a user or system message")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -50,7 +52,7 @@ def _template_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[t
         pieces.append((full, m["role"] == "assistant"))
         for text, target in pieces:
             if not text.startswith(done):
-                raise ValueError(
+                raise DataError(
                     f"{tokenizer.name}: the chat template renders turn {i} apart from the turns before it "
                     "(not a prefix), so the answer tokens cannot be located"
                 )
@@ -119,9 +121,7 @@ def oasst_threads(messages: Sequence[dict[str, Any]], where: str) -> list[list[d
             "prompter",
             "assistant",
         ):
-            raise ValueError(
-                f"{where}: row {i + 1}: not an OASST message (message_id, parent_id, role, text)"
-            )
+            raise DataError(f"{where}: row {i + 1}: not an OASST message (message_id, parent_id, role, text)")
         by_id[m["message_id"]] = m
     out = []
     for m in messages:

@@ -8,35 +8,27 @@ typo fails before any data is read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-REGIMES = ("pretrain", "facts", "qa", "chat", "documents")
-FACT_PARAPHRASES = ("file", "templates")
-SOURCE_TYPES = ("auto", "synthetic", "local", "hf")
+from titan_mem.config_fields import check_choices
+from titan_mem.errors import ConfigError
+
+Regime = Literal["pretrain", "facts", "qa", "chat", "documents"]  # data.regime
+REGIMES: tuple[str, ...] = get_args(Regime)
+FactParaphrases = Literal["file", "templates"]  # data.fact_paraphrases
+SourceType = Literal["auto", "synthetic", "local", "hf"]  # data.source_type
 # The synthetic world's populations (data.synthetic.SyntheticWorld.people says what each holds).
-SYNTHETIC_POPULATIONS = (
-    "known",
-    "known_qa",
-    "known_bio",
-    "known_val",
-    "known_test",
-    "new",
-    "new_taught",
-    "new_untaught",
-    "all",
-)
-POPULATIONS = ("auto", *SYNTHETIC_POPULATIONS)
-TEXT_SPLITS = ("file", "line", "paragraph")
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        expected = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{key}: expected one of {expected}, got {value!r}")
+SyntheticPopulation = Literal[
+    "known", "known_qa", "known_bio", "known_val", "known_test", "new", "new_taught", "new_untaught", "all"
+]
+SYNTHETIC_POPULATIONS: tuple[str, ...] = get_args(SyntheticPopulation)
+Population = Literal["auto", SyntheticPopulation]  # data.synthetic_population
+TextSplit = Literal["file", "line", "paragraph"]  # data.text_split
 
 
 def _at_least(key: str, value: float, low: float) -> None:
     if value < low:
-        raise ValueError(f"{key}: expected a value >= {low}, got {value!r}")
+        raise ConfigError(f"{key}: expected a value >= {low}, got {value!r}")
 
 
 @dataclass
@@ -71,14 +63,14 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         if not self.name:
-            raise ValueError("tokenizer.name: expected 'debug', 'cl100k_base' or a file path, got ''")
+            raise ConfigError("tokenizer.name: expected 'debug', 'cl100k_base' or a file path, got ''")
         if not self.pattern:
-            raise ValueError("tokenizer.pattern: expected 'cl100k', 'llama3' or a regex, got ''")
+            raise ConfigError("tokenizer.pattern: expected 'cl100k', 'llama3' or a regex, got ''")
         _at_least("tokenizer.num_threads", self.num_threads, 1)
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):
-            raise ValueError(f"tokenizer.sha256: expected 64 hex digits, got {self.sha256!r}")
+            raise ConfigError(f"tokenizer.sha256: expected 64 hex digits, got {self.sha256!r}")
 
 
 @dataclass
@@ -90,14 +82,14 @@ class DataConfig:
             "glob (.jsonl, .json, .json.gz, .jsonl.zst, .parquet, .txt)"
         },
     )
-    source_type: str = field(
+    source_type: SourceType = field(
         default="auto",
         metadata={
             "help": "how to read `source`: auto (synthetic, else an existing path or glob is local, else "
             "a HF hub name) | synthetic | local | hf (e.g. source='json' with hf_data_files)"
         },
     )
-    regime: str = field(
+    regime: Regime = field(
         default="pretrain",
         metadata={
             "help": "pretrain (packed EOS-separated documents) | facts (one fact's paraphrases per batch) | "
@@ -108,7 +100,7 @@ class DataConfig:
     text_field: str = field(
         default="text", metadata={"help": "field holding the text in JSON / parquet / HF"}
     )
-    text_split: str = field(
+    text_split: TextSplit = field(
         default="file",
         metadata={
             "help": "how a plain-text file splits into documents: file | line | paragraph (blank line)"
@@ -170,7 +162,7 @@ class DataConfig:
             "(TriviaQA, SmolLM2 tokenizer, 16 x 64: 56 % padding -> 7 % at N=64, m=4; docs/benchmarks.md)"
         },
     )
-    fact_paraphrases: str = field(
+    fact_paraphrases: FactParaphrases = field(
         default="file",
         metadata={
             "help": "facts regime on a non-synthetic source: file (records {fact_id, paraphrases}) | "
@@ -190,7 +182,7 @@ class DataConfig:
         default=100,
         metadata={"help": "people held back from pretraining, to be learned by finetuning"},
     )
-    synthetic_population: str = field(
+    synthetic_population: Population = field(
         default="auto",
         metadata={
             "help": "auto (pretrain: known, finetune regimes: new) | " + " | ".join(SYNTHETIC_POPULATIONS)
@@ -248,30 +240,26 @@ class DataConfig:
     )
 
     def validate(self) -> None:
+        check_choices(self, "data")
         if not self.source:
-            raise ValueError("data.source: expected 'synthetic', a HF name or a path, got ''")
-        _one_of("data.source_type", self.source_type, SOURCE_TYPES)
-        _one_of("data.regime", self.regime, REGIMES)
-        _one_of("data.text_split", self.text_split, TEXT_SPLITS)
-        _one_of("data.fact_paraphrases", self.fact_paraphrases, FACT_PARAPHRASES)
+            raise ConfigError("data.source: expected 'synthetic', a HF name or a path, got ''")
         _at_least("data.max_examples", self.max_examples, 0)
         _at_least("data.pad_multiple", self.pad_multiple, 0)
         _at_least("data.bucket_batches", self.bucket_batches, 0)
         if self.bucket_batches and self.regime not in ("qa", "chat"):
-            raise ValueError(
+            raise ConfigError(
                 f"data.bucket_batches: only the qa and chat regimes bucket rows by length; regime is "
                 f"{self.regime!r} (set data.bucket_batches=0)"
             )
         if self.bucket_batches and not self.pad_multiple:
-            raise ValueError(
+            raise ConfigError(
                 "data.bucket_batches: needs data.pad_multiple > 0 (buckets save padding only when a batch is "
                 "padded to its longest row)"
             )
-        _one_of("data.synthetic_population", self.synthetic_population, POPULATIONS)
         if not self.text_field:
-            raise ValueError("data.text_field: expected a field name, got ''")
+            raise ConfigError("data.text_field: expected a field name, got ''")
         if not self.split:
-            raise ValueError("data.split: expected a split name, got ''")
+            raise ConfigError("data.split: expected a split name, got ''")
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
         _at_least("data.num_workers", self.num_workers, -1)
         _at_least("data.streams", self.streams, 0)
@@ -282,12 +270,12 @@ class DataConfig:
         _at_least("data.synthetic_taught_people", self.synthetic_taught_people, 0)
         _at_least("data.synthetic_qa_people", self.synthetic_qa_people, 0)
         if self.synthetic_qa_people > self.synthetic_known_people:
-            raise ValueError(
+            raise ConfigError(
                 f"data.synthetic_qa_people: {self.synthetic_qa_people} exceeds "
                 f"data.synthetic_known_people {self.synthetic_known_people}"
             )
         if self.synthetic_taught_people > self.synthetic_new_people:
-            raise ValueError(
+            raise ConfigError(
                 f"data.synthetic_taught_people: {self.synthetic_taught_people} exceeds "
                 f"data.synthetic_new_people {self.synthetic_new_people}"
             )
@@ -295,9 +283,9 @@ class DataConfig:
         for key in ("synthetic_generic_fraction", "synthetic_qa_fraction"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{key}: expected a fraction in [0, 1], got {value!r}")
+                raise ConfigError(f"data.{key}: expected a fraction in [0, 1], got {value!r}")
         if self.synthetic_generic_fraction + self.synthetic_qa_fraction > 1.0:
-            raise ValueError(
+            raise ConfigError(
                 "data.synthetic_qa_fraction: synthetic_generic_fraction + synthetic_qa_fraction must be "
                 "<= 1, "
                 f"got {self.synthetic_generic_fraction} + {self.synthetic_qa_fraction}"
@@ -310,9 +298,9 @@ class DataConfig:
                 and self.synthetic_known_people + (self.synthetic_new_people if population == "all" else 0)
                 < 1
             ):
-                raise ValueError("data.synthetic_known_people: the known population is empty")
+                raise ConfigError("data.synthetic_known_people: the known population is empty")
             if population == "new" and self.synthetic_new_people < 1:
-                raise ValueError("data.synthetic_new_people: the new population is empty")
+                raise ConfigError("data.synthetic_new_people: the new population is empty")
 
     def world_seed(self) -> int:
         """The synthetic world's seed: `synthetic_seed`, else `seed`."""

@@ -13,6 +13,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_mem.data.streams import check_fingerprint
+from titan_mem.errors import DataError
 
 STATE_VERSION = 1
 
@@ -59,21 +60,21 @@ class DataLoader(StatefulDataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "loader" not in state_dict:
-            raise ValueError("data loader state: not a titan_mem data loader state (no 'loader' entry)")
+            raise DataError("data loader state: not a titan_mem data loader state (no 'loader' entry)")
         saved = state_dict.get("dp_world_size")
         if saved != self.dp_world_size:
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved with dp_world_size={saved} but this run has "
                 f"dp_world_size={self.dp_world_size}; resuming under a different data-parallel degree is "
                 "not supported (the per-rank streams would change)"
             )
         if state_dict.get("dp_rank") != self.dp_rank:
-            raise ValueError(
+            raise DataError(
                 f"data loader state belongs to dp_rank={state_dict.get('dp_rank')} but this loader is "
                 f"dp_rank={self.dp_rank}"
             )
         if state_dict.get("num_workers") != self.num_workers:
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved with data.num_workers={state_dict.get('num_workers')} "
                 f"but this run has data.num_workers={self.num_workers}; keep the worker count when resuming"
             )

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from titan_mem.data.documents import BadDoc, assign_files, check_text, epoch_file_order
+from titan_mem.errors import ConfigError, DataError
 
 
 class HFSource:
@@ -55,7 +56,7 @@ class HFSource:
         files = (builder.config.data_files or {}).get(self.split)
         if files is None and builder.config.data_files:
             splits = ", ".join(sorted(builder.config.data_files))
-            raise ValueError(f"data.split: {self.description} has no split {self.split!r} (it has {splits})")
+            raise ConfigError(f"data.split: {self.description} has no split {self.split!r} (it has {splits})")
         return {"builder": builder.name, "files": [str(f) for f in files or []]}
 
     def _load(self, builder: str | None, files: list[str] | None):
@@ -131,5 +132,5 @@ def resolve_hf_files(source: Any, is_rank0: bool, share: Any) -> None:
             result = {"error": str(e)}
     result = share(result)
     if "error" in result:
-        raise ValueError(result["error"])
+        raise DataError(result["error"])
     source.resolved = result["ok"]

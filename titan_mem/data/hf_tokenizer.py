@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.data.special_ids import SpecialIds
+from titan_mem.errors import ConfigError, DataError, MissingFileError
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -34,18 +35,19 @@ def hf_tokenizer_folder(name: str) -> Path | None:
     """The folder of an HF tokenizer that `tokenizer.name` names (a `tokenizer.json`, a folder, which must
     hold one, or `hf:org/name` on the hub); None when `name` is not one (a tiktoken name or file)."""
     if name.startswith(HUB_PREFIX):
-        from titan_mem.hf.hub import HubError, snapshot
+        from titan_mem.data.hub import snapshot
+        from titan_mem.errors import HubError
 
         try:
             return snapshot(name[len(HUB_PREFIX) :], TOKENIZER_FILES)
         except HubError as e:
-            raise ValueError(f"tokenizer.name: {e}") from None
+            raise ConfigError(f"tokenizer.name: {e}") from None
     path = Path(name).expanduser()
     if path.name == TOKENIZER_JSON:
         return path.parent
     if path.is_dir():
         if not (path / TOKENIZER_JSON).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"tokenizer file not found: {path / TOKENIZER_JSON} (tokenizer.name is a folder)"
             )
         return path
@@ -66,14 +68,14 @@ class HFTokenizer(SpecialIds):
         try:
             from tokenizers import Tokenizer as Backend
         except ImportError:
-            raise ValueError(f"tokenizer.name: {folder} is an HF tokenizer; the hf extra reads it") from None
+            raise ConfigError(f"tokenizer.name: {folder} is an HF tokenizer; the hf extra reads it") from None
         path = Path(folder) / TOKENIZER_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingFileError(f"tokenizer file not found: {path}")
         try:
             self.backend = Backend.from_file(str(path))
         except Exception as e:  # the Rust core's parse error, as one line
-            raise ValueError(f"{path}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
+            raise DataError(f"{path}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
         self.backend.encode_special_tokens = True  # special-token text in a document stays text
         config_path = Path(folder) / TOKENIZER_CONFIG
         config: dict[str, Any] = {}
@@ -81,7 +83,7 @@ class HFTokenizer(SpecialIds):
             try:
                 config = json.loads(config_path.read_text())
             except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+                raise DataError(f"{config_path}: not valid JSON ({e})") from None
         self.name = str(folder)
         self.num_threads = num_threads
         vocab = self.backend.get_vocab(with_added_tokens=True)
@@ -90,7 +92,7 @@ class HFTokenizer(SpecialIds):
             (t for t in ("<|endoftext|>", "</s>", "<|end_of_text|>") if t in vocab), None
         )
         if eos is None or eos not in vocab:
-            raise ValueError(f"{config_path}: eos_token {eos!r} is not a token of {path}")
+            raise DataError(f"{config_path}: eos_token {eos!r} is not a token of {path}")
         self._eos_id = vocab[eos]
         bos, pad = _token_text(config.get("bos_token")), _token_text(config.get("pad_token"))
         self._bos_id = vocab.get(bos, self._eos_id) if bos else self._eos_id
@@ -128,7 +130,7 @@ class HFTokenizer(SpecialIds):
         """The conversation rendered by the model's chat template (as `transformers`' apply_chat_template
         with tokenize=False renders it)."""
         if self.chat_template is None:
-            raise ValueError(f"{self.name}: no chat template ({CHAT_TEMPLATE} or {TOKENIZER_CONFIG})")
+            raise DataError(f"{self.name}: no chat template ({CHAT_TEMPLATE} or {TOKENIZER_CONFIG})")
         return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )

@@ -36,6 +36,7 @@ from titan_mem.data.record_files import load_records, read_records
 from titan_mem.data.records import FactExample, GSM8KExample, MultipleChoiceExample, QAExample
 from titan_mem.data.sources import build_source
 from titan_mem.data.tokenizer import Tokenizer
+from titan_mem.errors import ConfigError, DataError
 
 logger = logging.getLogger("titan_mem.data")
 
@@ -74,7 +75,7 @@ class StepDataset(IterableDataset):
         description: str,
     ) -> None:
         if steps_per_epoch < 1:
-            raise ValueError(f"{description}: no examples (empty finetuning set)")
+            raise DataError(f"{description}: no examples (empty finetuning set)")
         self.step_rows, self.steps_per_epoch = step_rows, steps_per_epoch
         self.micro, self.accum = micro_batch_size, accum
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
@@ -88,7 +89,7 @@ class StepDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "yielded" not in state:
-            raise ValueError("finetuning data state is missing 'yielded' (not a StepDataset state)")
+            raise DataError("finetuning data state is missing 'yielded' (not a StepDataset state)")
         self._yielded = int(state["yielded"])
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -133,7 +134,7 @@ def fact_rows(facts: Sequence[FactExample], tokenizer: Tokenizer) -> list[list[R
     out = []
     for fact in facts:
         if not fact.paraphrases:
-            raise ValueError(f"fact {fact.fact_id!r} has no paraphrases")
+            raise DataError(f"fact {fact.fact_id!r} has no paraphrases")
         ids = tokenizer.encode_batch(fact.paraphrases)
         out.append([make_row([], x, tokenizer.prefix_ids(), tokenizer.eos_id) for x in ids])
     return out
@@ -239,9 +240,9 @@ def build_finetune_dataset(
         rows = document_rows(texts, tokenizer, seq_len)
         shuffle = False  # documents are streamed in order
     else:
-        raise ValueError(f"data.regime: expected facts, qa, chat or documents here, got {cfg.regime!r}")
+        raise ConfigError(f"data.regime: expected facts, qa, chat or documents here, got {cfg.regime!r}")
     if not rows:
-        raise ValueError(f"data.source {cfg.source}: no {cfg.regime} examples")
+        raise ConfigError(f"data.source {cfg.source}: no {cfg.regime} examples")
     opt_steps_per_epoch = -(-len(rows) // global_batch_size)
     order = _EpochOrder(len(rows), cfg.seed, shuffle)
     if cfg.bucket_batches:
@@ -306,7 +307,7 @@ def read_documents(cfg: DataConfig) -> list[str]:
         else:
             texts.append(doc)
     if not texts:
-        raise ValueError(
+        raise ConfigError(
             f"data.source {cfg.source}: no usable documents (bad documents skipped: {stats.bad})"
         )
     return texts
@@ -340,14 +341,14 @@ def qa_from_record(r: dict[str, Any], index: int = 0) -> QAExample:
     elif "context" in r:  # "Question: ...\nAnswer:"
         question = r["context"].strip().removeprefix("Question:").removesuffix("Answer:").strip()
     else:
-        raise ValueError(f"record {index}: no question field (expected question, problem or context)")
+        raise DataError(f"record {index}: no question field (expected question, problem or context)")
     answers: list[Any] = []
     for key in ("answer", "answers", "true_answer"):
         answers += _answer_list(r.get(key))
     answers += _answer_list(r.get("aliases"))
     answers = _dedupe(answers)
     if not answers:
-        raise ValueError(f"record {index}: no answer field (expected answer, answers or true_answer)")
+        raise DataError(f"record {index}: no answer field (expected answer, answers or true_answer)")
     rid = r.get("question_id") or r.get("id") or str(index)
     return QAExample(question=str(question).strip(), answers=answers, id=str(rid))
 
@@ -398,7 +399,7 @@ def load_gsm8k(
         if limit is not None and i >= limit:
             break
         if "question" not in r or "answer" not in r:
-            raise ValueError(f"{source} record {i}: expected GSM8K fields question, answer")
+            raise DataError(f"{source} record {i}: expected GSM8K fields question, answer")
         out.append(GSM8KExample(question=r["question"], answer=r["answer"], id=str(i)))
     return out
 
@@ -424,7 +425,7 @@ def load_hellaswag(
             endings = [_hellaswag_clean(e) for e in r["endings"]]
             ex = MultipleChoiceExample(_hellaswag_clean(context), endings, gold, id=str(r.get("ind", i)))
         else:
-            raise ValueError(
+            raise DataError(
                 f"{source} record {i}: expected HellaSwag fields query/choices/gold or ctx/endings/label"
             )
         out.append(ex)
@@ -453,7 +454,7 @@ def load_lambada(
             context, _, word = str(r["text"]).rpartition(" ")
             out.append((context, word))
         else:
-            raise ValueError(f"{source} record {i}: expected LAMBADA fields context/continuation or text")
+            raise DataError(f"{source} record {i}: expected LAMBADA fields context/continuation or text")
     return out
 
 
@@ -467,7 +468,7 @@ def load_facts(source: str) -> list[FactExample]:
             or not paraphrases
             or not all(isinstance(p, str) for p in paraphrases)
         ):
-            raise ValueError(f"{source} record {i}: expected 'paraphrases' to be a non-empty list of strings")
+            raise DataError(f"{source} record {i}: expected 'paraphrases' to be a non-empty list of strings")
         out.append(
             FactExample(
                 fact_id=str(r.get("fact_id", i)),
@@ -477,5 +478,5 @@ def load_facts(source: str) -> list[FactExample]:
             )
         )
     if not out:
-        raise ValueError(f"{source}: no facts")
+        raise DataError(f"{source}: no facts")
     return out

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from titan_mem.errors import DataError, MissingFileError
+
 
 def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
@@ -20,7 +22,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a local .jsonl / .json / .csv / .parquet file (optionally .gz), as dicts."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingFileError(f"no such file: {path}")
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -40,9 +42,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     out.append(json.loads(line))
                 except ValueError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON line ({e})") from None
+                    raise DataError(f"{path}:{i}: invalid JSON line ({e})") from None
         return out
-    raise ValueError(f"unsupported file type {path} (expected .jsonl, .json, .csv or .parquet)")
+    raise DataError(f"unsupported file type {path} (expected .jsonl, .json, .csv or .parquet)")
 
 
 def load_records(source: str, *, config: str | None, split: str) -> Iterable[dict[str, Any]]:
@@ -56,12 +58,12 @@ def load_records(source: str, *, config: str | None, split: str) -> Iterable[dic
         ".parquet",
         ".gz",
     ):
-        raise FileNotFoundError(f"no such file: {source} (nor is it a HF dataset name)")
+        raise MissingFileError(f"no such file: {source} (nor is it a HF dataset name)")
     import datasets
 
     try:
         return datasets.load_dataset(source, config, split=split)
     except Exception as e:
-        raise ValueError(
+        raise DataError(
             f"cannot open {source!r} as a local file or HF dataset: {type(e).__name__}: {e}"
         ) from e

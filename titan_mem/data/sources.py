@@ -35,6 +35,7 @@ from titan_mem.data.documents import (
     epoch_file_order,
 )
 from titan_mem.data.hf_source import HFSource
+from titan_mem.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger("titan_mem.data")
 
@@ -80,7 +81,7 @@ def resolve_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         if file_kind(path) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"data.source: unsupported file type {path} (use .jsonl/.json[.gz|.zst], .parquet, .txt)"
             )
         return [path]
@@ -89,10 +90,10 @@ def resolve_files(spec: str) -> list[Path]:
     elif _GLOB_CHARS & set(spec):
         candidates = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     else:
-        raise FileNotFoundError(f"data.source: no such file, directory or glob: {spec}")
+        raise MissingFileError(f"data.source: no such file, directory or glob: {spec}")
     files = sorted(p for p in candidates if file_kind(p) is not None)
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data.source: no data files (.jsonl, .json[.gz|.zst], .parquet, .txt) in {spec}"
         )
     return files
@@ -294,7 +295,7 @@ def build_source(cfg: DataConfig) -> DocumentSource:
         elif Path(cfg.source).expanduser().exists() or (_GLOB_CHARS & set(cfg.source)):
             kind = "local"
         elif cfg.source.startswith((".", "/", "~")) or Path(cfg.source).suffix in (*_KINDS, *_COMPRESSION):
-            raise FileNotFoundError(f"data.source: no such file, directory or glob: {cfg.source}")
+            raise MissingFileError(f"data.source: no such file, directory or glob: {cfg.source}")
         else:
             kind = "hf"
     if kind == "synthetic":

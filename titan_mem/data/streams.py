@@ -29,6 +29,7 @@ from titan_mem.data.documents import DocStats, DocumentSource
 from titan_mem.data.packing import windows_to_batch
 from titan_mem.data.text import PackedStream, check_stream_state, initial_stream_state
 from titan_mem.data.tokenizer import Tokenizer
+from titan_mem.errors import ConfigError, DataError
 
 AUTO_MAX_STREAMS = 64  # auto `data.streams`: enough for 64-way data parallelism, few files per stream
 AUTO_MAX_WORKERS = 4  # auto `data.num_workers`: tokenizing more than this ahead never paid off
@@ -66,17 +67,17 @@ def choose_layout(requested: int, global_windows: int, dp_rank: int, dp_world_si
             default=0,
         )
         if streams == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.streams: no stream count divides the global batch of {global_windows} sequences and "
                 f"is a multiple of the {dp_world_size} data-parallel ranks; set training.global_batch_size"
             )
     if global_windows % streams:
-        raise ValueError(
+        raise ConfigError(
             f"data.streams={streams} must divide the global batch of {global_windows} sequences (each stream "
             "gives the same number of sequences per step)"
         )
     if streams % dp_world_size:
-        raise ValueError(
+        raise ConfigError(
             f"data.streams={streams} must be a multiple of the {dp_world_size} data-parallel ranks (a rank "
             "reads whole streams)"
         )
@@ -172,7 +173,7 @@ class PretrainLoader:
     ) -> None:
         per_rank = len(layout.mine) * layout.windows_per_chunk
         if per_rank % micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"training.micro_batch_size={micro_batch_size} must divide a rank's {per_rank} sequences"
             )
         self.source, self.tokenizer, self.layout = source, tokenizer, layout
@@ -252,14 +253,14 @@ class PretrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
-            raise ValueError(
+            raise DataError(
                 "data loader state: not a pretraining stream position (saved by a finetuning regime, or by "
                 "titan_mem before data.streams existed: start a new run from the weights with "
                 "checkpoint.initial_load_path)"
             )
         saved_streams = state.get("num_streams")
         if saved_streams != self.layout.num_streams:
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved with data.streams={saved_streams} but this run has "
                 f"data.streams={self.layout.num_streams}; set --data.streams={saved_streams} to continue it"
             )
@@ -268,14 +269,14 @@ class PretrainLoader:
         if consumed and (
             state.get("dp_world_size") != self.dp_world_size or consumed % self.micro_batch_size
         ):
-            raise ValueError(
+            raise DataError(
                 "data loader state was saved in the middle of an optimizer step: resume it with the same "
                 "data-parallel degree and micro-batch size"
             )
         streams = state.get("streams", {})
         missing = [j for j in self.layout.mine if str(j) not in streams]
         if missing:
-            raise ValueError(f"data loader state has no position for streams {missing} of this rank")
+            raise DataError(f"data loader state has no position for streams {missing} of this rank")
         self._positions = {
             j: check_stream_state(streams[str(j)], f"data loader state stream {j}") for j in self.layout.mine
         }
@@ -286,7 +287,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a position saved under other data settings, naming the first setting that differs."""
     for key, value in saved.items():
         if current.get(key) != value:
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved with {key}={value!r} but this run has "
                 f"{key}={current.get(key)!r}; the saved position does not apply"
             )
@@ -295,12 +296,12 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
 def merge_positions(states: list[dict[str, Any]]) -> dict[str, Any]:
     """One pretraining state holding every saved rank's streams: what a resized run's ranks pick from."""
     if any(not isinstance(s, dict) or s.get("kind") != STATE_KIND for s in states):
-        raise ValueError(
+        raise DataError(
             "data loader state: only pretraining positions can move to another number of ranks; resume a "
             "finetuning run with the data-parallel degree it was saved with"
         )
     if any(s.get("consumed_sequences", 0) for s in states):
-        raise ValueError(
+        raise DataError(
             "data loader state was saved in the middle of an optimizer step: resume it with the same "
             "data-parallel degree"
         )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from titan_mem.data.config import SYNTHETIC_POPULATIONS, DataConfig
 from titan_mem.data.records import FactExample, QAExample
 from titan_mem.data.synthetic_prose import GENERIC_SECTIONS, day_text
+from titan_mem.errors import ConfigError
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "work_city")
 
@@ -162,7 +163,7 @@ class SyntheticWorld:
         from faker import Faker  # imported here: ~0.1 s, only needed for the synthetic corpus
 
         if not 0 <= qa_people <= n_known:
-            raise ValueError(f"data.synthetic_qa_people: expected 0..{n_known} got {qa_people}")
+            raise ConfigError(f"data.synthetic_qa_people: expected 0..{n_known} got {qa_people}")
         self.seed, self.n_known, self.n_new = seed, n_known, n_new
         # Known people 0..qa_people-1 appear in pretraining as biographies *and* QA pairs; the rest only as
         # biographies, so QA about them measures extraction (Allen-Zhu & Li 2023, mixed training). 0 = all.
@@ -235,7 +236,7 @@ class SyntheticWorld:
         if population == "all":
             return list(self._people)
         choices = ", ".join(repr(c) for c in SYNTHETIC_POPULATIONS)
-        raise ValueError(f"data.synthetic_population: expected one of {choices}, got {population!r}")
+        raise ConfigError(f"data.synthetic_population: expected one of {choices}, got {population!r}")
 
     @functools.cached_property
     def _known_halves(self) -> tuple[list[Person], list[Person]]:

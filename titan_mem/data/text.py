@@ -22,12 +22,13 @@ import numpy as np
 from titan_mem.data.documents import BadDoc, DocStats, DocumentSource
 from titan_mem.data.packing import Block, WindowCutter, concat_with_eos
 from titan_mem.data.tokenizer import Tokenizer
+from titan_mem.errors import DataError, UserError
 
 UNSHUFFLED_BLOCK_DOCS = 256  # documents tokenized per call when there is no shuffling
 STREAM_STATE_KEYS = frozenset({"epoch", "block", "start", "offset", "stats"})
 
 
-class EmptySourceError(ValueError):
+class EmptySourceError(UserError, ValueError):
     """The source (or one stream's shard of it) has no usable document: fail before training starts."""
 
 
@@ -37,7 +38,7 @@ def initial_stream_state() -> dict[str, Any]:
 
 def check_stream_state(state: Any, where: str) -> dict[str, Any]:
     if not isinstance(state, dict) or STREAM_STATE_KEYS - set(state):
-        raise ValueError(
+        raise DataError(
             f"{where}: not a pretraining stream state (expected keys {sorted(STREAM_STATE_KEYS)})"
         )
     return state

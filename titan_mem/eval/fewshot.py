@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from titan_mem.data.qa import qa_prompt
+from titan_mem.errors import UserError
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ SHOT_POOL = 500  # the exemplars come from at most this many items after the eva
 SHOT_DELIMITER = "\n\n"  # after every exemplar (lm-eval's fewshot_delimiter)
 
 
-class ShotsError(ValueError):
+class ShotsError(UserError, ValueError):
     """Too few items outside the evaluated ones to draw the exemplars from (one line, names the task)."""
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from titan_mem.config import Config, ConfigError
+from titan_mem.config import Config
+from titan_mem.errors import ConfigError
 from titan_mem.eval.items import ITEMS_FILE, append_items
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.runner import run_tasks

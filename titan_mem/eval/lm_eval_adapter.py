@@ -37,6 +37,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
+from titan_mem.errors import ConfigError
 from titan_mem.eval.lm import EvalModel, Score
 from titan_mem.eval.runner import load_eval_model
 
@@ -90,7 +91,7 @@ class TitanMemLM(LM):
         args = _override_args(overrides, dotted, device)
         if lm is None:
             if not checkpoint:
-                raise ValueError("titan_mem: model_args needs checkpoint=<run>/checkpoints/step-N")
+                raise ConfigError("titan_mem: model_args needs checkpoint=<run>/checkpoints/step-N")
             lm, _ = load_eval_model(
                 checkpoint,
                 config=config,
@@ -99,7 +100,7 @@ class TitanMemLM(LM):
                 progress=bool(progress),
             )
         elif checkpoint or args:
-            raise ValueError("titan_mem: pass either lm= or checkpoint= (with its overrides), not both")
+            raise ConfigError("titan_mem: pass either lm= or checkpoint= (with its overrides), not both")
         self.lm = lm
         self.max_gen_toks = int(max_gen_toks)
         self._device = lm.device
@@ -149,18 +150,18 @@ class TitanMemLM(LM):
     def _generation_args(self, gen_kwargs: dict[str, Any] | None) -> tuple[tuple[str, ...], int]:
         kw = dict(gen_kwargs or {})
         if kw.get("do_sample") or float(kw.get("temperature") or 0.0) > 0.0:
-            raise ValueError(
+            raise ConfigError(
                 f"titan_mem decodes greedily only; got do_sample={kw.get('do_sample')!r}, "
                 f"temperature={kw.get('temperature')!r} (set do_sample=false, temperature=0)"
             )
         if kw.get("num_beams", 1) not in (1, None):
-            raise ValueError(f"titan_mem decodes greedily only; got num_beams={kw['num_beams']!r}")
+            raise ConfigError(f"titan_mem decodes greedily only; got num_beams={kw['num_beams']!r}")
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(kw.pop("max_gen_toks", None) or self.max_gen_toks)
         unknown = set(kw) - GREEDY_NEUTRAL_KWARGS
         if unknown:
-            raise ValueError(f"titan_mem: unsupported generation arguments {sorted(unknown)}")
+            raise ConfigError(f"titan_mem: unsupported generation arguments {sorted(unknown)}")
         limit = self.lm.max_seq_len - 1
         if max_new > limit:
             logger.warning(
@@ -184,7 +185,7 @@ def _batch_size(value: int | str | None) -> int:
         return DEFAULT_BATCH_SIZE
     size = int(value)
     if size <= 0:
-        raise ValueError(f"titan_mem: batch_size must be positive; got {value}")
+        raise ConfigError(f"titan_mem: batch_size must be positive; got {value}")
     return size
 
 
@@ -211,7 +212,7 @@ def _device_args(device: str) -> list[str]:
     there falls back to the config's choice with a warning, as HFLM falls back; the GPU is LOCAL_RANK's."""
     kind = device.split(":", 1)[0]
     if kind not in ("cpu", "cuda"):
-        raise ValueError(f"titan_mem: device {device!r} is not cpu or cuda[:N]")
+        raise ConfigError(f"titan_mem: device {device!r} is not cpu or cuda[:N]")
     if kind == "cuda" and not torch.cuda.is_available():
         logger.warning("device %s requested but CUDA is not available; using the run config's device", device)
         return []

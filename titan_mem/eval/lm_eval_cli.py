@@ -33,7 +33,7 @@ def main() -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import titan_mem.eval.lm_eval_adapter  # noqa: F401  (registers "titan_mem")
-    from titan_mem.train import run_cli
+    from titan_mem.cli import run_cli
 
     sys.argv = [sys.argv[0], *with_task_path(sys.argv[1:])]
     return run_cli(cli_evaluate)

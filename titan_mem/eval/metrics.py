@@ -15,6 +15,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from titan_mem.errors import ConfigError
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 
@@ -45,7 +47,7 @@ NORMALIZERS: dict[str, Callable[[str], str]] = {"squad": normalize_squad, "trivi
 
 def normalizer(name: str) -> Callable[[str], str]:
     if name not in NORMALIZERS:
-        raise ValueError(f"normalization: expected one of {', '.join(NORMALIZERS)}; got {name!r}")
+        raise ConfigError(f"normalization: expected one of {', '.join(NORMALIZERS)}; got {name!r}")
     return NORMALIZERS[name]
 
 

@@ -21,60 +21,25 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from titan_mem import config as config_mod
-from titan_mem.checkpoint import CheckpointError, CheckpointManager
+from titan_mem.checkpoint import CheckpointManager
 from titan_mem.checkpoint.content import load_model_weights
 from titan_mem.checkpoint.files import atomic_file
 from titan_mem.components.model import build_model
-from titan_mem.config import Config, ConfigError
+from titan_mem.config import Config
 from titan_mem.data import build_tokenizer
 from titan_mem.distributed import init_distributed
+from titan_mem.errors import ConfigError
 from titan_mem.eval.items import write_items
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.tasks import TaskContext, TaskOutput, build_tasks
-from titan_mem.hf.config import model_args_from_hf
+from titan_mem.hf.checkpoint_config import is_hf_folder, load_checkpoint_config
 from titan_mem.hf.retrofit import load_base_weights
-from titan_mem.modes.build import model_converters
-
-CONFIG_NAME = "config.json"
-
-
-def run_config_path(checkpoint: Path) -> Path:
-    """`<run>/config.json` for `<run>/<checkpoint.folder>/step-N`."""
-    return checkpoint.resolve().parent.parent / CONFIG_NAME
+from titan_mem.modes import model_converters
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     name = checkpoint.resolve().name
     return int(name.split("-", 1)[1]) if name.startswith("step-") and name[5:].isdigit() else -1
-
-
-def is_hf_folder(path: Path) -> bool:
-    """An HF model folder (config.json and safetensors weights), not a DCP checkpoint."""
-    return (
-        (path / CONFIG_NAME).is_file()
-        and not (path / ".metadata").exists()
-        and any(path.glob("*.safetensors"))
-    )
-
-
-def load_checkpoint_config(
-    checkpoint: Path, config: Path | None = None, overrides: Sequence[str] = ()
-) -> Config:
-    """The run's resolved config (or a TOML/JSON `config`), with `--section.key=value` overrides; an HF
-    folder's is the dense retrofit of it (its architecture, weights and tokenizer)."""
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
-    if config is None and is_hf_folder(checkpoint):
-        hf, longest = str(checkpoint.resolve()), model_args_from_hf(checkpoint).max_seq_len
-        seq = min(Config().training.seq_len, longest)  # nothing trains; only the model's limit matters
-        return config_mod.parse_args(
-            [f"--retrofit.base={hf}", f"--tokenizer.name={hf}", f"--training.seq_len={seq}", *overrides]
-        )
-    path = config or run_config_path(checkpoint)
-    if path.suffix == ".toml":
-        return config_mod.parse_args([str(path), *overrides])
-    return config_mod.load_run_config(path, list(overrides))
 
 
 def load_eval_model(

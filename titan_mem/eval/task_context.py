@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from titan_mem.data.config import DataConfig
+from titan_mem.errors import UserError
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task that cannot run: unknown name, missing data file, malformed record (one line, names it)."""
 
 

@@ -19,9 +19,10 @@ import numpy as np
 
 from titan_mem.checkpoint.files import atomic_file
 from titan_mem.data.record_files import read_records
+from titan_mem.errors import UserError
 
 
-class FactSelectionError(ValueError):
+class FactSelectionError(UserError, ValueError):
     """An items file or source the selection cannot use; `str()` is one line."""
 
 

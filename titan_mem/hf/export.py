@@ -24,7 +24,7 @@ from titan_mem.checkpoint.files import atomic_dir
 from titan_mem.data import build_tokenizer
 from titan_mem.data.hf_tokenizer import TOKENIZER_FILES, hf_tokenizer_folder
 from titan_mem.errors import ConvertError
-from titan_mem.eval.runner import load_checkpoint_config
+from titan_mem.hf.checkpoint_config import load_checkpoint_config
 from titan_mem.hf.config import ARCHITECTURES, MEMORY_ARCHITECTURE
 from titan_mem.hf.retrofit import model_args_for
 from titan_mem.hf.weights import SINGLE, hf_name, is_rope_row_tensor, split_rope_rows

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from titan_mem.config import Config, ConfigError
+from titan_mem.config import Config
+from titan_mem.data.hub import HUB_NAME, snapshot
 from titan_mem.data.tokenizer import padded_vocab_size
-from titan_mem.errors import ConvertError
+from titan_mem.errors import ConfigError, ConvertError, HubError
 from titan_mem.hf.config import model_args_from_hf
-from titan_mem.hf.hub import HUB_NAME, HubError, snapshot
 from titan_mem.hf.weights import read_state_dict
 from titan_mem.models.args import ModelArgs, build_model_args, model_overrides
 

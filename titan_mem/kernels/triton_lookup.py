@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from titan_mem.errors import ConfigError
+
 try:
     import triton
     import triton.language as tl
@@ -120,7 +122,9 @@ def _blocks(k: int, d: int, block_d: int | None, block_k: int | None) -> tuple[i
 
 def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
     if not HAVE_TRITON:
-        raise RuntimeError("triton value lookup: triton is not installed (install it or use backend='torch')")
+        raise ConfigError(
+            "training.memory_kernel: triton is not installed (install it or use memory_kernel=torch)"
+        )
     if values.dim() != 2 or indices.dim() != 2 or indices.shape != weights.shape:
         raise ValueError(
             f"triton lookup: values {tuple(values.shape)}, indices {tuple(indices.shape)}, "

@@ -13,11 +13,16 @@ row-sparse backward (`triton_lookup`), picked per call by `backend`.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
+from titan_mem.errors import ConfigError
+
 # The one list of lookup backends. "auto": Triton for plain CUDA tensors when triton is installed, else torch.
-LOOKUP_BACKENDS = ("auto", "torch", "triton")
+LookupBackend = Literal["auto", "torch", "triton"]  # training.memory_kernel
+LOOKUP_BACKENDS: tuple[str, ...] = get_args(LookupBackend)
 
 
 class _RowSparseLookup(torch.autograd.Function):
@@ -67,7 +72,7 @@ def _use_triton(values: torch.Tensor, backend: str) -> bool:
     """Imports triton_lookup only when it may run: triton and torch._dynamo cost ~1.5 s at import, paid by
     every CPU process (the test suite's trainers) that would never use them."""
     if backend not in LOOKUP_BACKENDS:
-        raise ValueError(f"value_lookup: backend {backend!r} is not one of {LOOKUP_BACKENDS}")
+        raise ConfigError(f"value_lookup: backend {backend!r} is not one of {LOOKUP_BACKENDS}")
     if backend == "torch":
         return False
     if backend == "triton":

@@ -7,6 +7,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from titan_mem.errors import ConfigError
+
 
 def _arg(default: Any, text: str, *, factory: Any = None, override: bool = True) -> Any:
     """A model hyper-parameter with its help line. Every field with `override` becomes a `[model]` config
@@ -31,10 +33,11 @@ class MemoryArgs:
     plus: bool = _arg(True, "Memory+ gated output: value_proj(lookup * silu(gate_proj(x))) (False = PKM)")
     query_norm: str = _arg("rms", "query normalisation: none | rms | batchnorm (XLM PKM: batch-norm helps)")
     shared_values: bool = _arg(False, "one value pool shared by all memory layers")
-    # Retrofit `add` (Goyal et al. 2026; DESIGN.md, retrofit peers): the block keeps its SwiGLU FFN and adds
-    # the memory's output times a learned per-channel gate (init 1) from value rows initialised to 0, so the
-    # model starts equal to its base while the values get a gradient (models.memory.MemoryLayer says why).
-    # Set by `[retrofit] mode`, not a [model] key: the base checkpoint decides which FFNs exist.
+    # Retrofit `add` (Goyal et al. 2026; docs/design.md, "Retrofit peers' lessons"): the block keeps its
+    # SwiGLU FFN and adds the memory's output times a learned per-channel gate (init 1) from value rows
+    # initialised to 0, so the model starts equal to its base while the values get a gradient
+    # (models.memory.MemoryLayer says why). Set by `[retrofit] mode`, not a [model] key: the base checkpoint
+    # decides which FFNs exist.
     beside_ffn: bool = _arg(
         False, "memory added beside the block's FFN (zero-initialised values, gated output)", override=False
     )
@@ -100,7 +103,7 @@ class ModelArgs:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
     @property
     def v_dim(self) -> int:
@@ -163,7 +166,7 @@ def model_overrides() -> list[Override]:
 def build_model_args(model_cfg: Any, vocab_size: int) -> ModelArgs:
     """Flavor defaults, then any non-None override from the [model] section, then validation."""
     if model_cfg.flavor not in FLAVORS:
-        raise ValueError(f"model.flavor: unknown {model_cfg.flavor!r} (known: {', '.join(FLAVORS)})")
+        raise ConfigError(f"model.flavor: unknown {model_cfg.flavor!r} (known: {', '.join(FLAVORS)})")
     base = FLAVORS[model_cfg.flavor]
     args = dataclasses.replace(base, memory=dataclasses.replace(base.memory, layers=list(base.memory.layers)))
     for o in model_overrides():

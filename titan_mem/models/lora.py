@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titan_mem.errors import ConfigError
+
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update; `lora_a` [r, in], `lora_b` [out, r]."""
@@ -40,7 +42,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> l
     """
     unknown = [t for t in targets if t not in LORA_TARGET_NAMES]
     if unknown:
-        raise ValueError(f"finetune.lora_targets: unknown {unknown} (known: {', '.join(LORA_TARGET_NAMES)})")
+        raise ConfigError(f"finetune.lora_targets: unknown {unknown} (known: {', '.join(LORA_TARGET_NAMES)})")
     replaced = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -52,7 +54,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> l
                 setattr(parent, child_name, lora)
                 replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not replaced:
-        raise ValueError(f"finetune.lora_targets: {targets} matched no linear layer of the model")
+        raise ConfigError(f"finetune.lora_targets: {targets} matched no linear layer of the model")
     return replaced
 
 

@@ -181,8 +181,9 @@ class MemoryLayer(nn.Module):
     gradient at step 0 and keeps it proportional to the gate after a short heal: value rows moved by ~1e-6
     and a sparse finetune learned next to nothing (docs/results.md, "Retrofit"). The gate stays a learned
     per-channel scale, so healing can still close channels whose memory output hurts the base (the retrofit
-    peers' lesson, DESIGN.md). Queries, keys and the Memory+ projections get no gradient while the values
-    are 0 (the output does not depend on them); the first value update gives them one.
+    peers' lesson, docs/design.md, "Retrofit peers' lessons"). Queries, keys and the Memory+ projections get
+    no gradient while the values are 0 (the output does not depend on them); the first value update gives them
+    one.
     """
 
     def __init__(self, dim: int, args: MemoryArgs, v_dim: int, shared_values: MemoryValues | None = None):

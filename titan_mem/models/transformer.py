@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -146,7 +147,8 @@ class FeedForward(nn.Module):
 
 # training.activation_checkpoint: none | full (recompute the whole block in backward) | selective (op-level
 # SAC as in torchtitan: keep the outputs of `_SAC_SAVE`, recompute everything else in the block).
-AC_MODES = ("none", "full", "selective")
+ACMode = Literal["none", "full", "selective"]  # training.activation_checkpoint
+AC_MODES: tuple[str, ...] = get_args(ACMode)
 _aten = torch.ops.aten
 # The expensive ops (matmuls, attention, the memory value lookup on the PyTorch backend); norms, RoPE,
 # SwiGLU's pointwise ops and the memory scores' top-k/softmax are cheap to redo.
@@ -287,6 +289,12 @@ class Transformer(nn.Module):
         rope = self.rope[: tokens.shape[1]]
         self._blocks(self.tok_embeddings(tokens), rope, {}, slots, n_blocks=last + 1)
         return slots
+
+    def set_sparse_value_grad(self, enabled: bool) -> None:
+        """Whether value tables get a row-sparse gradient holding only the rows read (sparse finetuning, lazy
+        row AdamW) instead of a dense one; the lookup kernels honour it (kernels/value_lookup.py)."""
+        for layer in self.memory_layers().values():
+            layer.sparse_grad = enabled
 
     def value_tables(self) -> dict[str, nn.Parameter]:
         """The value table each memory layer reads, by layer name (a shared pool appears under each)."""

@@ -1,17 +1,32 @@
-"""The parts a training mode is made of, and their pretraining defaults."""
+"""What every training mode decides, and what pretraining decides for each (the defaults).
+
+The Trainer (train.py) calls a mode through this interface only, in this order, and never asks which mode
+it is (docs/design.md, "One Trainer, no mode branches"):
+
+    converters                  change the meta-device model before sharding (LoRA adds adapters)
+    fsdp_ignored(model)         parameters FSDP must leave whole on every rank (sparse: the value tables)
+    prepare(model)              freeze what does not train, switch on the gradients it needs; trainable list
+    build_optimizer(...)        the optimizer over the trainable parameters
+    build_checkpoint(...)       what a checkpoint holds: the whole model, or a knowledge patch on the base
+    build_hooks(...)            step hooks (`on_micro_batch`, `prepare_gradients`, `after_step`)
+    build_objective(...)        what a step minimises (next-token loss, or a heal's distillation)
+
+A mode is one module in this package; `check(cfg)` refuses what it cannot run before anything is built
+(preflight calls it too).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titan_mem.checkpoint.content import FullContent
+from titan_mem.components.optim import build_optimizer
+from titan_mem.config import Config
 from titan_mem.data.packing import IGNORE_INDEX
-from titan_mem.models.lora import add_lora, lora_parameter_names
 from titan_mem.parallel.value_grads import ValueTableGrad
 
 
@@ -21,64 +36,6 @@ class ModelConverter(Protocol):
     def convert(self, model: nn.Module) -> None: ...
 
     def new_tensor_names(self) -> set[str]: ...
-
-
-class LoRAConverter:
-    """Adds LoRA adapters (Hu et al. 2021) to the named projections."""
-
-    def __init__(self, targets: list[str], rank: int, alpha: float):
-        self.targets, self.rank, self.alpha = targets, rank, alpha
-        self._names: set[str] = set()
-
-    def convert(self, model: nn.Module) -> None:
-        add_lora(model, self.targets, self.rank, self.alpha)
-        self._names = set(lora_parameter_names(model))
-
-    def new_tensor_names(self) -> set[str]:
-        return set(self._names)
-
-
-def freeze_batchnorm(model: nn.Module) -> None:
-    """Frozen statistics: a finetune that trains a subset must not move running means either."""
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm1d):
-            mod.eval()
-
-
-class TrainablePolicy:
-    """Every parameter trains (pretraining, full finetuning)."""
-
-    def fsdp_ignored(self, model: nn.Module) -> set[str]:
-        """Parameter names FSDP must leave whole on every rank."""
-        return set()
-
-    def apply(self, model: nn.Module) -> list[nn.Parameter]:
-        """Freeze what does not train (weights are loaded); return the trainable parameters."""
-        return [p for p in model.parameters() if p.requires_grad]
-
-
-class LazyValueRows(TrainablePolicy):
-    """Every parameter trains; memory value tables get a row-sparse gradient (only the rows read) for the
-    lazy row AdamW (optimizer.memory_update=lazy, components/lazy_adamw.py)."""
-
-    def apply(self, model: nn.Module) -> list[nn.Parameter]:
-        for layer in model.memory_layers().values():
-            layer.sparse_grad = True
-        return super().apply(model)
-
-
-class OnlyNamed(TrainablePolicy):
-    """Only the named parameters train (LoRA adapters); query batch-norm statistics frozen."""
-
-    def __init__(self, names: Callable[[], set[str]]):
-        self.names = names
-
-    def apply(self, model: nn.Module) -> list[nn.Parameter]:
-        keep = self.names()
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in keep)
-        freeze_batchnorm(model)
-        return [p for p in model.parameters() if p.requires_grad]
 
 
 class StepHook:
@@ -101,39 +58,10 @@ class StepHook:
         return {}
 
 
-class SumRowsReadOverReplicas(StepHook):
-    """Lazy value rows: sum each table's row-sparse gradient (the rows read) by its gradient path once per
-    step, before clipping (`parallel.value_grads`: over memory-parallel replica groups); logs the fraction
-    of value rows the step read (`value_rows_read`), which is how far lazy AdamW is from dense AdamW."""
-
-    def __init__(self, value_grads: dict[str, ValueTableGrad]):
-        self.value_grads = value_grads
-
-    def _sparse_tables(self) -> list[ValueTableGrad]:
-        """Value tables holding a row-sparse gradient, each once (a shared pool is one table)."""
-        return [v for v in self.value_grads.values() if v.table.grad is not None and v.table.grad.is_sparse]
-
-    def on_micro_batch(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
-    ) -> None:
-        """Coalesce after each backward: accumulated sparse gradients only concatenate, which would hold a
-        copy of the rows read per micro-batch; coalesced, they never exceed the table's own size."""
-        for path in self._sparse_tables():
-            path.table.grad = path.table.grad.coalesce()
-
-    def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
-        read = total = 0
-        for path in self._sparse_tables():
-            table = path.table
-            table.grad = path.sum_rows_read(table.grad)
-            read, total = read + table.grad._nnz(), total + table.shape[0]
-        return {"value_rows_read": read / total} if total else {}
-
-
 class Objective(Protocol):
     """What a step minimises. The loss of a global batch is a sum over units (loss tokens, sequences) divided
     by their count over every rank and micro-batch, so it and its gradient do not depend on how the batch is
-    split (DESIGN invariant 2)."""
+    split (docs/design.md, invariant 2)."""
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """The units this micro-batch contributes to the global count."""
@@ -148,7 +76,7 @@ class Objective(Protocol):
 
 class NextTokenLoss:
     """Cross-entropy of each loss token's next-token prediction, summed and divided by the global batch's
-    loss-token count (the Trainer's objective for every mode but a distillation heal)."""
+    loss-token count (the objective of every mode but a distillation heal)."""
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -170,18 +98,54 @@ class NextTokenLoss:
         return loss / total, slots
 
 
-@dataclass
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Frozen statistics: a finetune that trains a subset must not move running means either."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.eval()
+
+
 class TrainingMode:
-    name: str
-    policy: TrainablePolicy
-    # (model, trainable parameters, value-table gradient paths) -> optimizer
-    build_optimizer: Callable[[nn.Module, list[nn.Parameter], dict], torch.optim.Optimizer]
-    build_checkpoint: Callable[..., Any]
-    converters: list[ModelConverter] = field(default_factory=list)
-    # (model, optimizer, device, value-table gradient paths) -> step hooks
-    build_hooks: Callable[..., list[StepHook]] = lambda model, optimizer, device, value_grads: []
-    # (model, device) -> what a step minimises
-    build_objective: Callable[[nn.Module, torch.device], Objective] = lambda model, device: NextTokenLoss()
+    """Pretraining's answers to every question the Trainer asks; a mode overrides what it changes."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.converters: list[ModelConverter] = []
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse a config this mode cannot run (one ConfigError line naming the key)."""
+
+    def fsdp_ignored(self, model: nn.Module) -> set[str]:
+        """Parameter names FSDP must leave whole on every rank."""
+        return set()
+
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        """Freeze what does not train (weights are loaded); return the trainable parameters."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build_optimizer(
+        self, model: nn.Module, params: list[nn.Parameter], value_grads: dict[str, ValueTableGrad]
+    ) -> torch.optim.Optimizer:
+        """`value_grads`: how each value table's gradient is summed, clipped and stepped (parallel/)."""
+        return build_optimizer(model, self.cfg.optimizer, params)
+
+    def build_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+        return FullContent(model, optimizer)
+
+    def build_hooks(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        value_grads: dict[str, ValueTableGrad],
+    ) -> list[StepHook]:
+        return []
+
+    def build_objective(self, model: nn.Module, device: torch.device) -> Objective:
+        return NextTokenLoss()
 
     def new_tensor_names(self) -> set[str]:
         """Tensors a checkpoint from pretraining lacks (fresh adapters)."""

@@ -11,6 +11,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from titan_mem.errors import ConfigError
 from titan_mem.models.lora import LoRALinear
 from titan_mem.models.memory import is_value_table
 from titan_mem.models.transformer import AC_MODES, Transformer
@@ -52,7 +53,7 @@ def parallelize_and_init(
     (the trainer: inductor; tests also aot_eager, the same dynamo/AOTAutograd path without codegen).
     """
     if activation_checkpoint not in AC_MODES:
-        raise ValueError(f"activation_checkpoint {activation_checkpoint!r}: expected one of {AC_MODES}")
+        raise ConfigError(f"activation_checkpoint {activation_checkpoint!r}: expected one of {AC_MODES}")
     sync_query_batchnorm(model)  # query statistics over every data-parallel rank's tokens
     names = set(ignored_param_names or ())
     if memory_mesh is not None:

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from titan_mem.errors import ConfigError
 from titan_mem.kernels import value_lookup
 from titan_mem.models.memory import MemoryLayer, MemoryValues
 
@@ -124,7 +125,7 @@ def memory_parallel_mesh(device_type: str, world_size: int, degree: int) -> Devi
     """A (replicas, degree) mesh over all ranks; degree -1 = all ranks (one group, no replicas)."""
     degree = world_size if degree == -1 else degree
     if degree < 1 or world_size % degree:
-        raise ValueError(
+        raise ConfigError(
             f"parallelism.memory_parallel_degree: {degree} does not divide the {world_size} ranks"
         )
     return init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=MESH_DIMS)
@@ -268,7 +269,7 @@ def _load_local_columns(module: nn.Module, state_dict: dict, prefix: str, *args:
         try:
             state_dict[key] = shard.to_local(state_dict[key])
         except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
+            raise ConfigError(f"{key}: {e}") from None
 
 
 class ColumnShardedValues(nn.Module):
@@ -286,7 +287,7 @@ class ColumnShardedValues(nn.Module):
         weight = whole.weight
         self.shard = ColumnShard(mesh=mesh, n_rows=weight.shape[0], n_cols=weight.shape[1])
         if weight.shape[1] % self.shard.size:
-            raise ValueError(
+            raise ConfigError(
                 f"parallelism.memory_parallel_degree: value dim {weight.shape[1]} is not divisible by "
                 f"{self.shard.size} ranks"
             )

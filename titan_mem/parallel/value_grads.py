@@ -14,9 +14,9 @@ place that decides it, per training mode and table layout (`value_table_grads`, 
 [2] nothing inside a column group: the lookup's all-to-all already routed every token of the group to the
     shard, so its gradient is the group's sum; across replica groups an all-reduce in backward
     (`memory_parallel._SumOverReplicas`). Norms of column shards sum their squares over the group.
-[3] once per step, before clipping (`modes.base.SumRowsReadOverReplicas`): the union of the rows read.
-[4] by the slot selector (`sparse.selector`), for the rows it selected, before clipping; the rows are
-    then stepped by `sparse.optimizer.RowSparseOptimizer` ("RowSparseOpt.").
+[3] once per step, before clipping (`modes.pretrain.SumRowsReadOverReplicas`): the union of the rows read.
+[4] by the slot selector (`sparse.select`), for the rows it selected, before clipping; the rows are
+    then stepped by `sparse.update.RowSparseOptimizer` ("RowSparseOpt.").
 
 Why value tables have paths of their own: sparse COO gradients cannot live in FSDP's DTensors, and a column
 shard's gradient is already its group's sum, so FSDP's reduce-scatter would be wrong for it twice over.

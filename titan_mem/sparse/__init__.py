@@ -2,6 +2,7 @@
 
 from titan_mem.sparse.counts import (
     BackgroundCounts,
+    SlotBackground,
     SlotCounter,
     check_counts_batch_shape,
     count_slots,
@@ -9,8 +10,8 @@ from titan_mem.sparse.counts import (
     merge_counts,
     save_background_counts,
 )
-from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD
-from titan_mem.sparse.scores import KL_EPS, RANKINGS, SlotBackground, select_slots, slot_scores
+from titan_mem.sparse.select import KL_EPS, RANKINGS, select_slots, slot_scores
+from titan_mem.sparse.update import RowSparseAdamW, RowSparseSGD
 
 __all__ = [
     "KL_EPS",

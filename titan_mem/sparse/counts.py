@@ -18,11 +18,36 @@ import torch
 import torch.distributed as dist
 
 from titan_mem.errors import write_errors
-from titan_mem.sparse.scores import SlotBackground
 
 FORMAT = "titan_mem.background_counts"
 FORMAT_VERSION = 1
+COUNTS_FILE = (
+    "background_counts.safetensors"  # its name in a checkpoint folder, where sparse finetuning looks
+)
 SparseCounts = tuple[torch.Tensor, torch.Tensor]
+
+
+class SlotBackground:
+    """One layer's background statistics: df[i] = background batches touching slot i, over N batches.
+
+    `df_sum` (= df.sum()) may be given when already known; otherwise it is computed here, once, so the KL
+    background normaliser sum_j (df_j + 1) = df_sum + n_slots never costs O(n_slots) per step.
+    """
+
+    def __init__(self, df: torch.Tensor, n_batches: int, df_sum: int | None = None) -> None:
+        if df.dim() != 1:
+            raise ValueError(f"background df: expected a 1-D tensor, got shape {tuple(df.shape)}")
+        if n_batches < 0:
+            raise ValueError(f"background n_batches: must be >= 0, got {n_batches}")
+        self.df = df
+        self.n_batches = int(n_batches)
+        self.n_slots = df.numel()
+        self.df_sum = int(df.sum().item()) if df_sum is None else int(df_sum)
+
+    @property
+    def bg_norm(self) -> int:
+        """sum_j (df_j + 1) over all n_slots slots (Goyal et al. 2026, sec. 3.5, p_bg denominator)."""
+        return self.df_sum + self.n_slots
 
 
 def count_slots(indices: torch.Tensor, token_mask: torch.Tensor, n_slots: int) -> SparseCounts:

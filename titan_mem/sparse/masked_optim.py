@@ -4,7 +4,7 @@ Goyal et al. 2026, sec. 3.4 (like Lin et al. 2025's code) zero the gradient of t
 dense optimizer step the whole table. With plain SGD that is the row-sparse update of `row_optim`; with
 momentum, AdamW or weight decay it is not: rows selected earlier keep moving on their momentum, and weight
 decay shrinks every row every step. `finetune.sparse_update=masked_gradient` reproduces that, breaking
-DESIGN.md invariant 4 on purpose, so a study can measure what masking the *update* (our default) changes.
+docs/design.md invariant 4 on purpose, so a study can measure what masking the *update* (our default) changes.
 
 Each step equals torch.optim.SGD / AdamW on the whole table fed the zero-masked dense gradient: every row
 with optimizer state (ever selected) steps, with gradient 0 when not selected now; AdamW's bias correction
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from titan_mem.sparse.row_optim import RowSparseAdamW, RowSparseSGD, adamw_rows
+from titan_mem.sparse.update import RowSparseAdamW, RowSparseSGD, adamw_rows
 
 _CHUNK = 1 << 16  # rows per chunk of the weight-decay pass: bounded temporaries on a 1M-row table
 
@@ -120,3 +120,7 @@ class MaskedGradientAdamW(RowSparseAdamW):
         betas = (self.beta1, self.beta2)
         adamw_rows(w, g, m, v, step, self.lr, betas, self.eps, self.weight_decay)
         return sq + _write_rows(self.table, active, w0, w)
+
+
+# What `RowSparseOptimizer(..., masked_updaters=...)` steps the tables with under the ablation.
+MASKED_UPDATERS = (MaskedGradientSGD, MaskedGradientAdamW)

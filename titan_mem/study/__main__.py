@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
+from titan_mem.errors import ConfigError
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.runner import collect, plan, run_study
 from titan_mem.study.spec import load_study
 from titan_mem.study.stages import layout_of
 from titan_mem.study.subset import only_arms, only_geometries, only_groups, with_base
-from titan_mem.train import run_cli
 
 
 def run(argv: list[str]) -> None:
@@ -42,7 +43,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md and plots")
     args = parser.parse_args(argv)
     if args.jobs < 1:
-        raise ValueError(f"--jobs: must be >= 1; got {args.jobs}")
+        raise ConfigError(f"--jobs: must be >= 1; got {args.jobs}")
     spec = load_study(args.study, quick=args.quick)
     if args.geometry:
         spec = only_geometries(spec, args.geometry)

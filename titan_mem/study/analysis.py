@@ -1,6 +1,6 @@
 """From a study's per-item records to the comparison it exists for: forgetting at matched *specific*
 learning, fronts chosen on validation and read on test, with bootstrap intervals over run sets and items
-(DESIGN.md, "The study"; frontier.py has the arithmetic, bootstrap.py the resampling).
+(docs/design.md, "The study"; frontier.py has the arithmetic, bootstrap.py the resampling).
 
 * learning of a point = its gain in the `learning` metric over its base minus its gain in `control`
   (comparable untaught facts): lowering every answer's NLL by shifting the answer prior is not learning;
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from titan_mem.errors import DataError
 from titan_mem.study import bootstrap as bs
 from titan_mem.study.frontier import Point, anchored_front, common_levels, interpolation, learning_gain
 from titan_mem.study.items import (
@@ -106,7 +107,7 @@ class Block:
 
 def _check_base_scale(value: float, what: str, base: dict[str, Any]) -> None:
     if value == 0 or not np.isfinite(value):
-        raise ValueError(
+        raise DataError(
             f"results: forgetting metric {what} is 0 on {where(base)}: relative forgetting has no scale "
             "(choose a metric the base does not score 0 on)"
         )
@@ -133,7 +134,7 @@ def build_block(aspec: AnalysisSpec, base: dict, recs: list[dict], rng: np.rando
             full = item_matrix(base, recs, ref)
             is_val = validation_mask(base["items"][ref.task])
             if is_val.all() or not is_val.any():
-                raise ValueError(f"results: the {len(is_val)} items of {ref.task} all fall in one split; "
+                raise DataError(f"results: the {len(is_val)} items of {ref.task} all fall in one split; "
                                  "validation and test need both")  # fmt: skip
             vm = full.subset(is_val)
             b, vals = vm.means(np.ones((len(vm.ids), 1)))

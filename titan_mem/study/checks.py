@@ -1,22 +1,29 @@
-"""Type checks of study-file values: each failure is one line naming the file and key."""
+"""Type checks of study-file values: each failure is one line naming the file and key. Types and choices
+are checked by the trainer config's own rules (`config_fields.coerce`), so a study file and a train config
+accept and refuse the same values with the same words."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from titan_mem.config_fields import coerce
+from titan_mem.errors import ConfigError
 from titan_mem.study.keys import StudyError
 
 
+def _typed(where: str, key: str, tp: Any, value: Any) -> Any:
+    try:
+        return coerce(key, tp, value, from_cli=False)
+    except ConfigError as e:
+        raise StudyError(f"{where}: {e}") from None
+
+
 def str_list(where: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise StudyError(f"{where}: {key}: expected a list of strings, got {value!r}")
-    return list(value)
+    return _typed(where, key, list[str], value)
 
 
 def int_list(where: str, key: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise StudyError(f"{where}: {key}: expected a list of integers, got {value!r}")
-    return list(value)
+    return _typed(where, key, list[int], value)
 
 
 def positive(where: str, key: str, value: Any, allow_zero: bool = False) -> int:
@@ -27,7 +34,4 @@ def positive(where: str, key: str, value: Any, allow_zero: bool = False) -> int:
 
 
 def choice(where: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        known = ", ".join(repr(a) for a in allowed)
-        raise StudyError(f"{where}: {key}: expected one of {known}; got {value!r}")
-    return value
+    return _typed(where, key, Literal[allowed], value)

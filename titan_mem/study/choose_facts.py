@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from titan_mem.config import ConfigError
+from titan_mem.errors import ConfigError
 from titan_mem.eval.items import read_items
 from titan_mem.eval.runner import evaluate_checkpoint, write_json
 from titan_mem.eval.unknown_facts import source_rows, split_facts, unknown_ids, write_rows, write_splits

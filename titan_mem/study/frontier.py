@@ -1,5 +1,5 @@
 """Learning vs forgetting: each finetuning run is a point (how much it learned, how much it forgot), each
-method a sweep of points, and methods are compared at *matched learning* (DESIGN.md, "The study"; Lin et
+method a sweep of points, and methods are compared at *matched learning* (docs/design.md, "The study"; Lin et
 al. 2025 compare forgetting at similar learning levels).
 
 * learning = improvement of a metric over the base (e.g. taught-fact F1 up, or answer NLL down);

@@ -1,5 +1,5 @@
-"""What the memory geometry lets sparse finetuning do, next to every result (DESIGN.md, "The geometry must
-let the claim hold"): reads per token against slots, the background df histogram, how busy the rows a
+"""What the memory geometry lets sparse finetuning do, next to every result (docs/design.md, "The geometry
+must let the claim hold"): reads per token against slots, the background df histogram, how busy the rows a
 selection picks are, and how much of the table a whole stream rewrites.
 
 SMF's premise is that a new fact's rows are rarely read by other data. At 4K slots with 16 reads per token

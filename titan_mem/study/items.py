@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from titan_mem.errors import DataError
 from titan_mem.study import bootstrap as bs
 from titan_mem.study.spec import MetricRef
 
@@ -58,7 +59,7 @@ def record_value(rec: dict[str, Any], ref: MetricRef) -> float:
         return aggregate(items, ref.metric)
     if str(ref) in rec.get("metrics", {}):
         return float(rec["metrics"][str(ref)])
-    raise ValueError(f"results: {where(rec)} has no metric {ref} (is its task in eval.tasks?)")
+    raise DataError(f"results: {where(rec)} has no metric {ref} (is its task in eval.tasks?)")
 
 
 def where(rec: dict[str, Any]) -> str:
@@ -94,7 +95,7 @@ def item_matrix(base: dict[str, Any], recs: list[dict[str, Any]], ref: MetricRef
     def arrays(rec: dict[str, Any]) -> tuple[dict, np.ndarray, np.ndarray]:
         items = (rec.get("items") or {}).get(ref.task)
         if items is None or ref.metric not in items:
-            raise ValueError(f"results: {where(rec)} has no per-item {ref} (the analysis resamples items)")
+            raise DataError(f"results: {where(rec)} has no per-item {ref} (the analysis resamples items)")
         v = np.asarray(items[ref.metric], float)
         w = np.asarray(items["tokens"], float) if is_weighted(ref.metric) else np.ones_like(v)
         return items, v, w
@@ -109,7 +110,7 @@ def item_matrix(base: dict[str, Any], recs: list[dict[str, Any]], ref: MetricRef
             pos = pos or {str(x): j for j, x in enumerate(ids)}
             idx = [pos.get(str(x), -1) for x in items["id"]]
             if len(idx) != n or sorted(idx) != list(range(n)):
-                raise ValueError(f"results: {where(rec)}: the items of {ref.task} are not its base's")
+                raise DataError(f"results: {where(rec)}: the items of {ref.task} are not its base's")
             v[i, idx], w[i, idx] = v[i].copy(), w[i].copy()
     return ItemMatrix(base_v, base_w, v, w, list(ids), b.get("group"))
 
@@ -136,14 +137,14 @@ def split_records(records: list[dict]) -> tuple[dict[tuple, dict], dict[tuple, l
         key = (rec.get("geometry", DEFAULT_GEOMETRY), rec.get("base_seed", 0))
         if rec["arm"] == "base":
             if key in bases:
-                raise ValueError(f"results: two base records for geometry {key[0]!r} base_seed {key[1]}")
+                raise DataError(f"results: two base records for geometry {key[0]!r} base_seed {key[1]}")
             bases[key] = rec
         else:
             arms[key].append(rec)
     for key in arms:
         if key not in bases:
-            raise ValueError(f"results: no base record for geometry {key[0]!r} base_seed {key[1]} "
+            raise DataError(f"results: no base record for geometry {key[0]!r} base_seed {key[1]} "
                              f"(arm {arms[key][0]['arm']}, ...): its base evaluation is missing")  # fmt: skip
     if not bases:
-        raise ValueError("results: no base record (arm 'base'); the study's base evaluation is missing")
+        raise DataError("results: no base record (arm 'base'); the study's base evaluation is missing")
     return bases, arms

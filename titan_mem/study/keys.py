@@ -3,8 +3,10 @@ means as a trainer override), the background corpora and the metrics where highe
 
 from __future__ import annotations
 
+from titan_mem.errors import UserError
 
-class StudyError(ValueError):
+
+class StudyError(UserError, ValueError):
     """A bad study file: one line naming the file and key."""
 
 
@@ -42,21 +44,23 @@ STARTS = ("", "hf")
 # then counts against its arms, and the healed model is evaluated beside it)
 REFERENCES = ("healed", "hf")
 
+# A sweep key is the trainer key's own name, or its short form where the section makes it plain
+# (tests/unit/test_study_spec.py checks every target is a config key).
 _COMMON = {"lr": "optimizer.lr", "optimizer": "optimizer.name", "weight_decay": "optimizer.weight_decay"}
 _SWEEP_KEYS: dict[str, dict[str, str]] = {
     "sparse_finetune": {
         **_COMMON,
         "top_t": "finetune.top_t",
         "ranking": "finetune.ranking",
-        "rule": "finetune.top_t_rule",
-        "mass": "finetune.top_t_mass",
-        "alpha": "finetune.top_t_alpha",
+        "top_t_rule": "finetune.top_t_rule",
+        "top_t_mass": "finetune.top_t_mass",
+        "top_t_alpha": "finetune.top_t_alpha",
         "sparse_update": "finetune.sparse_update",
         "momentum": "optimizer.momentum",
         "memory_weight_decay": "optimizer.memory_weight_decay",
     },
     "full_finetune": dict(_COMMON),
-    "lora_finetune": {**_COMMON, "rank": "finetune.lora_rank", "alpha": "finetune.lora_alpha"},
+    "lora_finetune": {**_COMMON, "lora_rank": "finetune.lora_rank", "lora_alpha": "finetune.lora_alpha"},
 }
 
 # metrics where a higher value is better; every other metric (nll, ppl, bits_per_byte, answer_nll) is a loss

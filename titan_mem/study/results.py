@@ -9,7 +9,8 @@ scores (`items`, from eval_items.jsonl) the analysis bootstraps over:
 
 A base is the record with arm "base", method "base", group "base", step 0, seed None, for its geometry and
 base seed. `resolved` is the arm's own optimizer, schedule, clipping and finetuning keys as its run
-resolved them (DESIGN.md: every arm's resolved optimizer goes into the results).
+resolved them (docs/design.md, "Same budget, own best settings": every arm's resolved optimizer goes
+into the results).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from typing import Any
 from titan_mem import config as config_mod
 from titan_mem.components.bench import machine_info
 from titan_mem.config import Config
-from titan_mem.errors import TrainingError
+from titan_mem.errors import ConfigError, TrainingError
 from titan_mem.eval.runner import write_json, write_jsonl
+from titan_mem.sparse.select import NEEDS_BACKGROUND
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.results import arm_records, base_records, healed_records
 from titan_mem.study.spec import Arm, StudyError, StudySpec
@@ -80,8 +81,8 @@ def _counts_kind(spec: StudySpec, arm: Arm) -> str | None:
     ranking = params.get("ranking")
     if ranking is None:
         ranking = config_mod.parse_args([str(spec.methods[arm.method].config)]).finetune.ranking
-    rule = params.get("rule", "fixed")
-    if ranking in ("tf", "all") and rule != "poisson":
+    rule = params.get("top_t_rule", "fixed")
+    if ranking not in NEEDS_BACKGROUND and rule != "poisson":
         return None
     return arm.background or spec.background
 
@@ -163,7 +164,7 @@ def plan(spec: StudySpec) -> list[Job]:
         ft = method_argv(spec, layout, spec.methods[arm.method], key, cfg, arm.start)
         try:
             config_mod.parse_args(arm_argv(spec, arm, ft))  # the trainer's own checks, before anything runs
-        except config_mod.ConfigError as e:
+        except ConfigError as e:
             raise StudyError(f"{spec.path}: arm {arm.name}: {e}") from None
         kind = _counts_kind(spec, arm)
         counts = None

@@ -1,6 +1,6 @@
 """A study file (`studies/*.toml`): the bases, the methods' own finetuning configs, the stream, the held-out
 evaluation and the arms (method x sweep x base seed x order seed), read into plain records. Every key is
-known; anything else is a one-line error naming the file and key. DESIGN.md, "The study", says why each
+known; anything else is a one-line error naming the file and key. docs/design.md, "The study", says why each
 part exists (own configs, equal budgets, validation/test, specific learning, seeds that vary the base).
 
     [study]      name, out (folder), seeds = [0, 1] (fact order), base_seeds = [0, 1] (bases pretrained
@@ -27,9 +27,8 @@ part exists (own configs, equal budgets, validation/test, specific learning, see
                  (other counts), start = "hf" (keys.STARTS), then sweep keys, each a value or a list
     [quick]      what `--quick` changes: seeds, base_seeds, pretrain / finetune / heal_overrides
                  (appended), background_batches, tasks, limit, points, every, forgetting (a smoke base may
-                 score 0 where relative forgetting needs a scale), max_sweep (first N values of each sweep
-                 list, every method alike), out (default: <out>-quick)
-"""
+                 score 0 where relative forgetting has no scale), max_sweep (first N of each sweep list,
+                 every method alike), out (default: <out>-quick)"""
 
 from __future__ import annotations
 
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from titan_mem.config import ConfigError, read_toml
+from titan_mem.config import read_toml
+from titan_mem.errors import ConfigError
 from titan_mem.study.checks import choice, int_list, positive, str_list
 from titan_mem.study.facts import FactsSpec, read_facts
 from titan_mem.study.keys import (
@@ -473,7 +473,7 @@ def _expand_arm(where: str, i: int, table: dict, spec: StudySpec, max_sweep: int
 
 def _check_budget(where: str, spec: StudySpec) -> None:
     """Every method of a group gets the same number of configurations per geometry (a front is the lower
-    envelope of noisy points, so more points win by themselves: DESIGN.md, 'Same budget')."""
+    envelope of noisy points, so more points win by themselves: docs/design.md, 'Same budget')."""
     for geometry in spec.geometries:
         for group in spec.groups:
             configs: dict[str, set] = {}

@@ -223,7 +223,7 @@ def retrofit_commands(
 def base_config(spec: StudySpec, layout: Layout, key: BaseKey) -> Config:
     """The base's run config (its synthetic world): from its run folder, or the recipe before it ran."""
     if spec.base_checkpoint is not None:
-        from titan_mem.eval.runner import load_checkpoint_config
+        from titan_mem.hf.checkpoint_config import load_checkpoint_config
 
         return load_checkpoint_config(spec.base_checkpoint)
     if spec.hf_model:

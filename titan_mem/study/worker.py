@@ -23,16 +23,18 @@ import sys
 from pathlib import Path
 
 from titan_mem import config as config_mod
-from titan_mem.config import Config, ConfigError
+from titan_mem.background_counts import count_background
+from titan_mem.cli import run_cli
+from titan_mem.config import Config
 from titan_mem.distributed import exit_process
-from titan_mem.eval.runner import evaluate_checkpoint, load_checkpoint_config
+from titan_mem.errors import ConfigError
+from titan_mem.eval.runner import evaluate_checkpoint
 from titan_mem.eval.tasks import parse_task_list
+from titan_mem.hf.checkpoint_config import load_checkpoint_config
 from titan_mem.hf.export import export_checkpoint
-from titan_mem.sparse.background import count_background
 from titan_mem.study.choose_facts import choose_facts
 from titan_mem.study.keys import BACKGROUNDS
 from titan_mem.study.spec import load_study
-from titan_mem.train import run_cli
 
 HELDOUT_POPULATION = "known_val"
 

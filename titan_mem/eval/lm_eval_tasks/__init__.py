@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from titan_mem.errors import DataError
+
 TASKS_DIR = Path(__file__).resolve().parent
 HELLASWAG = "titan_mem_hellaswag_local"
 GSM8K_NLL = "titan_mem_gsm8k_nll_local"
@@ -27,7 +29,7 @@ def local_task_yaml(task: str, name: str, data_file: str | Path, cache_dir: str 
     `cache_dir` if given. Paths are written absolute (lm-eval resolves `include:` from the new YAML's
     folder and `data_files` from the working directory)."""
     if task not in SPLITS:
-        raise ValueError(f"unknown titan_mem lm-eval task {task!r} (known: {', '.join(SPLITS)})")
+        raise DataError(f"unknown titan_mem lm-eval task {task!r} (known: {', '.join(SPLITS)})")
     lines = [
         f"include: {_quoted(TASKS_DIR / (task + '.yaml'))}",
         f"task: {json.dumps(name)}",
