@@ -136,3 +136,94 @@ def test_the_qwen_attention_variants_train_in_the_trainer_and_are_counted(tmp_pa
     curve = losses(tmp_path / "run")
     assert sorted(curve) == [1, 2, 3] and all(math.isfinite(v) for v in curve.values())
     assert (tmp_path / "run" / "checkpoints" / "step-3").is_dir()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_tied_model_whose_files_also_hold_an_lm_head(tmp_path, same):
+    """tie_word_embeddings: the output layer *is* the embedding. An lm_head.weight in the files equal to it
+    changes nothing; one that differs makes the folder ambiguous (transformers 5 unties the two, earlier
+    versions tie them), so every titan_mem load path refuses it rather than guess."""
+    from safetensors.torch import load_file, save_file
+
+    from titan_mem.hf.retrofit import retrofit_state_dict
+
+    _hf_model("qwen2_tied", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    embedding = weights["model.embed_tokens.weight"]
+    weights["lm_head.weight"] = embedding.clone() if same else torch.randn_like(embedding) * 3
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    args = model_args_from_hf(tmp_path)
+    loads = (
+        lambda: load_hf_model(tmp_path)[0].output.weight,
+        lambda: retrofit_state_dict(tmp_path, args)["output.weight"],
+    )
+    for load in loads:
+        if same:
+            assert torch.equal(load(), embedding)
+            continue
+        with pytest.raises(ConvertError, match="tie_word_embeddings is true but lm_head.weight differs") as e:
+            load()
+        assert "config.json" in str(e.value) and "\n" not in str(e.value)
+    if same:  # and it computes what transformers computes
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+        tokens = torch.randint(0, SMALL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                load_hf_model(tmp_path)[0](tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4
+            )
+
+
+def _break(folder, case: str) -> None:
+    """One way an HF folder is not the model its config names (or not a model at all)."""
+    from safetensors.torch import load_file, save_file
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if case == "config_array":
+        config_path.write_text(json.dumps([config]))
+    elif case in ("model_type_other", "model_type_missing", "architectures_string"):
+        if case == "model_type_other":
+            config["model_type"] = "gpt_neo"
+        elif case == "model_type_missing":
+            del config["model_type"]
+        else:
+            config["architectures"] = "Qwen2ForCausalLM"
+        config_path.write_text(json.dumps(config))
+    elif case == "integer_weights":
+        weights = load_file(folder / "model.safetensors")
+        weights["model.norm.weight"] = weights["model.norm.weight"].round().to(torch.int32)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    elif case == "shard_outside":
+        (folder.parent / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        names = load_file(folder / "model.safetensors")
+        index = {"metadata": {}, "weight_map": dict.fromkeys(names, "../outside.safetensors")}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        (folder / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("config_array", ["config.json", "expected a JSON object"]),
+        ("model_type_other", ["config.json", "model_type 'gpt_neo'", "'qwen2'"]),
+        ("model_type_missing", ["config.json", "model_type None"]),
+        ("architectures_string", ["config.json", "architectures: expected a list"]),
+        ("integer_weights", ["model.safetensors", "model.norm.weight", "torch.int32, expected torch.float32"]),
+        (
+            "shard_outside",
+            ["model.safetensors.index.json", "../outside.safetensors", "not a file of this folder"],
+        ),
+    ],
+)
+def test_a_folder_that_is_not_its_model_is_refused_by_every_load_path(tmp_path, case, needles):
+    from titan_mem.hf.retrofit import retrofit_state_dict
+
+    folder = tmp_path / "model"
+    _hf_model("qwen2_tied", folder)
+    args = model_args_from_hf(folder)
+    _break(folder, case)
+    for load in (lambda: load_hf_model(folder), lambda: retrofit_state_dict(folder, args)):
+        with pytest.raises(ConvertError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and all(n in msg for n in needles), msg

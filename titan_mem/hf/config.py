@@ -18,9 +18,13 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
+# architecture -> the `model_type` transformers registers it under (a folder whose model_type disagrees is
+# a different model to transformers, or none it knows; hf/export.py writes these)
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 # A model with memory layers: its base architecture's config.json plus a `titan_mem` block
 # ({"base_architecture": ..., "memory": MemoryArgs fields}); only titan_mem reads it (hf/export.py).
 MEMORY_ARCHITECTURE = "TitanMemForCausalLM"
+MEMORY_MODEL_TYPE = "titan_mem"
 
 
 def memory_args_from(block: object, path: Path) -> MemoryArgs:
@@ -39,9 +43,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConvertError(path, "not found (an HF model folder holds config.json and its safetensors)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(path, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConvertError(path, f"expected a JSON object of model settings, got a {type(config).__name__}")
+    return config
 
 
 def _rope(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -69,8 +76,14 @@ def model_args_from_hf(folder: Path) -> ModelArgs:
     path = Path(folder) / "config.json"
     config = read_config(folder)
     archs = config.get("architectures") or []
-    memory = MemoryArgs()
+    if not isinstance(archs, list):
+        raise ConvertError(path, f"architectures: expected a list of names, got {archs!r}")
+    memory, model_type = MemoryArgs(), config.get("model_type")
     if MEMORY_ARCHITECTURE in archs:
+        if model_type != MEMORY_MODEL_TYPE:
+            raise ConvertError(
+                path, f"model_type {model_type!r}: {MEMORY_ARCHITECTURE} needs {MEMORY_MODEL_TYPE!r}"
+            )
         block = config.get("titan_mem")
         if not isinstance(block, dict):
             raise ConvertError(path, f"{MEMORY_ARCHITECTURE} needs a 'titan_mem' object")
@@ -79,6 +92,10 @@ def model_args_from_hf(folder: Path) -> ModelArgs:
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ConvertError(path, f"architectures {archs}: not supported (known: {', '.join(ARCHITECTURES)})")
+    if memory == MemoryArgs() and model_type != MODEL_TYPES[arch]:
+        raise ConvertError(
+            path, f"model_type {model_type!r}: {arch} is {MODEL_TYPES[arch]!r} to transformers"
+        )
     refused = {
         "hidden_act": config.get("hidden_act", "silu") != "silu",
         "mlp_bias": bool(config.get("mlp_bias", False)),

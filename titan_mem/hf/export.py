@@ -25,12 +25,11 @@ from titan_mem.data import build_tokenizer
 from titan_mem.data.hf_tokenizer import TOKENIZER_FILES, hf_tokenizer_folder
 from titan_mem.errors import ConvertError
 from titan_mem.hf.checkpoint_config import load_checkpoint_config
-from titan_mem.hf.config import ARCHITECTURES, MEMORY_ARCHITECTURE
+from titan_mem.hf.config import ARCHITECTURES, MEMORY_ARCHITECTURE, MEMORY_MODEL_TYPE, MODEL_TYPES
 from titan_mem.hf.retrofit import model_args_for
 from titan_mem.hf.weights import SINGLE, hf_name, is_rope_row_tensor, split_rope_rows
 from titan_mem.models.args import ModelArgs
 
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -49,7 +48,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     arch = base_architecture(args)
     config = {
         "architectures": [arch],
-        "model_type": _MODEL_TYPES[arch],
+        "model_type": MODEL_TYPES[arch],
         "hidden_size": args.dim,
         "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -77,7 +76,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
         }
     if args.memory.layers:
         config["architectures"] = [MEMORY_ARCHITECTURE]
-        config["model_type"] = "titan_mem"
+        config["model_type"] = MEMORY_MODEL_TYPE
         config["titan_mem"] = {"base_architecture": arch, "memory": dataclasses.asdict(args.memory)}
     return config
 

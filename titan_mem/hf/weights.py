@@ -103,8 +103,13 @@ def shard_files(folder: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConvertError(index, "not a safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict):
+            raise ConvertError(index, "not a safetensors index (weight_map is not an object)")
         files = {name: folder / shard for name, shard in weight_map.items()}
+        inside = folder.resolve()
         for path in sorted(set(files.values())):
+            if path.resolve().parent != inside:  # '../x', an absolute path or a link out: not this model's
+                raise ConvertError(index, f"shard {path.relative_to(folder)}: not a file of this folder")
             if not path.is_file():
                 raise ConvertError(path, f"missing: {INDEX} lists this shard")
         return files
@@ -144,17 +149,36 @@ def read_state_dict(folder: Path, args: ModelArgs, dtype: torch.dtype = torch.fl
                             f"tensor {name}: shape {list(t.shape)}, config.json gives "
                             f"{list(expected[ours].shape)}",
                         )
+                    if t.is_floating_point() != expected[ours].is_floating_point():
+                        # e.g. quantized weights: cast to float, they would be a different model
+                        raise ConvertError(
+                            path, f"tensor {name}: dtype {t.dtype}, expected {expected[ours].dtype}"
+                        )
                     if is_rope_row_tensor(ours):
                         t = interleave_rope_rows(t, args.head_dim)
                     out[ours] = t.to(dtype) if t.is_floating_point() else t
         except SafetensorError as e:
             raise ConvertError(path, f"not a safetensors file ({e})") from None
     if args.tie_embeddings:
-        out.setdefault("output.weight", out.get("tok_embeddings.weight"))
+        out["output.weight"] = _tied_output(folder, out)
     missing = sorted(k for k in expected if out.get(k) is None)
     if missing:
         raise ConvertError(folder, f"weights lack {missing[0]} ({len(missing)} tensors missing)")
     return out
+
+
+def _tied_output(folder: Path, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The output layer of a tied model: the input embedding. A folder whose files also hold an
+    `lm_head.weight` that differs from it is refused: transformers 5 then loads the two untied, earlier
+    versions tie them (the embedding wins), so which model the folder is depends on who reads it."""
+    embedding, head = state.get("tok_embeddings.weight"), state.get("output.weight")
+    if embedding is not None and head is not None and not torch.equal(embedding, head):
+        raise ConvertError(
+            folder / "config.json",
+            "tie_word_embeddings is true but lm_head.weight differs from the embedding (set it to false if "
+            "the separate lm_head is meant, or drop lm_head.weight)",
+        )
+    return embedding
 
 
 def _arch(args: ModelArgs) -> str:

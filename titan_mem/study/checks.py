@@ -11,19 +11,23 @@ from titan_mem.errors import ConfigError
 from titan_mem.study.keys import StudyError
 
 
-def _typed(where: str, key: str, tp: Any, value: Any) -> Any:
+def typed(where: str, key: str, tp: Any, value: Any) -> Any:
+    """`value` as type `tp` (`int`, `list[str]`, a `Literal[...]`, ...), or one StudyError line naming `key`."""
     try:
         return coerce(key, tp, value, from_cli=False)
     except ConfigError as e:
         raise StudyError(f"{where}: {e}") from None
 
 
+_typed = typed  # the older private name
+
+
 def str_list(where: str, key: str, value: Any) -> list[str]:
-    return _typed(where, key, list[str], value)
+    return typed(where, key, list[str], value)
 
 
 def int_list(where: str, key: str, value: Any) -> list[int]:
-    return _typed(where, key, list[int], value)
+    return typed(where, key, list[int], value)
 
 
 def positive(where: str, key: str, value: Any, allow_zero: bool = False) -> int:
@@ -34,4 +38,4 @@ def positive(where: str, key: str, value: Any, allow_zero: bool = False) -> int:
 
 
 def choice(where: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    return _typed(where, key, Literal[allowed], value)
+    return typed(where, key, Literal[allowed], value)
