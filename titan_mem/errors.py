@@ -14,6 +14,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,9 +151,28 @@ _PATH_ERRNOS = {
 def is_user_error(e: BaseException) -> bool:
     """Whether a command prints `e` as one `error:` line (exit 2) rather than keeping its traceback: a
     `UserError`, or an OSError refusing a path or out of space (ENOENT, EACCES, EROFS, ENOSPC, ...: its
-    message names the path, wherever it was raised). Anything else, a ValueError of ours included, is a
-    bug to fix and keeps its traceback."""
+    message names the path, wherever it was raised), also when a rank of a DCP write raised it (torch
+    wraps those). Anything else, a ValueError of ours included, is a bug to fix and keeps its traceback."""
+    e = innermost(e)
     return isinstance(e, UserError) or (isinstance(e, OSError) and e.errno in _PATH_ERRNOS)
+
+
+def quiet_lost_connections(worker_id: int | None = None) -> None:
+    """No traceback for a connection the other side dropped: multiprocessing's resource sharer (the thread
+    that passes tensors between a data-loader worker and its parent) reports one through sys.excepthook
+    when either goes away, which is how an interrupted command's workers end. Installed in every
+    data-loader worker (`worker_init_fn`) and in a command once a signal arrived; other errors keep theirs."""
+    sys_hook, thread_hook = sys.excepthook, threading.excepthook
+
+    def quiet_sys(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            sys_hook(kind, value, tb)
+
+    def quiet_thread(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, (EOFError, ConnectionError)):
+            thread_hook(args)
+
+    sys.excepthook, threading.excepthook = quiet_sys, quiet_thread
 
 
 def report_unexpected(e: BaseException, dump_folder: str | os.PathLike | None) -> None:

@@ -208,7 +208,10 @@ def _break(folder, case: str) -> None:
         ("model_type_other", ["config.json", "model_type 'gpt_neo'", "'qwen2'"]),
         ("model_type_missing", ["config.json", "model_type None"]),
         ("architectures_string", ["config.json", "architectures: expected a list"]),
-        ("integer_weights", ["model.safetensors", "model.norm.weight", "torch.int32, expected torch.float32"]),
+        (
+            "integer_weights",
+            ["model.safetensors", "model.norm.weight", "int32, expected torch.float32"],
+        ),
         (
             "shard_outside",
             ["model.safetensors.index.json", "../outside.safetensors", "not a file of this folder"],

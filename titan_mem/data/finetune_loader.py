@@ -13,7 +13,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_mem.data.streams import check_fingerprint
-from titan_mem.errors import DataError
+from titan_mem.errors import DataError, quiet_lost_connections
 
 STATE_VERSION = 1
 
@@ -40,6 +40,7 @@ class DataLoader(StatefulDataLoader):
                 # its own generator: creating an iterator must not draw from the global torch RNG,
                 # or a resumed run's model RNG stream would differ from the uninterrupted run's
                 generator=torch.Generator().manual_seed(seed),
+                worker_init_fn=quiet_lost_connections,  # a worker outlived by its parent ends quietly
             )
         self.dp_rank, self.dp_world_size, self.fingerprint = dp_rank, dp_world_size, fingerprint
 

@@ -29,7 +29,7 @@ from titan_mem.data.documents import DocStats, DocumentSource
 from titan_mem.data.packing import windows_to_batch
 from titan_mem.data.text import PackedStream, check_stream_state, initial_stream_state
 from titan_mem.data.tokenizer import Tokenizer
-from titan_mem.errors import ConfigError, DataError
+from titan_mem.errors import ConfigError, DataError, quiet_lost_connections
 
 AUTO_MAX_STREAMS = 64  # auto `data.streams`: enough for 64-way data parallelism, few files per stream
 AUTO_MAX_WORKERS = 4  # auto `data.num_workers`: tokenizing more than this ahead never paid off
@@ -217,6 +217,7 @@ class PretrainLoader:
                 prefetch_factor=max(2, 2 * len(mine) // workers) if workers else None,
                 # its own generator: starting workers must not draw from the global torch RNG
                 generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=quiet_lost_connections,  # a worker outlived by its parent ends quietly
             )
         )
         mb = self.micro_batch_size
