@@ -39,12 +39,12 @@ overrides = ["--finetune.lora_alpha=8"]
 overrides = ["--training.steps=4"]
 
 [eval]
-tasks = ["synthetic_qa"]
+tasks = ["synthetic_qa", "perplexity:{doc}"]
 every = 2
 limit = 6
 learning = "synthetic_qa/new_taught:answer_nll"
 control = "synthetic_qa/new_untaught:answer_nll"
-forgetting = ["synthetic_qa/known_{split}:f1", "perplexity:../shared/data/c4_sample_01.json.gz:nll"]
+forgetting = ["synthetic_qa/known_{split}:f1", "perplexity:{doc}:nll"]
 
 [[arm]]
 method = "sparse"
@@ -60,7 +60,8 @@ lora_rank = [2, 4]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
-    """The study file, with {base} = a step folder whose run has a resolved config (as a real base has)."""
+    """The study file, with {base} = a step folder whose run has a resolved config (as a real base has) and
+    {doc} = a small documents file (what a perplexity task reads)."""
     step = tmp_path / "run" / "checkpoints" / "step-1"
     if not step.is_dir():
         step.mkdir(parents=True)
@@ -68,8 +69,11 @@ def _write(tmp_path: Path, text: str) -> Path:
             config_mod.parse_args([str(REPO / "train_configs/debug_model.toml")]),
             step.parent.parent / "config.json",
         )
+    doc = tmp_path / "docs.jsonl"
+    if not doc.is_file():
+        doc.write_text('{"text": "A short document."}\n')
     path = tmp_path / "study.toml"
-    path.write_text(text.replace("{base}", str(step)))
+    path.write_text(text.replace("{base}", str(step)).replace("{doc}", str(doc)))
     return path
 
 
@@ -85,7 +89,7 @@ def test_arms_expand_to_sweep_times_seeds(tmp_path):
     assert {a.mode for a in spec.arms} == {"sparse_finetune", "lora_finetune"}
     assert spec.learning.metric == "answer_nll" and not spec.learning.higher_is_better
     assert [str(r) for r in spec.forgetting_refs("test")][0] == "synthetic_qa/known_test:f1"
-    assert spec.forgetting_refs("val")[1].task == "perplexity:../shared/data/c4_sample_01.json.gz"
+    assert spec.forgetting_refs("val")[1].task == f"perplexity:{tmp_path / 'docs.jsonl'}"  # a ':' in a task
 
 
 def test_each_method_reaches_its_arms_with_its_own_optimizer(tmp_path, monkeypatch):
@@ -236,8 +240,9 @@ def _counts_of(jobs) -> dict[str, str]:
 def test_shipped_studies_plan(name, monkeypatch):
     """The shipped study files load and every arm's trainer config passes its checks (--dry-run)."""
     monkeypatch.chdir(REPO)
-    if name == "smollm2_triviaqa" and not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} (the facts' source) is not on this machine")
+    needs_data = ("smollm2_triviaqa", "triviaqa_1b", "retrofit_qwen2.5_0.5b")  # eval.data_dir, facts.source
+    if name in needs_data and not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} (its evaluation data) is not on this machine")
     for quick in (False, True):
         spec = load_study(f"studies/{name}.toml", quick=quick)
         jobs = plan(spec)

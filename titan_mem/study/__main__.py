@@ -4,21 +4,29 @@
 Runs a continual-learning study (docs/results.md): per geometry and base seed the base, its background
 counts and its evaluation, every arm as soon as its base is ready, then `results.jsonl`, `report.md`,
 `summary.json` and PNG plots under the study's `out` folder. Rerunning skips what is done. `--dry-run`
-checks the file and every arm's config and prints the commands.
+checks the file (every key, task, metric, path and output: study/validate.py) and every arm's config and
+prints the commands.
+
+A run holds `<out>/.study.lock` throughout: a second study on the same `out` exits 2 naming the holder.
+`--dry-run` and `--report-only` do not take it (study/lock.py says why that is safe); each says when a study
+is running there. SIGINT / SIGTERM stop every running job and exit 130 / 143 with one line (study/stop.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from titan_mem.cli import run_cli
 from titan_mem.distributed import exit_process
 from titan_mem.errors import ConfigError
+from titan_mem.study.lock import STUDY_LOCK, lock_holder
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.runner import collect, plan, run_study
 from titan_mem.study.spec import load_study
 from titan_mem.study.stages import layout_of
+from titan_mem.study.stop import StudyInterrupted
 from titan_mem.study.subset import only_arms, only_geometries, only_groups, with_base
 
 
@@ -60,8 +68,10 @@ def run(argv: list[str]) -> None:
             print(f"# {job.name}  (log: {job.cmd.log}{after})\n{job.cmd.shell()}")
         n_arms = sum(1 for j in jobs if j.arm is not None)
         print(f"# {len(jobs)} jobs, {n_arms} arms; outputs under {spec.out}")
+        _say_if_running(spec.out, "a run now would be refused")
         return
-    if args.report_only:
+    if args.report_only:  # reads finished records only; writes the report files whole (study/lock.py)
+        _say_if_running(spec.out, "this report is interim; the study rewrites it when it ends")
         layout = layout_of(spec)
         print(write_study_report(spec, layout, collect(spec, layout)))
         return
@@ -69,9 +79,28 @@ def run(argv: list[str]) -> None:
     run_study(spec, jobs=args.jobs, gpus=gpus, threads=args.threads)
 
 
+def _say_if_running(out: Path, consequence: str) -> None:
+    holder = lock_holder(out / STUDY_LOCK)
+    if holder is not None:
+        print(f"# note: a study is running on {out} ({holder}): {consequence}")
+
+
 def main() -> int:
-    # a study-file error, a failed stage or arm: one `error:` line (the trainer's convention), exit 2
-    return run_cli(lambda: run(sys.argv[1:]))
+    # a study-file error, a failed stage or arm: one `error:` line (the trainer's convention), exit 2;
+    # stopped by SIGINT / SIGTERM while jobs ran: one line naming them, exit 130 / 143
+    stopped: list[StudyInterrupted] = []
+
+    def study() -> None:
+        try:
+            run(sys.argv[1:])
+        except StudyInterrupted as e:  # caught here: run_cli would take it for a bug
+            stopped.append(e)
+
+    rc = run_cli(study)
+    if stopped:
+        print(f"error: {stopped[0]}", file=sys.stderr, flush=True)
+        return stopped[0].exit_code
+    return rc
 
 
 if __name__ == "__main__":

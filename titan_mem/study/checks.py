@@ -12,14 +12,11 @@ from titan_mem.study.keys import StudyError
 
 
 def typed(where: str, key: str, tp: Any, value: Any) -> Any:
-    """`value` as type `tp` (`int`, `list[str]`, a `Literal[...]`, ...), or one StudyError line naming `key`."""
+    """`value` as type `tp` (`int`, `list[str]`, a `Literal[...]`), or one StudyError line naming `key`."""
     try:
         return coerce(key, tp, value, from_cli=False)
     except ConfigError as e:
         raise StudyError(f"{where}: {e}") from None
-
-
-_typed = typed  # the older private name
 
 
 def str_list(where: str, key: str, value: Any) -> list[str]:

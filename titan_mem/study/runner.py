@@ -7,13 +7,16 @@ stopped: a base run resumes from its own checkpoints, an arm is finished when it
 records and the command that made them (an arm whose command changed, or that died half-way, runs again
 from its start). A failed job does not stop the others (only what depends on it); the study exits non-zero
 and names it.
+
+One study at a time per `out` (a lock held for the whole run; an arm folder a live process holds is never
+deleted: study/lock.py); SIGINT / SIGTERM reach every running job and stop the study cleanly (study/stop.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -29,6 +32,7 @@ from titan_mem.config import Config
 from titan_mem.errors import ConfigError, TrainingError
 from titan_mem.eval.runner import write_json, write_jsonl
 from titan_mem.sparse.select import NEEDS_BACKGROUND
+from titan_mem.study.lock import StudyLock, refuse_held_arms, remove_stale_run
 from titan_mem.study.overview import write_study_report
 from titan_mem.study.results import arm_records, base_records, healed_records
 from titan_mem.study.spec import Arm, StudyError, StudySpec
@@ -51,6 +55,9 @@ from titan_mem.study.stages import (
     retrofit_commands,
     run_command,
 )
+from titan_mem.study.stop import Children, StudyInterrupted
+
+POLL_S = 0.5  # how often the scheduler looks for a stop signal while jobs run
 
 
 class StudyFailed(TrainingError):
@@ -202,18 +209,21 @@ def run_study(
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run whatever is not done yet; returns the results file. Raises StudyFailed naming failed jobs."""
+    """Run whatever is not done yet; returns the results file. Raises StudyFailed naming failed jobs,
+    StudyError when another study holds `out` or a live run an arm folder to redo, StudyInterrupted on
+    SIGINT / SIGTERM (every job stopped)."""
     layout = layout_of(spec)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    todo = plan(spec)
-    t0 = time.perf_counter()
-    n_workers = len(gpus) if gpus else max(1, jobs)
-    per_job = threads or max(1, (os.cpu_count() or 1) // n_workers)
-    failed = _run_jobs(layout, todo, n_workers, gpus, per_job, log)
-    records = collect(spec, layout, failed)
-    write_jsonl(layout.results, records)
-    if report:
-        write_study_report(spec, layout, records)
+    todo = plan(spec)  # every arm checked before anything is written
+    with StudyLock(layout.root):  # creates out; one study at a time
+        refuse_held_arms([layout.arm_dir(j.arm) for j in todo if j.arm is not None and not j.done()])
+        t0 = time.perf_counter()
+        n_workers = len(gpus) if gpus else max(1, jobs)
+        per_job = threads or max(1, (os.cpu_count() or 1) // n_workers)
+        failed = _run_jobs(layout, todo, n_workers, gpus, per_job, log)
+        records = collect(spec, layout, failed)
+        write_jsonl(layout.results, records)
+        if report:
+            write_study_report(spec, layout, records)
     n_arms = sum(1 for j in todo if j.arm is not None)
     n_ok = n_arms - sum(1 for j in failed if j.arm is not None)
     log(f"[study] {spec.name}: {n_ok}/{n_arms} arms, results in {layout.results}, report in "
@@ -315,7 +325,8 @@ def _run_jobs(
     log: Callable[[str], None],
 ) -> dict[Job, str]:  # fmt: skip
     """Run the jobs not done yet, each once its dependencies succeeded; returns the failed (or skipped
-    because a dependency failed) jobs with their logs."""
+    because a dependency failed) jobs with their logs. On SIGINT / SIGTERM (main thread): the signal goes to
+    every running job, none starts, and StudyInterrupted is raised once they are gone (study/stop.py)."""
     by_name = {j.name: j for j in todo}
     state: dict[str, str] = {}  # name -> ok | failed
     for j in todo:
@@ -330,17 +341,25 @@ def _run_jobs(
         log(f"[study] {len(todo) - len(pending)} of {len(todo)} jobs done before, skipped")
     free = list(gpus or [None] * n_workers)
     lock = threading.Lock()
+    children = Children()
     failed: dict[Job, str] = {}
     started, n_total, n_done = time.perf_counter(), len(pending), 0
 
-    def one(job: Job, threads: int) -> tuple[int, str, float]:
+    def one(job: Job, threads: int) -> tuple[int, str, float, bool]:
+        """(exit code, last log line or why it did not run, seconds, whether it ran)."""
         with lock:
             gpu = free.pop()
         try:
-            if job.arm is not None and layout.arm_dir(job.arm).exists():  # died half-way: start again
-                shutil.rmtree(layout.arm_dir(job.arm))
+            if children.signum is not None:
+                return 128 + children.signum, "not started: the study is stopping", 0.0, False
+            if job.arm is not None:  # died half-way: start again, unless a live run holds the folder
+                refused = remove_stale_run(layout.arm_dir(job.arm))
+                if refused is not None:
+                    return 2, refused, 0.0, False
             t = time.perf_counter()
-            rc, last = run_command(job.cmd, threads=None if gpu else threads, gpu=gpu)
+            rc, last = run_command(job.cmd, threads=None if gpu else threads, gpu=gpu, children=children)
+            if children.signum is not None:  # stopped by a signal: whatever it left is not a result
+                return rc or 128 + children.signum, last, time.perf_counter() - t, True
             if rc == 0 and job.arm is not None:
                 seconds = time.perf_counter() - t
                 records = arm_records(job.arm, layout.arm_dir(job.arm))
@@ -348,14 +367,14 @@ def _run_jobs(
                                                       "records": records})  # fmt: skip
             if rc == 0:
                 _commit_result(layout, job, time.perf_counter() - t, records if job.arm is not None else None)
-            return rc, last, time.perf_counter() - t
+            return rc, last, time.perf_counter() - t, True
         finally:
             with lock:
                 free.append(gpu)
 
     running: dict[Future, Job] = {}
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        while pending or running:
+    with children.on_signals(), ThreadPoolExecutor(max_workers=n_workers) as pool:
+        while (pending or running) and children.signum is None:
             for job in list(pending):
                 if any(state.get(d) == "failed" for d in job.deps):
                     pending.remove(job)
@@ -363,6 +382,8 @@ def _run_jobs(
                     failed[job] = (
                         f"not run: {', '.join(d for d in job.deps if state.get(d) == 'failed')} failed"
                     )
+                elif children.signum is not None:
+                    break
                 elif len(running) < n_workers and all(state.get(d) == "ok" for d in job.deps):
                     pending.remove(job)
                     log(f"[study] {job.name} ... (log: {job.cmd.log})")
@@ -372,13 +393,15 @@ def _run_jobs(
                     )
                     running[pool.submit(one, job, threads * n_workers if alone else threads)] = job
             if not running:
-                if pending:  # nothing can start: a dependency is missing from the plan
+                if pending and children.signum is None:  # nothing can start: a dependency is missing
                     raise StudyFailed(f"{pending[0].name}: waits for {pending[0].deps}, which never ran")
                 break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
+            if children.signum is not None:
+                break
             for fut in finished:
                 job = running.pop(fut)
-                rc, last, seconds = fut.result()
+                rc, last, seconds, ran = fut.result()
                 n_done += 1
                 eta = (time.perf_counter() - started) / n_done * (n_total - n_done)
                 state[job.name] = "ok" if rc == 0 else "failed"
@@ -388,6 +411,12 @@ def _run_jobs(
                     f"~{eta / 60:.1f} min left"
                 )
                 if rc != 0:
-                    failed[job] = str(job.cmd.log)
+                    failed[job] = str(job.cmd.log) if ran else last
+        if children.signum is not None:
+            stopped = [j.name for j in running.values()]
+            log(f"[study] {signal.Signals(children.signum).name}: stopping {len(stopped)} running job(s)")
+            children.stop()
+            wait(list(running))
+            raise StudyInterrupted(children.signum, stopped)
     assert all(n in by_name for n in state)
     return failed

@@ -47,11 +47,11 @@ from titan_mem.study.keys import (
     BACKGROUNDS,
     HIGHER_IS_BETTER,
     REFERENCES,
-    SECTIONS,
     STARTS,
     StudyError,
     sweep_keys,
 )
+from titan_mem.study.validate import check_base_study, check_sections, check_study, check_sweep, check_types
 
 __all__ = ["HIGHER_IS_BETTER", "Arm", "Geometry", "Method", "MetricRef", "StudyError", "StudySpec",
            "load_study"]  # fmt: skip
@@ -212,22 +212,6 @@ def _apply_quick(where: str, data: dict[str, Any]) -> int | None:
     return max_sweep
 
 
-def _check_sections(where: str, data: dict[str, Any]) -> None:
-    for name, table in data.items():
-        if name in ("arm", "geometry"):
-            continue
-        if name not in SECTIONS:
-            known = ", ".join([*SECTIONS, "geometry", "arm"])
-            raise StudyError(f"{where}: unknown section [{name}] (known: {known})")
-        if not isinstance(table, dict):
-            raise StudyError(f"{where}: '{name}' must be a [section]")
-        if name == "method":
-            continue
-        for key in table:
-            if key not in SECTIONS[name]:
-                raise StudyError(f"{where}: unknown key {name}.{key}")
-
-
 def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     """Read and check a study file; relative paths are relative to the working directory (the repo root).
     `quick`: apply the file's [quick] table (a few-minute version of the same study)."""
@@ -237,7 +221,9 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     except ConfigError as e:
         raise StudyError(str(e)) from None
     where = str(path)
-    _check_sections(where, data)
+    check_sections(where, data)
+    check_types(where, data)  # every key's type, before any is used
+    quick_keys = set(data.get("quick", {})) if quick else set()
     max_sweep = _apply_quick(where, data) if quick else None
     study, base = data.get("study", {}), data.get("base", {})
     ft, ev = data.get("finetune", {}), data.get("eval", {})
@@ -252,8 +238,6 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     for key, value in (("study.seeds", seeds), ("study.base_seeds", base_seeds)):
         if not value or len(set(value)) != len(value):
             raise StudyError(f"{where}: {key} must be a non-empty list without repeats")
-    if study.get("pair_seeds", False) not in (True, False):
-        raise StudyError(f"{where}: study.pair_seeds: expected true or false")
     if study.get("pair_seeds") and len(seeds) != len(base_seeds):
         raise StudyError(f"{where}: study.pair_seeds: seeds and base_seeds must have the same length")
     checkpoint, recipe, other = base.get("checkpoint"), base.get("pretrain_config"), base.get("study")
@@ -266,9 +250,8 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
         raise StudyError(f"{where}: study.base_seeds: one given base.checkpoint cannot have several seeds")
     geometries = _geometries(where, data.get("geometry", []))
     if other is not None:
+        check_base_study(where, path, other)  # a file, not this one, that borrows no bases itself
         shared = load_study(other, quick=quick)
-        if shared.base_study is not None:
-            raise StudyError(f"{where}: base.study {other} takes its bases from another study itself")
         recipe, checkpoint = shared.pretrain_config, shared.base_checkpoint
         base = {**base, "pretrain_overrides": shared.pretrain_overrides}
         known = {g.name: g for g in shared.geometries}
@@ -345,6 +328,7 @@ def load_study(path: str | Path, quick: bool = False) -> StudySpec:
     if dupes:
         raise StudyError(f"{where}: arms repeat: {', '.join(dupes[:3])}")
     _check_budget(where, spec)
+    check_study(where, spec, quick_keys)  # tasks, metrics, paths to read, outputs to write
     return spec
 
 
@@ -459,6 +443,7 @@ def _expand_arm(where: str, i: int, table: dict, spec: StudySpec, max_sweep: int
         values = value if isinstance(value, list) else [value]
         if not values:
             raise StudyError(f"{where}: arm {i} ({method}): empty sweep for {key!r}")
+        check_sweep(where, f"arm {i} ({method})", key, keys[key], values)
         sweeps.append((key, values[:max_sweep] if max_sweep else values))
     out = []
     for geometry in geometries:

@@ -21,6 +21,7 @@ from titan_mem import config as config_mod
 from titan_mem.checkpoint import step_dirs
 from titan_mem.config import Config
 from titan_mem.study.spec import Arm, Method, StudySpec, eval_steps, load_study
+from titan_mem.study.stop import Children
 
 # Keys of the synthetic world an arm must share with its base (people, QA split, world seed).
 WORLD_KEYS = ("synthetic_known_people", "synthetic_new_people", "synthetic_qa_people")
@@ -352,8 +353,11 @@ def arm_command(
     return Command(f"{arm.geometry}/{arm.group}/{arm.name}", argv, layout.arm_dir(arm) / "train.log")
 
 
-def run_command(cmd: Command, threads: int | None = None, gpu: str | None = None) -> tuple[int, str]:
-    """Run to completion with stdout+stderr in `cmd.log`; returns (exit code, last non-empty log line)."""
+def run_command(
+    cmd: Command, threads: int | None = None, gpu: str | None = None, children: Children | None = None
+) -> tuple[int, str]:
+    """Run to completion with stdout+stderr in `cmd.log`; returns (exit code, last non-empty log line).
+    With `children`, in its own process group, which a signal to the study reaches (study/stop.py)."""
     cmd.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **cmd.env}
     if threads is not None:
@@ -363,6 +367,10 @@ def run_command(cmd: Command, threads: int | None = None, gpu: str | None = None
     with cmd.log.open("w") as log:
         log.write(f"$ {cmd.shell()}\n")
         log.flush()
-        rc = subprocess.run(cmd.argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        out = {"stdout": log, "stderr": subprocess.STDOUT, "env": env}
+        if children is not None:
+            rc = children.run(cmd.argv, **out)
+        else:
+            rc = subprocess.run(cmd.argv, **out, check=False).returncode  # type: ignore[call-overload]
     lines = [ln.strip() for ln in cmd.log.read_text(errors="replace").splitlines() if ln.strip()]
     return rc, lines[-1] if lines else ""
