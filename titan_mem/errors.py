@@ -123,16 +123,17 @@ def check_writable(out: Path) -> None:
 
 @contextlib.contextmanager
 def write_errors(out: Path, what: str) -> Iterator[None]:
-    """Turn a failed write (disk full, torch's or safetensors' own I/O errors) into one CheckpointError
-    line naming `out`; our own errors pass unchanged."""
+    """Turn a failed write (disk full, torch's or safetensors' own I/O errors, a DCP write's
+    `CheckpointException`, which derives from BaseException) into one CheckpointError line naming `out`;
+    our own errors and interrupts pass unchanged."""
     try:
         yield
     except CheckpointError:
         raise
     except (OSError, RuntimeError) as e:
         raise write_failure(out, what, e) from None
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError":
+    except BaseException as e:
+        if type(e).__name__ not in ("SafetensorError", "CheckpointException"):
             raise
         raise write_failure(out, what, e) from None
 

@@ -375,17 +375,25 @@ def test_bad_inputs_one_line_exit_2(ck, tmp_path, capsys):
     assert _ok(cli_run("--help")).stdout.count("apply-delta") >= 1
 
 
-def test_failed_write_leaves_nothing(ck, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_failed_write_leaves_nothing(ck, tmp_path, capsys, monkeypatch, wrapped):
+    """A full disk mid-write: one line, exit 2, no partial folder and none of the folders made for the
+    output. `wrapped`: as a real DCP write fails, a rank's OSError inside torch's CheckpointException (a
+    BaseException, which escaped every `except Exception` before)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     def exploding_save(state, storage_writer, no_dist):
         Path(storage_writer.path).mkdir(parents=True)
         Path(storage_writer.path, "__0_0.distcp").write_bytes(b"half")
-        raise OSError(28, "No space left on device", str(storage_writer.path))
+        full = OSError(28, "No space left on device", str(storage_writer.path))
+        raise CheckpointException("save failed", {0: full}) if wrapped else full
 
     monkeypatch.setattr(ckfiles.dcp, "save", exploding_save)
-    out = tmp_path / "exported"
+    out = tmp_path / "new" / "nested" / "exported"
     rc, _, err = cli_main(capsys, "export-model", ck["base"], out)
     one_line_error(rc, err, "No space left")
     no_leftovers(out)
+    assert not (tmp_path / "new").exists()
 
 
 def test_every_subcommand_has_help(capsys):

@@ -137,9 +137,18 @@ def test_sparse_and_lora_checkpoints_evaluate_as_their_exported_models(finetuned
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_task", "missing_file", "malformed_line", "other_model", "limit"],
+    [
+        "unknown_task",
+        "missing_file",
+        "malformed_line",
+        "other_model",
+        "limit",
+        "out_under_a_file",
+        "same_file",
+    ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, pretrained, tmp_path):
+    (tmp_path / "a_file").write_text("")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2", "answer": \n')
     empty = tmp_path / "empty"
@@ -150,6 +159,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, pretrained, tmp_path):
         "malformed_line": ([f"nq_open:{bad}"], [], f"{bad}:2: invalid JSON line"),
         "other_model": (["hellaswag"], ["--model.dim=32"], "shape"),
         "limit": (["hellaswag"], ["--limit", "0"], "--limit"),
+        # outputs are checked before the model loads
+        "out_under_a_file": (
+            ["hellaswag"],
+            ["--items", str(tmp_path / "a_file" / "i.jsonl")],
+            "a_file is a file",
+        ),
+        "same_file": (["hellaswag"], ["--predictions", str(tmp_path / "r.json")], "two name the same file"),
     }[case]
     args = ["--checkpoint", str(pretrained), "--tasks", ",".join(tasks), "--out", str(tmp_path / "r.json")]
     if "--data-dir" not in extra:
@@ -193,3 +209,19 @@ def test_generate_cli_says_what_the_evaluation_predicted(pretrained, tmp_path):
     assert [g["prompt"] for g in got] == [p["prompt"] for p in preds]
     assert [g["completion"].strip() for g in got] == [p["prediction"] for p in preds]
     assert preds[0]["prompt"] in proc.stdout
+
+
+def test_outputs_are_written_together_or_not_at_all(pretrained, tmp_path, monkeypatch):
+    """The disk fills while the last of the three outputs is written: none of them appears (each was
+    written to its temporary name first), no temporary file stays, and the command says why in one line."""
+    write_text = Path.write_text
+
+    def full_disk_for_results(self, *args, **kwargs):
+        if self.name.startswith("results.json"):
+            raise OSError(28, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk_for_results)
+    proc = evaluate(pretrained, tmp_path, ["synthetic_qa"], "--limit", "2")
+    error_line(proc, "results.json", "No space left", alone=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -25,45 +25,67 @@ def check_new_output(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> No
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield `<out>.partial` to write into; it becomes `out` only if the block finishes."""
-    check_new_output(out, overwrite, inputs)
+def new_parents(out: Path) -> Iterator[None]:
+    """Create the folders `out` needs; if the block fails, remove the ones created here (so a failed
+    command leaves no empty folder behind), innermost first, stopping at one that is not empty."""
+    created, folder = [], out.parent
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    remove_path(partial)  # a stale one from a killed run
     try:
-        with write_errors(out, "writing"):
-            yield partial
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            remove_path(old)
-            os.replace(out, old)
-            os.replace(partial, out)
-            remove_path(old)
-        else:
-            os.replace(partial, out)
+        yield
     except BaseException:
-        remove_path(partial)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 
 @contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield `<out>.partial` to write into; it becomes `out` only if the block finishes (else neither it nor
+    a folder made for it stays)."""
+    check_new_output(out, overwrite, inputs)
+    partial = out.with_name(out.name + ".partial")
+    with new_parents(out):
+        try:
+            with write_errors(out, "writing"):
+                remove_path(partial)  # a stale one from a killed run
+                yield partial
+            if out.exists():
+                old = out.with_name(out.name + ".old")
+                remove_path(old)
+                os.replace(out, old)
+                os.replace(partial, out)
+                remove_path(old)
+            else:
+                os.replace(partial, out)
+        except BaseException:
+            remove_path(partial)
+            raise
+
+
+@contextlib.contextmanager
 def atomic_file(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield `<out>.tmp` to write; it replaces `out` (atomically) only if the block finishes."""
+    """Yield `<out>.tmp` to write; it replaces `out` (atomically) only if the block finishes (else neither
+    it nor a folder made for it stays)."""
     check_new_output(out, overwrite, inputs)
     if out.is_dir():
         raise ConvertError(out, "is a folder; expected a file path")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    try:
-        with write_errors(out, "writing"):
-            yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-    except BaseException:
-        remove_path(tmp)
-        raise
+    with new_parents(out):
+        try:
+            with write_errors(out, "writing"):
+                yield tmp
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, out)
+        except BaseException:
+            remove_path(tmp)
+            raise
 
 
 def remove_path(p: Path) -> None:

@@ -28,8 +28,8 @@ from titan_mem.components.model import build_model
 from titan_mem.config import Config
 from titan_mem.data import build_tokenizer
 from titan_mem.distributed import init_distributed
-from titan_mem.errors import ConfigError
-from titan_mem.eval.items import write_items
+from titan_mem.errors import ConfigError, check_writable
+from titan_mem.eval.items import items_line
 from titan_mem.eval.lm import EvalModel
 from titan_mem.eval.tasks import TaskContext, TaskOutput, build_tasks
 from titan_mem.hf.checkpoint_config import is_hf_folder, load_checkpoint_config
@@ -144,9 +144,15 @@ def evaluate_checkpoint(
     stream starts from, beside its arms' in-loop lines). Outputs are checked writable before the model
     loads and written whole at the end. `shots`: few-shot exemplars per QA / GSM8K item (eval/fewshot.py)."""
     checkpoint = Path(checkpoint)
-    for path in (out, predictions, items_out):
-        if path is not None and Path(path).is_dir():
+    outputs = [Path(p) for p in (out, predictions, items_out) if p is not None]
+    for path in outputs:
+        if path.is_dir():
             raise ConfigError(f"{path}: is a folder; expected an output file name")
+        check_writable(path)  # a folder that takes no file fails now, not after the evaluation
+    if len(set(outputs)) != len(outputs):
+        raise ConfigError(
+            f"--out, --predictions, --items: two name the same file ({', '.join(map(str, outputs))})"
+        )
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit: must be positive; got {limit}")
     if shots < 0:
@@ -174,13 +180,26 @@ def evaluate_checkpoint(
     )
     if lm.rank == 0:
         print(format_table(result.metrics), flush=True)
+        texts = {}
         if predictions is not None:
-            write_jsonl(Path(predictions), result.predictions)
+            texts[Path(predictions)] = "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in result.predictions
+            )
         if items_out is not None:
-            write_items(Path(items_out), 0, result.predictions)
+            texts[Path(items_out)] = items_line(0, result.predictions)
         if out is not None:
-            write_json(Path(out), doc)
+            texts[Path(out)] = json.dumps(doc, indent=2) + "\n"
+        write_together(texts)
     return doc
+
+
+def write_together(texts: dict[Path, str]) -> None:
+    """Every file whole or none of them: each is written to its temporary name first, and the renames
+    happen only once all are written (`atomic_file`s nested; a failure removes every temporary file)."""
+    with contextlib.ExitStack() as stack:
+        tmps = {path: stack.enter_context(atomic_file(path, overwrite=True)) for path in texts}
+        for path, text in texts.items():
+            tmps[path].write_text(text, encoding="utf-8")
 
 
 def results_document(out: TaskOutput, checkpoint: Path, step: int, **meta: Any) -> dict[str, Any]:
