@@ -14,7 +14,7 @@ from conftest import load_model_tensors, run_tool
 from test_hf_in import CASES, SMALL, _hf_model
 
 from titan_mem.errors import ConvertError
-from titan_mem.hf.export import export_hf
+from titan_mem.hf.export import REMOTE_CODE_FILES, export_hf
 from titan_mem.hf.weights import load_hf_model
 from titan_mem.models.args import FLAVORS, MemoryArgs
 from titan_mem.models.transformer import Transformer
@@ -22,8 +22,9 @@ from titan_mem.models.transformer import Transformer
 TOKENS = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
 
 
-def _no_pickles(folder) -> None:
-    names = sorted(p.name for p in folder.iterdir())
+def _no_pickles(folder, remote_code: tuple[str, ...] = ()) -> None:
+    """Nothing that runs when loaded, beyond the remote code a memory model carries (source, to read)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name not in remote_code)
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".py"))], names
 
 
@@ -65,7 +66,7 @@ def test_memory_models_export_and_read_back_bit_for_bit(tmp_path):
                     p.normal_()  # a healed add memory (values start at 0): its output counts in the logits
         model.eval()
         export_hf(model.state_dict(), args, tmp_path / name)
-        _no_pickles(tmp_path / name)
+        _no_pickles(tmp_path / name, REMOTE_CODE_FILES)
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["architectures"] == ["TitanMemForCausalLM"]
         assert config["titan_mem"]["base_architecture"] == "Qwen2ForCausalLM"

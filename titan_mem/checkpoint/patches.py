@@ -89,6 +89,17 @@ class Lineage:
         """One hex id for the whole lineage (recorded in logs and sparse checkpoints)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
+    @property
+    def root_digest(self) -> str:
+        """One hex id for the root checkpoint alone: what an exported model records, so that a patch finds
+        out whether it was trained on this base (hf/remote/modeling_titan_mem.py computes the same)."""
+        return hashlib.sha256(json.dumps(self.root, sort_keys=True).encode()).hexdigest()
+
+
+def state_lineage(state: dict[str, torch.Tensor]) -> Lineage:
+    """The lineage of an in-memory model state dict that no patch has touched (its own tensor hashes)."""
+    return Lineage(root={n: {**spec(t), "sha256": sha256(t)} for n, t in sorted(state.items())}, applied=[])
+
 
 def read_lineage(index: DcpIndex, stream_bytes: int = STREAM_BYTES) -> Lineage:
     """The sidecar lineage written with a patched checkpoint, else the checkpoint's own tensor hashes."""

@@ -2,10 +2,13 @@
 
 A dense model becomes the Llama, Qwen2 or Qwen3 architecture it is (`transformers`'
 `AutoModelForCausalLM.from_pretrained` loads it with no remote code, and vLLM or lm-eval's `hf` backend
-with it). A model with memory layers has no `transformers` class: it is written in the same layout with
-architecture `TitanMemForCausalLM` and a `titan_mem` block (its base architecture and memory settings), which
-`titan_mem.hf.weights.load_hf_model` reads back. The numbers change in one way only: query/key rows go
-back from our interleaved RoPE pairing to HF's half-split one (`weights.split_rope_rows`).
+with it). A model with memory layers has no `transformers` class of its own: it is written in the same
+layout with architecture `TitanMemForCausalLM`, a `titan_mem` block (its base architecture, memory settings
+and lineage, which knowledge patches are checked against) and `auto_map` pointing at the two files of
+`hf/remote/` copied beside the weights, so `transformers` loads it with `trust_remote_code=True` (or with
+none in a process that imported `titan_mem.hf.auto`); `titan_mem.hf.weights.load_hf_model` reads it back.
+The numbers change in one way only: query/key rows go back from our interleaved RoPE pairing to HF's
+half-split one (`weights.split_rope_rows`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from titan_mem.checkpoint.convert import load_any_model, lora_prefixes
+from titan_mem.checkpoint.dcp_index import open_dcp
 from titan_mem.checkpoint.files import atomic_dir
+from titan_mem.checkpoint.patches import Lineage, read_lineage, state_lineage
 from titan_mem.data import build_tokenizer
 from titan_mem.data.hf_tokenizer import TOKENIZER_FILES, hf_tokenizer_folder
 from titan_mem.errors import ConvertError
@@ -31,6 +36,13 @@ from titan_mem.hf.weights import SINGLE, hf_name, is_rope_row_tensor, split_rope
 from titan_mem.models.args import ModelArgs
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# The remote code a memory model's folder carries (self-contained: torch and transformers only).
+REMOTE_CODE_DIR = Path(__file__).parent / "remote"
+REMOTE_CODE_FILES = ("configuration_titan_mem.py", "modeling_titan_mem.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_titan_mem.TitanMemConfig",
+    "AutoModelForCausalLM": "modeling_titan_mem.TitanMemForCausalLM",
+}
 
 
 def base_architecture(args: ModelArgs) -> str:
@@ -43,8 +55,9 @@ def base_architecture(args: ModelArgs) -> str:
     )
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json of `args`: the base architecture's keys, plus the `titan_mem` block for memory layers."""
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32, lineage: Lineage | None = None) -> dict:
+    """config.json of `args`: the base architecture's keys, plus, for memory layers, the `titan_mem` block
+    (with the exported weights' `lineage`, when given) and the `auto_map` of the remote code."""
     arch = base_architecture(args)
     config = {
         "architectures": [arch],
@@ -77,7 +90,10 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     if args.memory.layers:
         config["architectures"] = [MEMORY_ARCHITECTURE]
         config["model_type"] = MEMORY_MODEL_TYPE
+        config["auto_map"] = dict(AUTO_MAP)
         config["titan_mem"] = {"base_architecture": arch, "memory": dataclasses.asdict(args.memory)}
+        if lineage is not None:
+            config["titan_mem"]["lineage"] = {"root": lineage.root_digest, "applied": list(lineage.applied)}
     return config
 
 
@@ -104,17 +120,25 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     tokenizer_files: Sequence[Path] = (),
     overwrite: bool = False,
+    lineage: Lineage | None = None,
 ) -> str:
     """Write the folder `out` (atomically: `<out>.partial`, renamed when complete); `tokenizer_files` (an HF
-    tokenizer's tokenizer.json, tokenizer_config.json, ...) are copied beside the weights."""
+    tokenizer's tokenizer.json, tokenizer_config.json, ...) are copied beside the weights. A memory model
+    records `lineage` (default: `state` as a root no patch has touched) for knowledge patches."""
     out = Path(out)
+    if args.memory.layers and lineage is None:
+        lineage = state_lineage(state)
+    config = hf_config(args, dtype, lineage)
     tensors = hf_state_dict(state, args, dtype)
     with atomic_dir(out, overwrite) as tmp:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / SINGLE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / Path(f).name)
+        if args.memory.layers:
+            for name in REMOTE_CODE_FILES:
+                shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
     kind = MEMORY_ARCHITECTURE if args.memory.layers else base_architecture(args)
     return f"wrote {out}: {len(tensors)} tensors, {kind}"
 
@@ -134,7 +158,7 @@ def export_checkpoint(
     cfg = load_checkpoint_config(checkpoint, Path(config) if config else None, overrides)
     tokenizer = build_tokenizer(cfg.tokenizer)
     args = model_args_for(cfg, tokenizer.n_words)
-    state, _, note = load_any_model(checkpoint)
+    state, lineage, note = load_any_model(checkpoint)
     if lora_prefixes(state):
         raise ConvertError(
             checkpoint,
@@ -143,4 +167,11 @@ def export_checkpoint(
     folder = hf_tokenizer_folder(cfg.tokenizer.name)
     files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()] if folder else []
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return export_hf(state, args, out, dtype=torch_dtype, tokenizer_files=files, overwrite=overwrite) + note
+    if args.memory.layers and lineage is None:
+        lineage = read_lineage(open_dcp(checkpoint))  # its sidecar (a patched checkpoint) or its own hashes
+    return (
+        export_hf(
+            state, args, out, dtype=torch_dtype, tokenizer_files=files, overwrite=overwrite, lineage=lineage
+        )
+        + note
+    )
