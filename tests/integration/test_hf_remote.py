@@ -224,3 +224,63 @@ def test_retrofitted_smollm2_loads_with_remote_code(smollm2_retrofit):
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ours = greedy_generate(model, prompts, max_new_tokens=10, pad_id=pad, eos_id=None)
     assert hf_greedy(hf, prompts, 10, pad) == ours
+
+
+def test_knowledge_patches_apply_to_an_exported_model_as_to_the_checkpoint(tmp_path):
+    """Ship the base once, facts as patches: a patch made from two titan_mem checkpoints, applied to the
+    base's
+    transformers export, gives the finetuned checkpoint's logits; it comes off again bit for bit; the
+    patched model saves with its lineage; a patch for another base, twice, or on a patched export's copy of
+    itself is refused in one line."""
+    from titan_mem.checkpoint.dcp_index import MODEL_KEY, open_dcp
+    from titan_mem.checkpoint.files import save_dcp
+    from titan_mem.checkpoint.patches import apply_delta, make_delta, read_lineage
+
+    model, args = memory_model("qwen2_add_two_layers")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    finetuned = {k: v.clone() for k, v in base.items()}
+    finetuned["layers.1.feed_forward.values.weight"][[3, 5, 40]] += 1.5
+    finetuned["layers.3.feed_forward.values.weight"][7] -= 2.0
+    save_dcp({MODEL_KEY: base}, tmp_path / "base")
+    save_dcp({MODEL_KEY: finetuned}, tmp_path / "finetuned")
+    patch = tmp_path / "facts.safetensors"
+    make_delta(tmp_path / "finetuned", tmp_path / "base", patch)
+    export_hf(base, args, tmp_path / "hf")  # its lineage: the base state's own tensor hashes
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = hf(tokens).logits
+        assert hf.apply_knowledge_patch(str(patch)) == 4
+        model.load_state_dict(finetuned)
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(hf(tokens).logits, before)
+    with pytest.raises(ValueError, match=r"facts.safetensors: this patch is already applied to this model$"):
+        hf.apply_knowledge_patch(str(patch))
+    hf.save_pretrained(tmp_path / "patched")  # the patched model carries its lineage (applied: this patch)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "patched", trust_remote_code=True)
+    with pytest.raises(ValueError, match="already applied"):
+        again.apply_knowledge_patch(str(patch))
+    assert hf.apply_knowledge_patch(str(patch), remove=True) == 4
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, before)
+
+    # the export of a patched checkpoint records the patch, and lets it come off
+    apply_delta(tmp_path / "base", patch, tmp_path / "base+facts")
+    export_hf(
+        finetuned, args, tmp_path / "hf_patched", lineage=read_lineage(open_dcp(tmp_path / "base+facts"))
+    )
+    patched = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf_patched", trust_remote_code=True
+    )
+    with pytest.raises(ValueError, match="already applied"):
+        patched.apply_knowledge_patch(str(patch))
+    assert patched.apply_knowledge_patch(str(patch), remove=True) == 4
+
+    other, other_args = memory_model("qwen2_add_two_layers")
+    with torch.no_grad():
+        other.layers["0"].attention.wq.weight.add_(0.01)  # another base: the same names and shapes
+    export_hf(other.state_dict(), other_args, tmp_path / "other")
+    other_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other", trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"facts.safetensors: a patch for another base model"):
+        other_hf.apply_knowledge_patch(str(patch))
