@@ -228,10 +228,9 @@ def test_retrofitted_smollm2_loads_with_remote_code(smollm2_retrofit):
 
 def test_knowledge_patches_apply_to_an_exported_model_as_to_the_checkpoint(tmp_path):
     """Ship the base once, facts as patches: a patch made from two titan_mem checkpoints, applied to the
-    base's
-    transformers export, gives the finetuned checkpoint's logits; it comes off again bit for bit; the
-    patched model saves with its lineage; a patch for another base, twice, or on a patched export's copy of
-    itself is refused in one line."""
+    base's transformers export, gives the finetuned checkpoint's logits; it comes off again bit for bit;
+    the patched model saves with its lineage; a patch for another base, twice, or on a patched export's
+    copy of itself is refused in one line."""
     from titan_mem.checkpoint.dcp_index import MODEL_KEY, open_dcp
     from titan_mem.checkpoint.files import save_dcp
     from titan_mem.checkpoint.patches import apply_delta, make_delta, read_lineage
