@@ -283,3 +283,49 @@ def test_knowledge_patches_apply_to_an_exported_model_as_to_the_checkpoint(tmp_p
     other_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other", trust_remote_code=True)
     with pytest.raises(ValueError, match=r"facts.safetensors: a patch for another base model"):
         other_hf.apply_knowledge_patch(str(patch))
+
+
+# Items shaped as three kinds of lm-eval task: multiple choice (HellaSwag's context + endings), short-answer
+# QA (TriviaQA's "Question: ... Answer:"), and a rolling log-likelihood (wikitext's perplexity).
+CHOICE = (
+    "A man is sitting on a roof. He",
+    [
+        " is using wrap to wrap a pair of skis.",
+        " starts pulling up roofing on a roof.",
+        " is ripping level tiles off.",
+    ],
+)
+QA = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: Who wrote Hamlet?\nAnswer:", " William Shakespeare"),
+    ("Question: What is 7 times 6?\nAnswer:", " 42"),
+    ("1, 2, 3, 4, 5, 6, 7, 8,", " 9"),
+]
+ROLLING = "The river winds through the valley, past the old mill and the church, and on to the sea."
+
+
+def test_lm_eval_hf_backend_and_our_adapter_agree_on_an_exported_model(smollm2_retrofit):
+    """The check users run first: lm-eval's stock `hf` backend (transformers + remote code) and titan_mem's
+    adapter score the same exported folder's items within 1e-4 nats, with the same greedy flags."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from titan_mem.data.hf_tokenizer import HFTokenizer
+    from titan_mem.eval.lm import EvalModel
+    from titan_mem.eval.lm_eval_adapter import TitanMemLM
+    from titan_mem.hf.weights import load_hf_model
+
+    _, _, folder = smollm2_retrofit
+    pairs = [(CHOICE[0], ending) for ending in CHOICE[1]] + QA
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    rolling = [Instance("loglikelihood_rolling", {}, (ROLLING,), 0)]
+    theirs = HFLM(pretrained=str(folder), trust_remote_code=True, batch_size=4, device="cpu", dtype="float32")
+    model, args = load_hf_model(folder)
+    ours = TitanMemLM(
+        lm=EvalModel(model, HFTokenizer(str(folder)), max_seq_len=args.max_seq_len, batch_size=4)
+    )
+    got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, want):
+        assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, (lp, ref_lp, greedy, ref_greedy)
+    assert abs(ours.loglikelihood_rolling(rolling)[0] - theirs.loglikelihood_rolling(rolling)[0]) < 1e-4
+    assert any(g for _, g in got)  # the model is greedy on some answer: the flags are compared, not all False
