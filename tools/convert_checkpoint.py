@@ -7,6 +7,7 @@
     python tools/convert_checkpoint.py export-model DCP_DIR OUT_DIR [--merge-lora --lora-alpha A]
     python tools/convert_checkpoint.py export-model SPARSE_STEP_DIR OUT_DIR [--base BASE_DCP]  # base + patch
     python tools/convert_checkpoint.py to-hf STEP_DIR OUT_DIR [--config RUN.json] [--dtype bfloat16]
+    python tools/convert_checkpoint.py to-peft LORA_STEP_DIR OUT_DIR [--config RUN.json]  # PEFT adapter
     python tools/convert_checkpoint.py from-gguf MODEL.gguf OUT_DIR     # llama.cpp file -> HF folder
     python tools/convert_checkpoint.py delta FINETUNED_DCP BASE_DCP OUT.safetensors [--allow-dense]
     python tools/convert_checkpoint.py apply-delta BASE_DCP DELTA OUT_DIR
@@ -90,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
 
     sp = add(
+        "to-peft",
+        "LoRA finetuning checkpoint -> its adapters in PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors): peft.PeftModel.from_pretrained loads them onto the base's HF folder.",
+    )
+    sp.add_argument("dcp_dir", type=Path, help="checkpoint step folder of a lora_finetune run")
+    sp.add_argument("out_dir", type=Path)
+    sp.add_argument("--config", type=Path, help="the run's config (default: config.json two folders up)")
+
+    sp = add(
         "from-gguf",
         "GGUF file (llama.cpp; Llama/Qwen2/Qwen3; F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/K-quants) -> HF "
         "folder (config.json, fp32 model.safetensors, tokenizer.json, tokenizer_config.json, "
@@ -144,6 +154,12 @@ def run(argv: list[str]) -> str:
             lora_alpha=args.lora_alpha,
             overwrite=args.overwrite,
             base=args.base,
+        )
+    if args.cmd == "to-peft":
+        from titan_mem.hf.peft import export_peft_checkpoint
+
+        return export_peft_checkpoint(
+            args.dcp_dir, args.out_dir, config=args.config, overwrite=args.overwrite
         )
     if args.cmd == "to-hf":
         from titan_mem.hf.export import export_checkpoint  # transformers-free, but only this command needs it
