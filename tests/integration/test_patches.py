@@ -154,3 +154,23 @@ def test_conflicting_patch_is_refused(runs, tmp_path):
     proc = _convert("apply-delta", c1, p3 / "patch.safetensors", tmp_path / "x")
     error_line(proc, VALUES, "refusing", last=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_sparse_runs_patch_applies_to_the_bases_transformers_export(runs, tmp_path):
+    """The user story outside titan_mem: ship the base once (to-hf), ship facts as the run's patch. The patch
+    applied in transformers gives the logits of the sparse checkpoint's own export (which records the patch,
+    so applying it there again is refused)."""
+    import transformers
+
+    _ok(_convert("to-hf", runs["base"], tmp_path / "base_hf"))
+    _ok(_convert("to-hf", runs["sparse"], tmp_path / "sparse_hf"))
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    base = load(tmp_path / "base_hf", trust_remote_code=True).eval()
+    finetuned = load(tmp_path / "sparse_hf", trust_remote_code=True).eval()
+    patch = str(runs["sparse"] / "patch.safetensors")
+    assert base.apply_knowledge_patch(patch) > 0
+    tokens = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base(tokens).logits, finetuned(tokens).logits)
+    with pytest.raises(ValueError, match="already applied"):
+        finetuned.apply_knowledge_patch(patch)

@@ -113,7 +113,8 @@ def test_a_lora_run_exports_its_adapters_through_the_cli(dense_hf, tmp_path):
     ok(run_tool("convert_checkpoint.py", ["to-peft", str(step), str(tmp_path / "adapter")]))
     error_line(run_tool("convert_checkpoint.py", ["to-peft", str(base), str(tmp_path / "none")]), "no LoRA")
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
-    assert (config["r"], config["lora_alpha"]) == (4, 16.0) and len(config["target_modules"]) == 3 * 2  # 2 blocks
+    assert (config["r"], config["lora_alpha"]) == (4, 16.0)
+    assert len(config["target_modules"]) == 3 * 2  # wq, wv, w2 in each of the 2 blocks
 
     from titan_mem.checkpoint.convert import load_any_model, merge_lora
 
