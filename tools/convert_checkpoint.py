@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "to-hf",
         "Checkpoint (any mode; sparse ones applied onto their base) -> HF folder: a dense model as the "
         "Llama/Qwen2/Qwen3 architecture transformers loads with no remote code, a memory model as "
-        "TitanMemForCausalLM that titan_mem reads back (retrofit.base, titan_mem.hf). LoRA: merge first.",
+        "TitanMemForCausalLM with its modeling code (trust_remote_code=True), which titan_mem also reads "
+        "back. LoRA: merge first, or to-peft.",
     )
     sp.add_argument("dcp_dir", type=Path, help="checkpoint step folder")
     sp.add_argument("out_dir", type=Path)

@@ -162,7 +162,8 @@ def export_checkpoint(
     if lora_prefixes(state):
         raise ConvertError(
             checkpoint,
-            "holds LoRA adapters: merge them first (convert_checkpoint.py export-model --merge-lora)",
+            "holds LoRA adapters: merge them first (convert_checkpoint.py export-model --merge-lora) or "
+            "export them for PEFT (to-peft)",
         )
     folder = hf_tokenizer_folder(cfg.tokenizer.name)
     files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()] if folder else []
