@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from titan_mem.kernels import value_lookup
+from titan_mem.kernels import coalesced, value_lookup
 from titan_mem.models.args import FLAVORS, MemoryArgs
 from titan_mem.models.memory import MemoryLayer, QueryBatchNorm, product_key_topk
 from titan_mem.models.stats import param_counts
@@ -143,10 +143,11 @@ def test_model_init_is_seeded_and_causal():
     torch.testing.assert_close(a(changed)[0, :8], full[0, :8])
 
 
-def test_sparse_grad_lookup_matches_dense_and_keeps_only_touched_rows():
+@pytest.mark.parametrize("rows", [40, 6])  # some rows untouched; every row touched (its own path)
+def test_sparse_grad_lookup_matches_dense_and_keeps_only_touched_rows(rows):
     torch.manual_seed(3)
-    values = torch.randn(40, 5, requires_grad=True)
-    idx = torch.randint(0, 40, (6, 4))
+    values = torch.randn(rows, 5, requires_grad=True)
+    idx = torch.randint(0, rows, (6, 4))
     w = torch.rand(6, 4, requires_grad=True)
     g = torch.randn(6, 5)
     (value_lookup(values, idx, w) * g).sum().backward()
@@ -157,6 +158,24 @@ def test_sparse_grad_lookup_matches_dense_and_keeps_only_touched_rows():
     assert values.grad._nnz() == idx.unique().numel()  # one row per unique slot, not per access
     torch.testing.assert_close(values.grad.to_dense(), dense_values)
     torch.testing.assert_close(w.grad, dense_w)
+    assert (idx.unique().numel() == rows) == (rows == 6)
+
+
+def test_coalesced_trusts_sorted_rows_and_sorts_the_rest():
+    """Autograd stores a row-sparse gradient without its coalesced flag: `coalesced` restores the flag when
+    the rows are sorted and unique (no re-sort), and coalesces a truly uncoalesced one (accumulated)."""
+    values = torch.randn(30, 3, requires_grad=True)
+    idx, w = torch.tensor([[4, 9], [9, 2]]), torch.rand(2, 2)
+    value_lookup(values, idx, w, sparse_grad=True).sum().backward()
+    once = values.grad.to_dense()
+    assert not values.grad.is_coalesced()  # what torch hands back; if this changes, `coalesced` can go
+    got = coalesced(values.grad)
+    assert got.is_coalesced() and got._indices()[0].tolist() == [2, 4, 9]
+    torch.testing.assert_close(got.to_dense(), once)
+    value_lookup(values, idx.flip(1), w, sparse_grad=True).sum().backward()  # accumulated: rows repeat
+    summed = coalesced(values.grad)
+    assert summed._indices()[0].tolist() == [2, 4, 9]
+    torch.testing.assert_close(summed.to_dense(), values.grad.to_dense())
 
 
 def _bn_pair(channels: int) -> tuple[torch.nn.BatchNorm1d, QueryBatchNorm]:

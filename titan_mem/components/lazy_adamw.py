@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from titan_mem.kernels import coalesced
 from titan_mem.sparse.update import adamw_rows
 
 
@@ -68,7 +69,7 @@ class LazyRowAdamW(torch.optim.AdamW):
 
     def _lazy_step(self, p: nn.Parameter, grad: torch.Tensor, group: dict) -> None:
         if grad.is_sparse:
-            grad = grad.coalesce()
+            grad = coalesced(grad)
             rows, grad_rows = grad.indices()[0], grad.values()
         else:
             rows, grad_rows = torch.arange(p.shape[0], device=p.device), grad

@@ -29,8 +29,12 @@ class _RowSparseLookup(torch.autograd.Function):
     """Lookup whose table gradient is a sparse COO tensor over the *unique* rows touched.
 
     Sparse finetuning needs the table gradient at a cost that scales with the rows touched: dense autograd
-    would allocate [n_slots, D] and `embedding_bag(sparse=True)` one row per access (tokens x heads x k).
-    Here grad_rows = S^T @ grad_out with S the [tokens, unique rows] weight matrix, so memory is O(U x D).
+    allocates and zero-fills [n_slots, D] (2 GiB at 1M x 512 fp32) for a few thousand rows, and
+    `embedding_bag(sparse=True)` keeps one row per access (tokens x heads x k). Here the accesses are
+    renumbered over the U unique rows (a bitmap and a prefix sum over the slots: O(M + N*K), no sort) and
+    embedding_bag's own backward kernels run on that compact [U, D] table: the same arithmetic as the dense
+    gradient (up to the order of equal-row sums) in O(U x D) memory; the weights' gradient is the kernel the
+    dense path uses too.
     """
 
     @staticmethod
@@ -41,27 +45,45 @@ class _RowSparseLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         values, indices, weights = ctx.saved_tensors
+        n, k = indices.shape
+        flat, w = indices.reshape(-1), weights.reshape(-1).to(values.dtype)
+        grad = grad_out.to(values.dtype).contiguous()
+        bag = torch.arange(n, device=flat.device).repeat_interleave(k)  # the token of each access
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
-            n, k = indices.shape
-            uniq, inverse = indices.flatten().unique(return_inverse=True)
-            token = torch.arange(n, device=indices.device).repeat_interleave(k)
-            s_t = torch.sparse_coo_tensor(
-                torch.stack([inverse, token]),
-                weights.flatten().to(values.dtype),
-                (uniq.numel(), n),
-                check_invariants=False,
-            )
-            rows = torch.sparse.mm(s_t, grad_out.to(values.dtype))
+            touched = torch.zeros(values.shape[0], dtype=torch.bool, device=flat.device)
+            touched[flat] = True
+            uniq = touched.nonzero().squeeze(1)
+            # every row touched (a small table): the accesses are their own compact numbering
+            compact = flat if uniq.numel() == values.shape[0] else (torch.cumsum(touched, 0) - 1)[flat]
+            rows = torch.ops.aten._embedding_bag_dense_backward(
+                grad, compact, bag, torch.full((n,), k, dtype=torch.long, device=flat.device),
+                flat.new_empty(0), uniq.numel(), False, 0, w,
+            )  # fmt: skip
             grad_values = torch.sparse_coo_tensor(
                 uniq.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
             )
         if ctx.needs_input_grad[2]:
-            # d out[n] / d w[n, j] = values[indices[n, j]]: one dot product per access.
-            rows_read = F.embedding(indices, values)  # [N, K, D]: the rows the forward read, no more
-            grad_weights = torch.einsum("nkd,nd->nk", rows_read, grad_out.to(values.dtype))
-            grad_weights = grad_weights.to(weights.dtype)
+            # d out[n] / d w[n, j] = <values[indices[n, j]], grad_out[n]>: embedding_bag's fused kernel
+            offsets = torch.arange(0, n * k, k, device=flat.device)
+            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, values, flat, offsets, bag, 0
+            )
+            grad_weights = grad_weights.view(n, k).to(weights.dtype)
         return grad_values, None, grad_weights
+
+
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """`grad.coalesce()` without its sort where the rows are already sorted and unique: autograd drops the
+    coalesced flag when it stores a row-sparse gradient in `.grad` (torch 2.13's AccumulateGrad rebuilds the
+    tensor without it), and a re-sort of the rows on every read of the gradient (clipping, selection, the
+    optimizer step) was the largest cost of a sparse step after the backward itself. O(nnz) check."""
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return grad._coalesced_(True)
+    return grad.coalesce()
 
 
 def _embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from titan_mem.kernels import coalesced
 from titan_mem.modes.base import StepHook, TrainingMode
 from titan_mem.parallel.value_grads import ValueTableGrad
 
@@ -31,7 +32,7 @@ class SumRowsReadOverReplicas(StepHook):
         """Coalesce after each backward: accumulated sparse gradients only concatenate, which would hold a
         copy of the rows read per micro-batch; coalesced, they never exceed the table's own size."""
         for path in self._sparse_tables():
-            path.table.grad = path.table.grad.coalesce()
+            path.table.grad = coalesced(path.table.grad)
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         read = total = 0

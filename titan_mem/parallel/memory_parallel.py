@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titan_mem.errors import ConfigError
-from titan_mem.kernels import value_lookup
+from titan_mem.kernels import coalesced, value_lookup
 from titan_mem.models.memory import MemoryLayer, MemoryValues
 
 MESH_DIMS = ("mp_replicate", "mp")
@@ -163,7 +163,7 @@ def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group: dist.P
 def all_reduce_sparse_rows(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum of every rank's row-sparse COO gradient over `group` (replicas of a memory-parallel group): the
     union of their rows, the same on every rank. Costs ranks x rows read x D/P, never the table."""
-    grad = grad.coalesce()
+    grad = coalesced(grad)
     rows, vals = grad.indices()[0], grad.values()
     sizes = _sizes(rows.numel(), group, rows.device)
     all_rows, all_vals = _all_gather_rows(rows, sizes, group), _all_gather_rows(vals, sizes, group)

@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from titan_mem.distributed import all_reduce_sum
+from titan_mem.kernels import coalesced
 from titan_mem.parallel.memory_parallel import ColumnShard, all_reduce_sparse_rows, column_shard_of
 
 LAYOUTS = ("fsdp_rows", "whole", "columns")
@@ -60,7 +61,7 @@ class ValueTableGrad:
         the union of their rows, the same on every replica; coalesced."""
         if self.layout == "columns" and self.shard.replicas > 1:
             return all_reduce_sparse_rows(grad, self.shard.replicate_group)
-        return grad.coalesce()
+        return coalesced(grad)
 
     def sum_over_columns(self, value: torch.Tensor) -> torch.Tensor:
         """A per-row quantity measured on this rank's columns (a sum of squares), made the whole table's by
@@ -74,7 +75,7 @@ class ValueTableGrad:
         grad = self.table.grad
         if grad is None:
             return torch.zeros((), dtype=torch.float64)
-        values = grad.coalesce().values() if grad.is_sparse else grad
+        values = coalesced(grad).values() if grad.is_sparse else grad
         return self.sum_over_columns(values.double().pow(2).sum())
 
     @torch.no_grad()
@@ -84,7 +85,7 @@ class ValueTableGrad:
         if grad is None:
             return
         if grad.is_sparse:
-            g = grad.coalesce()
+            g = coalesced(grad)
             self.table.grad = torch.sparse_coo_tensor(
                 g.indices(), g.values() * coef, g.shape, is_coalesced=True, check_invariants=False
             )

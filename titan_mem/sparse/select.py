@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from titan_mem.distributed import all_reduce_sum
 from titan_mem.errors import ConfigError
+from titan_mem.kernels import coalesced
 from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.counts import BackgroundCounts, SlotBackground, SlotCounter
 
@@ -192,7 +193,7 @@ def rows_of_sparse_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(rows.numel(), grad.shape[1], dtype=grad.dtype, device=grad.device)
     if grad._nnz() == 0 or rows.numel() == 0:
         return out
-    grad = grad.coalesce()
+    grad = coalesced(grad)
     have = grad.indices()[0]
     pos = torch.searchsorted(have, rows).clamp(max=have.numel() - 1)
     hit = have[pos] == rows

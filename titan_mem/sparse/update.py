@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from titan_mem.kernels import coalesced
 from titan_mem.parallel.value_grads import ValueTableGrad
 
 
@@ -340,7 +341,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"row-sparse optimizer: '{name}' has a dense gradient (no slot selection?)"
                 )
-            grad = grad.coalesce()
+            grad = coalesced(grad)
             rows, grad_rows = grad.indices()[0], grad.values()
             updater = self.updaters[name]
             updater.set_lr(lr)
