@@ -2,6 +2,7 @@
 
     python tools/bench_peers.py [--quick] [--cases pkm,sparse_update,generate,eval,finetune] [--model DIR]
         [--repeat 5] [--out FILE]
+    python tools/bench_peers.py --table FILE     # a report's tables in markdown (docs/benchmarks.md)
 
 Every timing is the median of --repeat runs after one warm-up, with min and max; every ratio is the peer's
 median over ours (> 1: ours is faster) from the same run. Peers come from the `bench` extra
@@ -17,10 +18,10 @@ sparse_update  one sparse-finetuning step of a memory layer (values trained only
                256K and 1M slots: step time and bytes allocated (total, largest, peak live).
 generate       greedy decoding with a KV cache, titan_mem vs `transformers.generate` on the same HF model
                (SmolLM2-135M with --model): tokens/s at batch 1 and 8; the tokens must be equal.
-eval           log-likelihood items/s, titan_mem's lm-eval adapter vs lm-eval's `hf` backend on the same model
-               and requests; the scores must agree within 1e-4.
-finetune       one optimizer step (AdamW) of full finetuning and of LoRA (r 16 on q/k/v/o) on the same batch:
-               titan_mem vs transformers (+ PEFT), tokens/s, eager.
+eval           log-likelihood items/s (32 items of 24 numbers as text), titan_mem's lm-eval adapter vs
+               lm-eval's `hf` backend on the same model and requests; the scores must agree within 1e-4.
+finetune       one optimizer step (AdamW) of full finetuning and of LoRA (r 16 on q/k/v/o) on one batch of
+               2 x 256 tokens: titan_mem vs transformers (+ PEFT), tokens/s, eager.
 
 --quick: tiny sizes (a random two-block Llama for the model cases) so a smoke test runs every case in
 seconds. Without --model the model cases use that tiny model too.
@@ -29,6 +30,7 @@ seconds. Without --model the model cases use that tiny model too.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -203,44 +205,72 @@ def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length - i % 3,), generator=gen).tolist() for i in range(batch)]
 
 
+# Greedy decoding of a real model on random ids meets near-ties, where two correct fp32 implementations may
+# pick different argmaxes; text prompts give the peaked distributions a user's prompts give.
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def fibonacci(n):\n    ",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+    "The largest planet in the solar system is",
+    "To make a cup of tea, first",
+    "In 1969, the first people to walk on the Moon were",
+]
+
+
+def text_or_random_prompts(folder: Path, batch: int) -> list[list[int]]:
+    """`batch` prompts of the model's own text when its tokenizer has words, else random ids (the tiny
+    model's numbers)."""
+    from titan_mem.data.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(str(folder))
+    if tok.n_words < 1000:
+        return prompts(tok.n_words, batch, 24)
+    return [tok.prefix_ids() + tok.encode(TEXT_PROMPTS[i % len(TEXT_PROMPTS)]) for i in range(batch)]
+
+
 def case_generate(folder: Path, batches: list[int], new_tokens: int, repeat: int) -> list[dict[str, Any]]:
     import transformers
 
+    from titan_mem.data.hf_tokenizer import HFTokenizer
     from titan_mem.eval.greedy import greedy_generate
     from titan_mem.hf.weights import load_hf_model
 
-    ours, args = load_hf_model(folder)
+    ours, _ = load_hf_model(folder)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos = HFTokenizer(str(folder)).eos_id  # both stop a row at the end of text, as a user's generate does
     pad = 0
     rows = []
     for batch in batches:
-        ps = prompts(args.vocab_size, batch, 24)
+        ps = text_or_random_prompts(folder, batch)
         width = max(map(len, ps))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps])
-        mask = (ids != pad) | (
-            torch.arange(width)[None] >= torch.tensor([width - len(p) for p in ps])[:, None]
-        )
+        mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in ps])[:, None]
         result: dict[str, list] = {}
 
         def run_ours(ps: list[list[int]] = ps, result: dict = result) -> None:
-            result["ours"] = greedy_generate(ours, ps, max_new_tokens=new_tokens, pad_id=pad, eos_id=None)
+            result["ours"] = greedy_generate(ours, ps, max_new_tokens=new_tokens, pad_id=pad, eos_id=eos)
 
         def run_theirs(ids=ids, mask=mask, width=width, result: dict = result) -> None:
             with torch.inference_mode():
                 out = theirs.generate(
-                    ids, attention_mask=mask.long(), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    do_sample=False, pad_token_id=pad,
+                    ids, attention_mask=mask.long(), max_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=pad, eos_token_id=eos,
                 )  # fmt: skip
-            result["theirs"] = out[:, width:].tolist()
+            # each row up to its end of text (ours returns no EOS and nothing after it)
+            rows_out = [r[: r.index(eos)] if eos in r else r for r in out[:, width:].tolist()]
+            result["theirs"] = rows_out
 
         t_ours, t_theirs = timed(run_ours, repeat), timed(run_theirs, repeat)
         if result["ours"] != result["theirs"]:
             raise AssertionError(f"generate: batch {batch}: titan_mem's tokens differ from transformers'")
-        tokens = batch * new_tokens
+        tokens = sum(len(r) for r in result["ours"])
         rows.append(
             {
                 "batch": batch,
-                "new_tokens": new_tokens,
+                "max_new_tokens": new_tokens,
+                "tokens_generated": tokens,
                 "ours": t_ours,
                 "peer": t_theirs,
                 "ours_tokens_per_s": tokens / t_ours["median_s"],
@@ -263,7 +293,7 @@ def case_eval(folder: Path, items: int, repeat: int) -> dict[str, Any]:
 
     ours_model, args = load_hf_model(folder)
     # number strings: every tokenizer reads them, and the tiny model's word-level one maps each to its id
-    pairs = [(" ".join(map(str, p[:-4])), " " + " ".join(map(str, p[-4:]))) for p in prompts(256, items, 40)]
+    pairs = [(" ".join(map(str, p[:-4])), " " + " ".join(map(str, p[-4:]))) for p in prompts(256, items, 24)]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     tokenizer = HFTokenizer(str(folder))
     ours = TitanMemLM(lm=EvalModel(ours_model, tokenizer, max_seq_len=args.max_seq_len, batch_size=16))
@@ -346,6 +376,58 @@ def case_finetune(folder: Path, shape: tuple[int, int], repeat: int) -> list[dic
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _ms(t: dict[str, float]) -> str:
+    return f"{t['median_s'] * 1e3:,.0f} ({t['min_s'] * 1e3:,.0f}-{t['max_s'] * 1e3:,.0f})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's cases as markdown tables: ms as median (min-max), ratio = peer / ours (> 1: ours is
+    faster)."""
+    out = []
+    if "pkm" in report:
+        out += ["| slots | forward ours / peer | ratio | fwd+bwd ours / peer | ratio | fwd+bwd row-sparse "
+                "| ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["pkm"]:
+            out.append(
+                f"| {r['slots']:,} | {_ms(r['ours_forward'])} / {_ms(r['peer_forward'])} | "
+                f"{r['ratio_forward']:.2f} | {_ms(r['ours_forward_backward'])} / "
+                f"{_ms(r['peer_forward_backward'])} | {r['ratio_forward_backward']:.2f} | "
+                f"{_ms(r['ours_forward_backward_row_sparse'])} | "
+                f"{r['ratio_forward_backward_row_sparse']:.2f} |"
+            )
+        out.append("")
+    if "sparse_update" in report:
+        out += ["| slots | row-sparse (ours) | dense grad + rows | masked recipe | vs dense | vs masked |"
+                " largest alloc MiB: ours / dense / masked |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["sparse_update"]:
+            mib = [r[h]["alloc"]["largest_bytes"] / 2**20 for h in ("row_sparse", "dense_grad", "masked")]
+            out.append(
+                f"| {r['slots']:,} | {_ms(r['row_sparse'])} | {_ms(r['dense_grad'])} | {_ms(r['masked'])} | "
+                f"{r['ratio_vs_dense_grad']:.2f} | {r['ratio_vs_masked']:.2f} | "
+                + " / ".join(f"{m:,.0f}" for m in mib)
+                + " |"
+            )
+        out.append("")
+    rows = [("generate", r, f"batch {r['batch']}, {r['tokens_generated']} tokens", "tok/s",
+             r["ours_tokens_per_s"], r["peer_tokens_per_s"]) for r in report.get("generate", [])]  # fmt: skip
+    if "eval" in report:
+        e = report["eval"]
+        rows.append(
+            ("eval", e, f"{e['items']} items", "items/s", e["ours_items_per_s"], e["peer_items_per_s"])
+        )
+    for r in report.get("finetune", []):
+        what = f"{r['method']}, {r['batch'][0]}x{r['batch'][1]}"
+        rows.append(("finetune", r, what, "tok/s", r["ours_tokens_per_s"], r["peer_tokens_per_s"]))
+    if rows:
+        out += ["| case | what | ms ours | ms peer | ours | peer | ratio |", "|---|---|---|---|---|---|---|"]
+        for case, r, what, unit, ours, peer in rows:
+            out.append(
+                f"| {case} | {what} | {_ms(r['ours'])} | {_ms(r['peer'])} | {ours:,.1f} {unit} | "
+                f"{peer:,.1f} {unit} | {r['ratio']:.2f} |"
+            )
+    return "\n".join(out)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: every case in seconds (the smoke test)")
@@ -353,6 +435,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="HF model folder for generate/eval/finetune (SmolLM2-135M)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (after a warm-up)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
+    p.add_argument("--table", type=Path, help="print this report's tables in markdown, run nothing")
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(args.cases) - set(CASES))
@@ -391,15 +474,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     folder, [1, 2] if quick else [1, 8], 4 if quick else 32, args.repeat
                 )
             elif case == "eval":
-                report[case] = case_eval(folder, 8 if quick else 64, args.repeat)
+                report[case] = case_eval(folder, 8 if quick else 32, args.repeat)
             else:
-                report[case] = case_finetune(folder, (2, 16) if quick else (4, 256), args.repeat)
+                report[case] = case_finetune(folder, (2, 16) if quick else (2, 256), args.repeat)
             print(f"[bench_peers] {case}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return report
 
 
 def main() -> int:
     args = parse()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     write_report(run(args), args.out)
     return 0
 
