@@ -102,6 +102,13 @@ def test_in_process_registration_needs_no_remote_code(tmp_path):
     tokens = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+    # a fresh model from the config gets titan_mem's memory init, not the decoder's (which skips it)
+    fresh = transformers.AutoModelForCausalLM.from_config(hf.config)
+    memory = fresh.model.layers[1].memory
+    bound = (memory.k_dim // 2) ** -0.5
+    assert 0.5 * bound < float(memory.keys.detach().abs().max()) <= bound
+    assert float(memory.values.weight.detach().abs().max()) == 0.0  # `add`: starts as the base model
+    assert torch.equal(memory.out_gate.detach(), torch.ones_like(memory.out_gate))
 
 
 # Runs in a fresh interpreter that cannot import titan_mem (an import blocker ahead of every finder).

@@ -22,6 +22,7 @@ trained on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -169,21 +170,28 @@ class TitanMemPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """Fresh weights for a model built without a checkpoint (titan_mem's init of each memory part)."""
-        if isinstance(module, ProductKeyMemory):
-            with torch.no_grad():
-                bound = (module.k_dim // 2) ** -0.5
-                module.keys.uniform_(-bound, bound)
-                if module.beside_ffn:
-                    module.out_gate.fill_(1.0)
-        elif isinstance(module, ValueTable):  # XLM PKM's N(0, v_dim^-1/2); zero beside a kept FFN (`add`)
-            with torch.no_grad():
-                module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
-                if self.config.memory["beside_ffn"]:
-                    module.weight.zero_()
+
+def _init_with_memory(base_init: Any, beside_ffn: bool, module: nn.Module) -> None:
+    if isinstance(module, (ProductKeyMemory, ValueTable)):
+        _init_memory_part(module, beside_ffn)
+    else:
+        base_init(module)
+
+
+@torch.no_grad()
+def _init_memory_part(module: nn.Module, beside_ffn: bool) -> None:
+    """XLM PKM's init: half-keys ~ U(+-1/sqrt(half)), values ~ N(0, v_dim^-1/2); beside a kept FFN (`add`) the
+    values start at 0 and the gate at 1, so the model starts as its base."""
+    if isinstance(module, ValueTable):
+        if beside_ffn:
+            module.weight.zero_()
         else:
-            super()._init_weights(module)
+            module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
+        return
+    bound = (module.k_dim // 2) ** -0.5
+    module.keys.uniform_(-bound, bound)
+    if module.beside_ffn:
+        module.out_gate.fill_(1.0)
 
 
 class TitanMemForCausalLM(TitanMemPreTrainedModel, GenerationMixin):
@@ -215,6 +223,12 @@ class TitanMemForCausalLM(TitanMemPreTrainedModel, GenerationMixin):
             layer.memory = ProductKeyMemory(config.hidden_size, memory, shared)
             layer.mlp = MemoryFeedForward(layer.memory, layer.mlp if memory["beside_ffn"] else None)
         self._no_split_modules = [type(self.model.layers[0]).__name__]
+        # The memory layers sit inside the base decoder, a PreTrainedModel of its own: transformers
+        # initialises its modules with the decoder's `_init_weights` (skipping what was loaded), which does
+        # not know them (a model from `from_config` had all-zero keys).
+        self.model._init_weights = functools.partial(
+            _init_with_memory, self.model._init_weights, memory["beside_ffn"]
+        )
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
