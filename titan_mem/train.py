@@ -213,6 +213,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             self._set_gradient_sync(i == len(batches) - 1)
             loss, slots = self.objective(self.model, batch, global_units, self.hooks_read_slots)
+            for hook in self.hooks:
+                hook.before_backward(self.model, batch, slots, i == len(batches) - 1)
             loss.backward()
             for hook in self.hooks:
                 hook.on_micro_batch(self.model, batch, slots)

@@ -13,9 +13,10 @@ pkm            our memory layer (PKM, no Memory+ gate) vs product-key-memory 0.3
                forward and forward+backward (dense table gradient, as in pretraining), and ours with the
                row-sparse table gradient (sparse finetuning).
 sparse_update  one sparse-finetuning step of a memory layer (values trained only, top-t = 500 rows by TF):
-               ours (row-sparse gradient, rows updated in place) vs our dense gradient + the same row update
-               vs the papers' recipe (dense gradient, top-t row mask, SGD over the whole table) at 4K, 64K,
-               256K and 1M slots: step time and bytes allocated (total, largest, peak live).
+               ours (rows chosen after the forward, gradient rows of those only, updated in place) vs our
+               dense gradient + the same row update vs the papers' recipe (dense gradient, top-t row mask,
+               SGD over the whole table) at 4K, 64K, 256K and 1M slots: step time and bytes allocated
+               (total, largest, peak live).
 generate       greedy decoding with a KV cache, titan_mem vs `transformers.generate` on the same HF model
                (SmolLM2-135M with --model): tokens/s at batch 1 and 8; the tokens must be equal.
 eval           log-likelihood items/s (32 items of 24 numbers as text), titan_mem's lm-eval adapter vs
@@ -46,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from titan_mem.components.bench import allocations, machine_info, write_report  # noqa: E402
+from titan_mem.kernels import restrict_row_grads  # noqa: E402
 from titan_mem.models.args import MemoryArgs  # noqa: E402
 from titan_mem.models.memory import MemoryLayer  # noqa: E402
 from titan_mem.sparse.select import rows_of_sparse_grad, select_slots  # noqa: E402
@@ -143,9 +145,12 @@ def sparse_step(layer: MemoryLayer, x: torch.Tensor, upstream: torch.Tensor, how
         table.grad = None
         layer.sparse_grad = how == "row_sparse"
         out, slots = layer(x, return_slots=True)
-        (out * upstream).sum().backward()
         touched, counts = slots.reshape(-1).unique(return_counts=True)
         rows = select_slots(touched, counts, "tf", TOP_T)
+        if how == "row_sparse":  # as the sparse finetune does: chosen after the forward, before the backward
+            restrict_row_grads(table, rows)
+        (out * upstream).sum().backward()
+        restrict_row_grads(table, None)
         if how == "masked":
             mask = torch.zeros(table.shape[0], 1, dtype=table.dtype)
             mask[rows] = 1.0

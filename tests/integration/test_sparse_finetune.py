@@ -7,6 +7,7 @@ import torch
 from conftest import TINY, load_model_tensors, read_metrics, run_tool, run_trainer, sparse_finetune_args
 from conftest import ok as _ok
 
+from titan_mem.kernels import coalesced
 from titan_mem.parallel.value_grads import value_table_grads
 from titan_mem.sparse.counts import load_background_counts
 from titan_mem.sparse.select import selected_row_gradients
@@ -348,3 +349,53 @@ def test_shared_pool_gradient_is_read_once_at_the_union_of_rows():
     tables = {"a": table, "b": other}
     staged, _ = selected_row_gradients(tables, lambda name: torch.tensor([3]), value_table_grads(tables))
     assert set(staged) == {"a", "b"} and torch.equal(staged["b"][1], torch.zeros(1, 4))
+
+
+def test_selection_before_the_last_backward_leaves_the_step_unchanged(tmp_path):
+    """The selector chooses the rows after the step's last forward and the last backward computes those rows
+    only: the gradient handed to the optimizer equals the full row-sparse gradient's rows, over two
+    micro-batches (the first backward computes every row read, the last the chosen ones)."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_transformer
+
+    from titan_mem.modes.base import NextTokenLoss
+    from titan_mem.sparse.select import SlotSelector
+
+    finetune = SimpleNamespace(ranking="tf", top_t=5, top_t_rule="fixed", top_t_mass=0.5, top_t_alpha=0.01)
+    torch.manual_seed(1)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 12))
+        batches.append({"input_ids": ids, "labels": ids.roll(-1, 1), "token_mask": torch.ones_like(ids) > 0})
+    model = tiny_transformer(64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    (table,) = {id(t): t for t in model.value_tables().values()}.values()
+    table.requires_grad_(True)
+    model.set_sparse_value_grad(True)
+    objective = NextTokenLoss()
+    total = sum(objective.count(b) for b in batches)
+
+    def step(selector=None):
+        table.grad = None
+        for i, batch in enumerate(batches):
+            loss, slots = objective(model, batch, total, True)
+            if selector is not None:
+                selector.before_backward(model, batch, slots, final=i == len(batches) - 1)
+            loss.backward()
+        return table.grad
+
+    full = coalesced(step()).to_dense()
+    tables = model.value_tables()
+    selector = SlotSelector(model, None, finetune, None, tmp_path / "s.jsonl", value_table_grads(tables))
+    last_backward_rows = []
+    table.register_hook(lambda g: last_backward_rows.append(coalesced(g).indices()[0].numel()))
+    step(selector)
+    info = selector.prepare_gradients(model)
+    (chosen,) = selector._chosen.values()
+    assert info["slots_selected"] == 5 and 5 < info["slots_touched"]
+    assert last_backward_rows[-1] == 5 < last_backward_rows[0]  # the last backward: the chosen rows only
+    assert torch.equal(table.grad.indices()[0], chosen)
+    torch.testing.assert_close(table.grad.values(), full[chosen])
+    assert not hasattr(table, "grad_rows_only")

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from titan_mem.kernels import coalesced, value_lookup
+from titan_mem.kernels import coalesced, restrict_row_grads, value_lookup
 from titan_mem.models.args import FLAVORS, MemoryArgs
 from titan_mem.models.memory import MemoryLayer, QueryBatchNorm, product_key_topk
 from titan_mem.models.stats import param_counts
@@ -225,3 +225,26 @@ def test_query_batchnorm_init_resets_like_batchnorm1d():
     assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
     assert torch.equal(norm.weight, torch.ones(16)) and torch.equal(norm.bias, torch.zeros(16))
     assert int(norm.num_batches_tracked) == 0
+
+
+def test_restricted_row_grads_are_the_dense_gradient_at_the_kept_rows():
+    """`restrict_row_grads`: the row-sparse backward computes the kept rows only (those a sparse finetune
+    will update), each equal to the dense gradient's row; the weights' gradient is untouched; cleared, every
+    row read comes back."""
+    torch.manual_seed(4)
+    values = torch.nn.Parameter(torch.randn(50, 6))
+    idx, w, g = torch.randint(0, 50, (12, 4)), torch.rand(12, 4, requires_grad=True), torch.randn(12, 6)
+    (value_lookup(values, idx, w) * g).sum().backward()
+    dense_values, dense_w = values.grad.clone(), w.grad.clone()
+    read = idx.unique()
+    unread = [r for r in range(50) if r not in set(read.tolist())]
+    keep = torch.cat([read[::2], torch.tensor(unread[:1])])  # and a row not read
+    for rows, expect in [(keep, read[::2]), (None, read)]:
+        values.grad = w.grad = None
+        restrict_row_grads(values, rows)
+        (value_lookup(values, idx, w, sparse_grad=True) * g).sum().backward()
+        grad = coalesced(values.grad)
+        assert torch.equal(grad.indices()[0], expect)
+        torch.testing.assert_close(grad.values(), dense_values[expect])
+        torch.testing.assert_close(w.grad, dense_w)
+    assert not hasattr(values, "grad_rows_only")

@@ -1,4 +1,4 @@
-from titan_mem.kernels.value_lookup import LOOKUP_BACKENDS, coalesced, value_lookup
+from titan_mem.kernels.value_lookup import LOOKUP_BACKENDS, coalesced, restrict_row_grads, value_lookup
 
 # Imported on first use: triton (and torch._dynamo, for torch.compiler.disable) cost ~1.5 s per process.
 _LAZY = ("HAVE_TRITON", "TritonValueLookup", "lookup_backward", "lookup_forward", "triton_value_lookup")
@@ -12,4 +12,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LOOKUP_BACKENDS", "coalesced", "value_lookup", *_LAZY]
+__all__ = ["LOOKUP_BACKENDS", "coalesced", "restrict_row_grads", "value_lookup", *_LAZY]

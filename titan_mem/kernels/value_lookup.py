@@ -34,12 +34,14 @@ class _RowSparseLookup(torch.autograd.Function):
     renumbered over the U unique rows (a bitmap and a prefix sum over the slots: O(M + N*K), no sort) and
     embedding_bag's own backward kernels run on that compact [U, D] table: the same arithmetic as the dense
     gradient (up to the order of equal-row sums) in O(U x D) memory; the weights' gradient is the kernel the
-    dense path uses too.
+    dense path uses too. Rows a step will not update can be left out before the backward
+    (`restrict_row_grads`): their gradient would only be dropped.
     """
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(values, indices, weights)
+        ctx.table = values if values.is_leaf else None  # where restrict_row_grads leaves its mask
         return _embedding_bag(values, indices, weights)
 
     @staticmethod
@@ -51,14 +53,21 @@ class _RowSparseLookup(torch.autograd.Function):
         bag = torch.arange(n, device=flat.device).repeat_interleave(k)  # the token of each access
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
+            keep = getattr(ctx.table, GRAD_ROWS_ATTR, None)
+            if keep is None:
+                rows_read, bag_read, w_read = flat, bag, w
+            else:  # only the accesses of rows the step updates (restrict_row_grads)
+                at = keep[flat].nonzero().squeeze(1)
+                rows_read, bag_read, w_read = flat[at], bag[at], w[at]
             touched = torch.zeros(values.shape[0], dtype=torch.bool, device=flat.device)
-            touched[flat] = True
+            touched[rows_read] = True
             uniq = touched.nonzero().squeeze(1)
             # every row touched (a small table): the accesses are their own compact numbering
-            compact = flat if uniq.numel() == values.shape[0] else (torch.cumsum(touched, 0) - 1)[flat]
+            every_row = uniq.numel() == values.shape[0]
+            compact = rows_read if every_row else (torch.cumsum(touched, 0) - 1)[rows_read]
             rows = torch.ops.aten._embedding_bag_dense_backward(
-                grad, compact, bag, torch.full((n,), k, dtype=torch.long, device=flat.device),
-                flat.new_empty(0), uniq.numel(), False, 0, w,
+                grad, compact, bag_read, torch.full((n,), k, dtype=torch.long, device=flat.device),
+                flat.new_empty(0), uniq.numel(), False, 0, w_read,
             )  # fmt: skip
             grad_values = torch.sparse_coo_tensor(
                 uniq.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
@@ -71,6 +80,24 @@ class _RowSparseLookup(torch.autograd.Function):
             )
             grad_weights = grad_weights.view(n, k).to(weights.dtype)
         return grad_values, None, grad_weights
+
+
+GRAD_ROWS_ATTR = "grad_rows_only"  # the bool row mask restrict_row_grads leaves on a table
+
+
+def restrict_row_grads(table: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """Until called again with None, the row-sparse backward of `table` (a leaf: the Parameter a lookup
+    reads) computes gradient rows for `rows` only. A sparse finetune updates the top-t rows of those a step
+    read (sparse/select.py) and chooses them from the forward's slot counts, so it can say which before the
+    backward: at 4K-64K slots a batch reads nearly every row, and their gradient would only be dropped.
+    The Triton kernel and a table summed over replicas (a non-leaf) ignore it and compute every row read."""
+    if rows is None:
+        if hasattr(table, GRAD_ROWS_ATTR):
+            delattr(table, GRAD_ROWS_ATTR)
+        return
+    mask = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+    mask[rows.to(table.device)] = True
+    setattr(table, GRAD_ROWS_ATTR, mask)
 
 
 def coalesced(grad: torch.Tensor) -> torch.Tensor:

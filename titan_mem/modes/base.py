@@ -8,7 +8,8 @@ it is (docs/design.md, "One Trainer, no mode branches"):
     prepare(model)              freeze what does not train, switch on the gradients it needs; trainable list
     build_optimizer(...)        the optimizer over the trainable parameters
     build_checkpoint(...)       what a checkpoint holds: the whole model, or a knowledge patch on the base
-    build_hooks(...)            step hooks (`on_micro_batch`, `prepare_gradients`, `after_step`)
+    build_hooks(...)            step hooks (`before_backward`, `on_micro_batch`, `prepare_gradients`,
+                                `after_step`)
     build_objective(...)        what a step minimises (next-token loss, or a heal's distillation)
 
 A mode is one module in this package; `check(cfg)` refuses what it cannot run before anything is built
@@ -43,11 +44,17 @@ class StepHook:
 
     reads_slots = False  # True: the Trainer's forward returns the memory slots each token read
 
+    def before_backward(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor], final: bool
+    ) -> None:
+        """After each micro-batch's forward, before its backward (`final`: the step's last micro-batch);
+        `slots`: {memory layer name: slots [B, T, heads, topk]} of the forward when `reads_slots`, else
+        empty."""
+
     def on_micro_batch(
         self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
     ) -> None:
-        """After each micro-batch's backward; `slots`: {memory layer name: slots [B, T, heads, topk]} of
-        its forward when `reads_slots`, else empty."""
+        """After each micro-batch's backward; `slots` as for `before_backward`."""
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
         """After the last backward, before clipping; returns values to log."""

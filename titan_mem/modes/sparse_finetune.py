@@ -2,10 +2,11 @@
 ranks the rows the batch touched against the background counts (tf-idf, tf, KL, all) and the row-sparse
 optimizer updates the top-t of them (SGD in the papers); a checkpoint is a knowledge patch on the base.
 
-A step, read top to bottom: train.py (forward, backward) -> `SlotSelector.on_micro_batch` counts the slots
-read -> `SlotSelector.prepare_gradients` scores them, keeps the top-t and sums those rows' gradients over
-ranks (sparse/select.py, through parallel/value_grads.py) -> `RowSparseOptimizer.step` updates those rows
-only (sparse/update.py).
+A step, read top to bottom: train.py (forward) -> `SlotSelector.before_backward` counts the slots read and,
+after the last micro-batch's forward, scores them and keeps the top-t (sparse/select.py) -> train.py
+(backward: gradient rows of those only on the last micro-batch) -> `SlotSelector.prepare_gradients` sums
+the kept rows' gradients over ranks (through parallel/value_grads.py) -> `RowSparseOptimizer.step` updates
+those rows only (sparse/update.py).
 """
 
 from __future__ import annotations

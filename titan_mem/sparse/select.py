@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from titan_mem.distributed import all_reduce_sum
 from titan_mem.errors import ConfigError
-from titan_mem.kernels import coalesced
+from titan_mem.kernels import coalesced, restrict_row_grads
 from titan_mem.parallel.value_grads import ValueTableGrad
 from titan_mem.sparse.counts import BackgroundCounts, SlotBackground, SlotCounter
 
@@ -260,26 +260,54 @@ class SlotSelector:
         self.log_path = log_path
         self.tokens = 0
         self._record: dict[str, Any] = {}
+        self._readers: dict[int, list[str]] = {}  # a table (a shared pool: several layers) -> its readers
+        for name, table in self.tables.items():
+            self._readers.setdefault(id(table), []).append(name)
+        self._chosen: dict[str, torch.Tensor] = {}
+        self._global_counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     reads_slots = True
+
+    def before_backward(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor], final: bool
+    ) -> None:
+        """Count the slots read; after the step's last forward every count is in, so choose the rows now
+        and let the last backward compute gradient rows for those only (`kernels.restrict_row_grads`):
+        the rows left out would be dropped by `prepare_gradients` anyway, so the step is unchanged."""
+        mask = batch["token_mask"]
+        self.tokens += int(mask.sum())
+        self.counter.add_slots(slots, mask)
+        if final:
+            self._choose()
+            for table in self._tables_once().values():
+                rows = torch.cat([self._chosen[n] for n in self._readers[id(table)]]).unique()
+                restrict_row_grads(table, rows)
 
     def on_micro_batch(
         self, model: nn.Module, batch: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]
     ) -> None:
-        mask = batch["token_mask"]
-        self.tokens += int(mask.sum())
-        self.counter.add_slots(slots, mask)
+        """Nothing after a backward: the counting is done before it."""
+
+    def _tables_once(self) -> dict[str, nn.Parameter]:
+        return {names[0]: self.tables[names[0]] for names in self._readers.values()}
+
+    def _choose(self) -> None:
+        """Select each layer's rows from the step's global counts (one all-reduce)."""
+        self._global_counts = global_counts = self.counter.global_counts()
+        self._chosen = {}
+        for name in self.tables:
+            touched, counts = global_counts[name]
+            self._chosen[name] = select_slots(
+                touched, counts, self.ranking, self.top_t, self._bg(name), **self.rule
+            )
 
     def prepare_gradients(self, model: nn.Module) -> dict[str, Any]:
-        """Select rows from the global counts; each table's gradient becomes its selected rows, summed over
-        ranks (a sparse COO tensor with exactly those rows, zeros included, so the optimizer updates them)."""
-        global_counts = self.counter.global_counts()
-
-        def choose(name: str) -> torch.Tensor:
-            touched, counts = global_counts[name]
-            return select_slots(touched, counts, self.ranking, self.top_t, self._bg(name), **self.rule)
-
-        staged, selected_ids = selected_row_gradients(self.tables, choose, self.value_grads)
+        """Each table's gradient becomes its selected rows, summed over ranks (a sparse COO tensor with
+        exactly those rows, zeros included, so the optimizer updates them)."""
+        for table in self._tables_once().values():
+            restrict_row_grads(table, None)
+        global_counts = self._global_counts
+        staged, selected_ids = selected_row_gradients(self.tables, self._chosen.__getitem__, self.value_grads)
         for name, (rows, grad_rows) in staged.items():
             table = self.tables[name]
             table.grad = torch.sparse_coo_tensor(
