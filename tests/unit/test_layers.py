@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preflight",),  # checks before a launch
     ("train",),  # the Trainer and `python -m titan_mem.train`
     ("generate", "background_counts"),  # other jobs
-    ("study",),  # the learning-vs-forgetting study: runs jobs, reads their results
+    ("study", "bench"),  # the learning-vs-forgetting study | benchmarks against the tools users pick
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

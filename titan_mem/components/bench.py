@@ -120,3 +120,28 @@ def allocations(fn: Callable[[], Any]) -> dict[str, int]:
             if used > 0:
                 sizes.append(int(used))
     return {"total_bytes": sum(sizes), "largest_bytes": max(sizes, default=0), "count": len(sizes)}
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count afresh (Linux: `/proc/self/clear_refs` 5). A child started from a
+    large parent inherits the parent's high-water mark through fork and exec (ru_maxrss and VmHWM both), so
+    without this a child would report its parent's size. False where it cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB since start or `reset_peak_rss` (VmHWM; ru_maxrss
+    elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
