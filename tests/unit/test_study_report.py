@@ -259,3 +259,22 @@ def test_bad_records_get_one_line_errors():
     with pytest.raises(ValueError, match="sparse-c0-b0-seed0 step 1 has no per-item t/known_test:answer_nll"):
         summarize(spec(), [base, arm])
     np.testing.assert_equal(len(summarize(spec(), [base])["geometries"]["1M"]["groups"]), 0)
+
+
+def test_levels_within_the_reference_reach_when_the_grid_is_above_it():
+    """Sparse learns 0.3 where full and LoRA reach 2 and 3: the grid spanned by two fronts (0.4 .. 2.0)
+    leaves sparse unread, so 5 levels up to 0.3 are added, where every method is read and differenced."""
+    w = World()
+    recs = [w.base(), w.point("sparse", 0, 1, learn=0.3, val=0.3),
+            w.point("full", 0, 1, learn=2.0, val=0.4), w.point("lora", 0, 1, learn=3.0, val=0.9)]  # fmt: skip
+    main = _group(summarize(spec(), recs))["views"]["main"]
+    assert main["levels"] == pytest.approx([0.06, 0.12, 0.18, 0.24, 0.3, 0.4, 0.8, 1.2, 1.6, 2.0])
+    assert _at(main, "sparse", 0.3)["mean"] == pytest.approx(0.3)
+    assert _at(main, "sparse", 0.4)["mean"] is None
+    d = _at(main, "full", 0.3, "differences")
+    assert d["mean"] == pytest.approx(0.3 / 2.0 * 0.4 - 0.3)  # full's front read at 0.3, minus sparse's
+    # a reference that reaches the grid gets no extra levels
+    recs[1] = w.point("sparse", 0, 1, learn=1.0, val=0.3)
+    assert _group(summarize(spec(), recs))["views"]["main"]["levels"] == pytest.approx(
+        [0.4, 0.8, 1.2, 1.6, 2.0]
+    )

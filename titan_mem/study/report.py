@@ -49,7 +49,8 @@ def _how_to_read(aspec: AnalysisSpec, s: dict[str, Any]) -> list[str]:
         "stable hash of the item (person) id.",
         "**Fronts** are chosen per run set (method × geometry × group × base seed × seed, over all its "
         "configs and steps) on *validation* forgetting, anchored at the base, and read on *test* forgetting "
-        "at learning levels every method's pooled fronts span (linear interpolation, no extrapolation).",
+        "at learning levels at least two methods' pooled fronts span, plus levels within the reference's "
+        "reach when it reaches none of those (linear interpolation, no extrapolation).",
         f"**Intervals**: {100 * spec['ci']:.0f} % percentile bootstrap, {spec['bootstrap']} replicates "
         f"(seed {spec['seed']}), resampling run sets and test items (by person where items have one) and "
         "re-reading the same validation-chosen points; differences are paired over items. A cell says "
