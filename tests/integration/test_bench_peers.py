@@ -26,6 +26,7 @@ def test_every_case_runs_at_tiny_size(tmp_path):
     assert all(row["tokens_equal"] for row in report["generate"])
     assert report["eval"]["max_logprob_gap"] <= 1e-4
     assert {row["method"] for row in report["finetune"]} == {"full", "lora"}
+    assert all(row["first_loss_gap"] <= 1e-3 for row in report["finetune"])  # same loss before any update
     for row in report["finetune"]:  # a process that loaded torch and a model holds more than 100 MiB
         assert 100 < row["ours_peak_rss_mib"] and 100 < row["peer_peak_rss_mib"]
     table = ok(run_tool("bench_peers.py", ["--table", str(out)])).stdout  # docs/benchmarks.md's tables

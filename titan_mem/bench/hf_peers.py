@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from titan_mem.bench.timing import ratio, timed
+from titan_mem.bench.timing import ratio, timed_interleaved
 from titan_mem.components.bench import peak_rss_mib, reset_peak_rss
+from titan_mem.data.packing import IGNORE_INDEX
+from titan_mem.modes.base import NextTokenLoss
 
 
 def tiny_llama(folder: Path) -> Path:
@@ -96,7 +97,8 @@ def case_generate(folder: Path, batches: list[int], new_tokens: int, repeat: int
             rows_out = [r[: r.index(eos)] if eos in r else r for r in out[:, width:].tolist()]
             result["theirs"] = rows_out
 
-        t_ours, t_theirs = timed(run_ours, repeat), timed(run_theirs, repeat)
+        t = timed_interleaved({"ours": run_ours, "peer": run_theirs}, repeat)
+        t_ours, t_theirs = t["ours"], t["peer"]
         if result["ours"] != result["theirs"]:
             raise AssertionError(f"generate: batch {batch}: titan_mem's tokens differ from transformers'")
         tokens = sum(len(r) for r in result["ours"])
@@ -133,10 +135,14 @@ def case_eval(folder: Path, items: int, repeat: int) -> dict[str, Any]:
     ours = TitanMemLM(lm=EvalModel(ours_model, tokenizer, max_seq_len=args.max_seq_len, batch_size=16))
     theirs = HFLM(pretrained=str(folder), batch_size=16, device="cpu", dtype="float32")
     got: dict[str, list] = {}
-    t_ours = timed(lambda: got.__setitem__("ours", ours.loglikelihood(requests, disable_tqdm=True)), repeat)
-    t_theirs = timed(
-        lambda: got.__setitem__("peer", theirs.loglikelihood(requests, disable_tqdm=True)), repeat
+    t = timed_interleaved(
+        {
+            "ours": lambda: got.__setitem__("ours", ours.loglikelihood(requests, disable_tqdm=True)),
+            "peer": lambda: got.__setitem__("peer", theirs.loglikelihood(requests, disable_tqdm=True)),
+        },
+        repeat,
     )
+    t_ours, t_theirs = t["ours"], t["peer"]
     gap = max(abs(a[0] - b[0]) for a, b in zip(got["ours"], got["peer"]))
     if gap > 1e-4:
         raise AssertionError(f"eval: log-likelihoods differ by {gap:.2e} nats (over 1e-4)")
@@ -182,18 +188,26 @@ def finetune_model(folder: Path, method: str, side: str) -> tuple[torch.nn.Modul
     return model.train(), args.vocab_size
 
 
-def finetune_step(model: torch.nn.Module, side: str, tokens: torch.Tensor, compile: bool = False):
-    """One AdamW step of `model` on `tokens` (next-token loss) as each side's user writes it; `compile`:
-    the forward under `torch.compile` (inductor)."""
+def finetune_step(
+    model: torch.nn.Module, side: str, tokens: torch.Tensor, compile: bool = False, first: dict | None = None
+):
+    """One AdamW step of `model` on `tokens` (next-token loss): the peer as its user writes it, ours through
+    the trainer's objective; `compile`: the forward under `torch.compile` (inductor); `first` gets the first
+    step's loss (the two sides must agree before any update)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     forward = torch.compile(model) if compile else model
+    # ours: the trainer's own objective (labels shifted, never the logits: no [B, T, vocab] copy)
+    labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], IGNORE_INDEX)], dim=1)
+    batch = {"input_ids": tokens, "labels": labels}
+    objective, units = NextTokenLoss(), NextTokenLoss().count(batch)
 
     def step() -> None:
         if side == "peer":
             loss = forward(input_ids=tokens, labels=tokens).loss
         else:
-            logits = forward(tokens)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+            loss, _ = objective(forward, batch, units, return_slots=False)
+        if first is not None and "loss" not in first:
+            first["loss"] = float(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -228,11 +242,16 @@ def case_finetune(
     rows = []
     for method in FINETUNE_METHODS:
         for compiled in (False, True) if compile else (False,):
-            times = {}
-            for side in ("ours", "peer"):
+            first: dict[str, dict] = {"ours": {}, "peer": {}}
+            steps = {}
+            for side in ("ours", "peer"):  # both held at once: timed interleaved
                 model, vocab = finetune_model(folder, method, side)
-                times[side] = timed(finetune_step(model, side, batch_tokens(vocab, shape), compiled), repeat)
-                del model
+                steps[side] = finetune_step(model, side, batch_tokens(vocab, shape), compiled, first[side])
+            times = timed_interleaved(steps, repeat)
+            del model, steps
+            gap = abs(first["ours"]["loss"] - first["peer"]["loss"])
+            if gap > 1e-3:
+                raise AssertionError(f"finetune {method}: first-step losses differ by {gap:.2e} (over 1e-3)")
             n = shape[0] * shape[1]
             row = {
                 "method": method,
@@ -243,6 +262,7 @@ def case_finetune(
                 "ours_tokens_per_s": n / times["ours"]["median_s"],
                 "peer_tokens_per_s": n / times["peer"]["median_s"],
                 "ratio": ratio(times["peer"], times["ours"]),
+                "first_loss_gap": gap,
             }
             if peak_rss is not None and not compiled:
                 row["ours_peak_rss_mib"] = peak_rss(method, "ours")

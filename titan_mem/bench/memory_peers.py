@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from titan_mem.bench.timing import ratio, timed
+from titan_mem.bench.timing import ratio, timed_interleaved
 from titan_mem.components.bench import allocations
 from titan_mem.kernels import restrict_row_grads
 from titan_mem.models.args import MemoryArgs
@@ -56,11 +56,15 @@ def case_pkm(sizes: list[int], shape: tuple[int, int], repeat: int) -> list[dict
             return run
 
         t = {
-            "ours_forward": timed(forward(ours), repeat),
-            "peer_forward": timed(forward(theirs), repeat),
-            "ours_forward_backward": timed(train(ours), repeat),
-            "peer_forward_backward": timed(train(theirs), repeat),
-            "ours_forward_backward_row_sparse": timed(train(ours, sparse=True), repeat),
+            **timed_interleaved({"ours_forward": forward(ours), "peer_forward": forward(theirs)}, repeat),
+            **timed_interleaved(
+                {
+                    "ours_forward_backward": train(ours),
+                    "peer_forward_backward": train(theirs),
+                    "ours_forward_backward_row_sparse": train(ours, sparse=True),
+                },
+                repeat,
+            ),
         }
         rows.append(
             {
@@ -118,9 +122,9 @@ def case_sparse_update(sizes: list[int], shape: tuple[int, int], repeat: int) ->
         x = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(1))
         upstream = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(2))
         row: dict[str, Any] = {"slots": n_keys**2, "top_t": TOP_T}
-        for how in ("row_sparse", "dense_grad", "masked"):
-            step = sparse_step(layer, x, upstream, how)
-            row[how] = {**timed(step, repeat), "alloc": allocations(step)}
+        steps = {how: sparse_step(layer, x, upstream, how) for how in ("row_sparse", "dense_grad", "masked")}
+        for how, t in timed_interleaved(steps, repeat).items():
+            row[how] = {**t, "alloc": allocations(steps[how])}
         row["ratio_vs_dense_grad"] = ratio(row["dense_grad"], row["row_sparse"])
         row["ratio_vs_masked"] = ratio(row["masked"], row["row_sparse"])
         rows.append(row)
