@@ -57,6 +57,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="HF model folder for generate/eval/finetune (SmolLM2-135M)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (after a warm-up)")
     p.add_argument("--compile", action="store_true", help="finetune: also time both sides compiled")
+    p.add_argument("--device", default="cpu", help="pkm and sparse_update: the device (cuda on a GPU)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
     p.add_argument("--table", type=Path, help="print this report's tables in markdown, run nothing")
     child = ("FOLDER", "METHOD", "SIDE", "BxT")  # one finetune side's peak RSS, in its own process
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "command": " ".join(["python", "tools/bench_peers.py", *args.argv]),
         "quick": quick,
+        "device": args.device,
     }
     shape = (2, 32) if quick else (4, 256)
     sizes = [32] if quick else [256, 1024]  # n_keys: slots = n_keys^2
@@ -96,10 +98,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for case in args.cases:
             t0 = time.perf_counter()
             if case == "pkm":
-                report[case] = memory_peers.case_pkm(sizes, shape, args.repeat)
+                report[case] = memory_peers.case_pkm(sizes, shape, args.repeat, args.device)
             elif case == "sparse_update":
                 slots = [64, 128] if quick else [64, 256, 512, 1024]
-                report[case] = memory_peers.case_sparse_update(slots, shape, args.repeat)
+                report[case] = memory_peers.case_sparse_update(slots, shape, args.repeat, args.device)
             elif case == "generate":
                 report[case] = hf_peers.case_generate(
                     folder, [1, 2] if quick else [1, 8], 4 if quick else 32, args.repeat

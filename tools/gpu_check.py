@@ -143,6 +143,16 @@ def _pair(_log: str) -> dict:
     }
 
 
+def _peers(_log: str) -> dict:
+    report = _json(OUT / "bench_peers_gpu.json") or {}
+
+    def ratios(case: str) -> list[dict]:
+        rows = report.get(case, [])
+        return [{k: v for k, v in r.items() if k == "slots" or k.startswith("ratio")} for r in rows]
+
+    return {"pkm": ratios("pkm"), "sparse_update": ratios("sparse_update")}
+
+
 IMPORT_CHECK = """
 import importlib, json
 out = {}
@@ -259,6 +269,22 @@ def steps() -> list[Step]:
             ],
             150,
             _pair,
+        )
+    )
+    out.append(
+        Step(
+            "peers_memory_layer",
+            [
+                PY,
+                "tools/bench_peers.py",
+                "--cases",
+                "pkm,sparse_update",
+                *(["--quick", "--repeat", "1"] if DRY else ["--device", "cuda"]),
+                "--out",
+                str(OUT / "bench_peers_gpu.json"),
+            ],
+            120,
+            _peers,
         )
     )
     return out

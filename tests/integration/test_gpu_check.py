@@ -22,6 +22,7 @@ STEPS = [
     "pretrain_1b_eager",
     "pretrain_1b_compiled",
     "memory_vs_dense_twin",
+    "peers_memory_layer",
     "end",
 ]
 
@@ -60,6 +61,9 @@ def test_dry_run_runs_every_step_and_keeps_a_summary_line_for_each(tmp_path):
     assert eager["estimated_total_gib"] > 0 and eager["peak_mem_gib"] > 0
     assert all(abs(a - b) < 1e-3 for a, b in zip(eager["losses"], compiled["losses"], strict=True))
     assert len(by_step["memory_vs_dense_twin"]["pair"]) == 2
+    peers = by_step["peers_memory_layer"]
+    assert peers["pkm"] and all(r["ratio_forward"] > 0 for r in peers["pkm"])
+    assert peers["sparse_update"] and all(r["ratio_vs_masked"] > 0 for r in peers["sparse_update"])
     # What comes back from the device: at most 8 files, all small; nothing bulky was written there.
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(p.stat().st_size < 16 * 2**20 for p in files), files

@@ -29,15 +29,17 @@ def our_layer(n_keys: int, dim: int = DIM) -> MemoryLayer:
     return layer
 
 
-def case_pkm(sizes: list[int], shape: tuple[int, int], repeat: int) -> list[dict[str, Any]]:
+def case_pkm(
+    sizes: list[int], shape: tuple[int, int], repeat: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     from product_key_memory import PKM
 
     rows = []
     for n_keys in sizes:
-        ours = our_layer(n_keys)
+        ours = our_layer(n_keys).to(device)
         torch.manual_seed(0)
-        theirs = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=TOPK, dim_head=K_DIM // 2)
-        x = torch.randn(*shape, DIM)
+        theirs = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=TOPK, dim_head=K_DIM // 2).to(device)
+        x = torch.randn(*shape, DIM, device=device)
 
         def forward(layer: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], Any]:
             def run() -> None:
@@ -56,7 +58,9 @@ def case_pkm(sizes: list[int], shape: tuple[int, int], repeat: int) -> list[dict
             return run
 
         t = {
-            **timed_interleaved({"ours_forward": forward(ours), "peer_forward": forward(theirs)}, repeat),
+            **timed_interleaved(
+                {"ours_forward": forward(ours), "peer_forward": forward(theirs)}, repeat, device
+            ),
             **timed_interleaved(
                 {
                     "ours_forward_backward": train(ours),
@@ -64,6 +68,7 @@ def case_pkm(sizes: list[int], shape: tuple[int, int], repeat: int) -> list[dict
                     "ours_forward_backward_row_sparse": train(ours, sparse=True),
                 },
                 repeat,
+                device,
             ),
         }
         rows.append(
@@ -101,7 +106,7 @@ def sparse_step(layer: MemoryLayer, x: torch.Tensor, upstream: torch.Tensor, how
         (out * upstream).sum().backward()
         restrict_row_grads(table, None)
         if how == "masked":
-            mask = torch.zeros(table.shape[0], 1, dtype=table.dtype)
+            mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
             mask[rows] = 1.0
             table.grad.mul_(mask)
             masked_sgd.step()
@@ -113,17 +118,19 @@ def sparse_step(layer: MemoryLayer, x: torch.Tensor, upstream: torch.Tensor, how
     return run
 
 
-def case_sparse_update(sizes: list[int], shape: tuple[int, int], repeat: int) -> list[dict[str, Any]]:
+def case_sparse_update(
+    sizes: list[int], shape: tuple[int, int], repeat: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     rows = []
     for n_keys in sizes:
-        layer = our_layer(n_keys)
+        layer = our_layer(n_keys).to(device)
         for name, p in layer.named_parameters():  # sparse finetuning trains the value rows only
             p.requires_grad_(name == "values.weight")
-        x = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(1))
-        upstream = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(2))
+        x = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(1)).to(device)
+        upstream = torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(2)).to(device)
         row: dict[str, Any] = {"slots": n_keys**2, "top_t": TOP_T}
         steps = {how: sparse_step(layer, x, upstream, how) for how in ("row_sparse", "dense_grad", "masked")}
-        for how, t in timed_interleaved(steps, repeat).items():
+        for how, t in timed_interleaved(steps, repeat, device).items():
             row[how] = {**t, "alloc": allocations(steps[how])}
         row["ratio_vs_dense_grad"] = ratio(row["dense_grad"], row["row_sparse"])
         row["ratio_vs_masked"] = ratio(row["masked"], row["row_sparse"])

@@ -10,18 +10,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 
-def timed_interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, dict[str, float]]:
-    """`timed` for several functions at once: one warm-up each, then `repeat` rounds that run every function
-    once, the order rotating each round, so drift in the machine's state falls on all of them alike."""
+
+def timed_interleaved(
+    fns: dict[str, Callable[[], Any]], repeat: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """Seconds of each function: one warm-up each, then `repeat` rounds that run every function once, the
+    order rotating each round, so drift in the machine's state falls on all of them alike. On CUDA each run
+    is timed to its kernels' end (synchronised before and after)."""
     names = list(fns)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for name in names:
         fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeat):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {
         name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": repeat}
