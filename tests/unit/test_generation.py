@@ -173,3 +173,22 @@ def test_kv_cache_refuses_overflow_and_wrong_batch(model):
     assert cache.keys[0].shape == (2, 2, 8, 16)  # [B, H_kv, max_len, head_dim]
     with pytest.raises(ValueError, match="max_seq_len"):
         KVCache.for_model(model.args, 1, 65)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_cpu_rope_is_the_real_arithmetic_rotation(dtype):
+    """Eager CPU rotates by one complex multiply; compiled and GPU code by the real arithmetic inductor fuses:
+    the same products and sums (equal bit for bit on B's AVX2), values and gradients, shared and per-row
+    tables."""
+    from titan_mem.models.transformer import _rope_complex, _rope_real
+
+    torch.manual_seed(0)
+    table = torch.polar(torch.ones(11, 8), torch.rand(11, 8) * 50)
+    for cache in (table, table[torch.randint(0, 11, (3, 11))]):
+        x = (torch.randn(3, 11, 4, 16) * 3).to(dtype).requires_grad_(True)
+        up = torch.randn(3, 11, 4, 16)
+        got, want = _rope_complex(x, cache), _rope_real(x, cache)
+        torch.testing.assert_close(got, want)
+        (g_got,) = torch.autograd.grad((got.float() * up).sum(), x)
+        (g_want,) = torch.autograd.grad((want.float() * up).sum(), x)
+        torch.testing.assert_close(g_got, g_want)

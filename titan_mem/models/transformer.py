@@ -58,10 +58,25 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     (every row at positions 0..T-1) or [B, T, D/2] (each row at its own positions, e.g. `rope[positions]`).
 
     The rotation runs in fp32 (x upcast, rotated, cast back), on the real and imaginary parts of the table
-    (real arithmetic: inductor fuses it, complex ops it would not).
+    (real arithmetic: inductor fuses it, complex ops it would not; eager CPU multiplies complex numbers).
     """
     if cache.dtype != torch.complex64:
         raise TypeError(f"apply_rope: expected a complex64 rope_cache table, got {cache.dtype}")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _rope_complex(x, cache)
+    return _rope_real(x, cache)
+
+
+def _rope_complex(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Eager CPU: one complex multiply, the same products and sums as `_rope_real` (bit for bit on B's AVX2
+    kernels) in a third of the dispatches (31 us vs 88 a call at one decoded token, where dispatch is the
+    cost)."""
+    c = cache.view(1, x.shape[1], 1, -1) if cache.dim() == 2 else cache.unsqueeze(2)
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * c).flatten(-2).type_as(x)
+
+
+def _rope_real(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     cs = torch.view_as_real(cache)  # [..., D/2, 2]: cos, sin
     if cache.dim() == 2:
         cs = cs.view(1, x.shape[1], 1, -1, 2)
@@ -105,8 +120,9 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer_id: int = 0,
     ) -> torch.Tensor:
-        """Causal self-attention; with `mask` ([B, 1, T, S] bool, True = may attend) instead of the causal
-        rule, and with `cache` over the cached keys/values of earlier positions too (S = cached + T)."""
+        """Causal self-attention; with `mask` ([B, 1, T, S]: bool, True = may attend, or additive 0 / -inf)
+        instead of the causal rule, and with `cache` over the cached keys/values of earlier positions too
+        (S = cached + T)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -427,7 +443,12 @@ class Transformer(nn.Module):
         rope = self.rope[positions]
         mask = None
         if cache is not None or pad_mask is not None:
-            mask = attention_mask(key_valid, offset, t)
+            allowed = attention_mask(key_valid, offset, t)
+            # additive, once per forward: SDPA would turn a bool mask into this in every layer (every query
+            # sees itself, so no row is all -inf: the same result on every backend)
+            dtype = self.tok_embeddings.weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask.masked_fill_(~allowed, float("-inf"))
         slots: dict[str, torch.Tensor] | None = {} if return_slots else None
         h = self._blocks(self.tok_embeddings(tokens), rope, {"mask": mask, "cache": cache}, slots)
         if cache is not None:
