@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from titan_mem.bench.timing import ratio, timed_interleaved
+from titan_mem.bench.timing import rates, timed_interleaved
 from titan_mem.components.bench import peak_rss_mib, reset_peak_rss
 from titan_mem.data.packing import IGNORE_INDEX
 from titan_mem.modes.base import NextTokenLoss
@@ -98,7 +98,6 @@ def case_generate(folder: Path, batches: list[int], new_tokens: int, repeat: int
             result["theirs"] = rows_out
 
         t = timed_interleaved({"ours": run_ours, "peer": run_theirs}, repeat)
-        t_ours, t_theirs = t["ours"], t["peer"]
         if result["ours"] != result["theirs"]:
             raise AssertionError(f"generate: batch {batch}: titan_mem's tokens differ from transformers'")
         tokens = sum(len(r) for r in result["ours"])
@@ -107,11 +106,7 @@ def case_generate(folder: Path, batches: list[int], new_tokens: int, repeat: int
                 "batch": batch,
                 "max_new_tokens": new_tokens,
                 "tokens_generated": tokens,
-                "ours": t_ours,
-                "peer": t_theirs,
-                "ours_tokens_per_s": tokens / t_ours["median_s"],
-                "peer_tokens_per_s": tokens / t_theirs["median_s"],
-                "ratio": ratio(t_theirs, t_ours),
+                **rates(t, tokens, "tokens"),
                 "tokens_equal": True,
             }
         )
@@ -142,17 +137,12 @@ def case_eval(folder: Path, items: int, repeat: int) -> dict[str, Any]:
         },
         repeat,
     )
-    t_ours, t_theirs = t["ours"], t["peer"]
     gap = max(abs(a[0] - b[0]) for a, b in zip(got["ours"], got["peer"]))
     if gap > 1e-4:
         raise AssertionError(f"eval: log-likelihoods differ by {gap:.2e} nats (over 1e-4)")
     return {
         "items": items,
-        "ours": t_ours,
-        "peer": t_theirs,
-        "ours_items_per_s": items / t_ours["median_s"],
-        "peer_items_per_s": items / t_theirs["median_s"],
-        "ratio": ratio(t_theirs, t_ours),
+        **rates(t, items, "items"),
         "max_logprob_gap": gap,
     }
 
@@ -257,11 +247,7 @@ def case_finetune(
                 "method": method,
                 "compiled": compiled,
                 "batch": list(shape),
-                "ours": times["ours"],
-                "peer": times["peer"],
-                "ours_tokens_per_s": n / times["ours"]["median_s"],
-                "peer_tokens_per_s": n / times["peer"]["median_s"],
-                "ratio": ratio(times["peer"], times["ours"]),
+                **rates(times, n, "tokens"),
                 "first_loss_gap": gap,
             }
             if peak_rss is not None and not compiled:

@@ -40,3 +40,16 @@ def timed_interleaved(
 def ratio(peer: dict[str, float], ours: dict[str, float]) -> float:
     """Peer median / ours: > 1 when ours is faster."""
     return peer["median_s"] / ours["median_s"]
+
+
+def rates(times: dict[str, dict[str, float]], amount: float, unit: str) -> dict[str, Any]:
+    """Ours vs the peer from `timed_interleaved`'s {"ours", "peer"}: both timings, `amount` per second of
+    each (`unit`: "tokens", "items") and the ratio."""
+    ours, peer = times["ours"], times["peer"]
+    return {
+        "ours": ours,
+        "peer": peer,
+        f"ours_{unit}_per_s": amount / ours["median_s"],
+        f"peer_{unit}_per_s": amount / peer["median_s"],
+        "ratio": ratio(peer, ours),
+    }
