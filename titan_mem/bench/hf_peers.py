@@ -197,7 +197,7 @@ def finetune_step(
         else:
             loss, _ = objective(forward, batch, units, return_slots=False)
         if first is not None and "loss" not in first:
-            first["loss"] = float(loss)
+            first["loss"] = float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
